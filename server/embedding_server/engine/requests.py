@@ -1,0 +1,38 @@
+"""Requests and results in engine terms, independent of gRPC and JSON."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..models.types import Output, SequenceVectors, Task
+
+
+@dataclass(frozen=True)
+class EmbedJob:
+    """A validated-shape embedding request (validation of values happens in the Embedder)."""
+
+    inputs: list[str]
+    model: str = ""
+    task: int = 0
+    dimensions: int = 0
+    late_chunking: bool = False
+    outputs: list[int] = field(default_factory=list)
+    truncate: bool = False
+    deadline: float | None = None  # time.monotonic()
+
+
+@dataclass
+class EmbedResult:
+    """One vector set per input, in input order."""
+
+    model: str
+    outputs: tuple[Output, ...]
+    vectors: list[SequenceVectors]
+    prompt_tokens: int
+    task: Task = Task.UNSPECIFIED
+
+
+@dataclass(frozen=True)
+class TokenizedResult:
+    ids: list[int]
+    tokens: list[str]

@@ -1,0 +1,62 @@
+"""A pool of ONNX Runtime CPU sessions over one model file.
+
+``run(slot, ...)`` lets N batches run at once, one per slot. Each slot has its
+own session with ``threads`` intra-op threads, so N x threads should equal the
+cores. Sessions share one environment allocator so N sessions do not hold N
+arenas.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import ModelLoadError
+from ..models.files import missing_external_data
+
+
+def session_options(threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: ORT's warnings are noise for operators
+    return options
+
+
+def open_session(path: Path, threads: int) -> ort.InferenceSession:
+    """One session, or a ModelLoadError naming the file that is missing or broken."""
+    if not path.is_file():
+        raise ModelLoadError(f"{path}: missing")
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own untyped errors for any bad file
+        missing = missing_external_data(path)  # diagnosed only on failure: it parses the graph
+        if missing:
+            raise ModelLoadError(f"{missing[0]}: missing external weights file referenced by {path}") from exc
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path}: ONNX Runtime cannot load it ({first_line})") from exc
+
+
+class SessionPool:
+    """N sessions of one model; ``run`` is thread-safe per slot."""
+
+    def __init__(self, path: Path, sessions: int = 1, threads: int = 1) -> None:
+        self.path = path
+        self.threads = threads
+        self._sessions = [open_session(path, threads) for _ in range(sessions)]
+
+    @property
+    def size(self) -> int:
+        return len(self._sessions)
+
+    @property
+    def first(self) -> ort.InferenceSession:
+        return self._sessions[0]
+
+    def run(self, slot: int, output_names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self._sessions[slot].run(output_names, feeds)
+        return dict(zip(output_names, outputs, strict=True))

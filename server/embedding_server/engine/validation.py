@@ -1,0 +1,82 @@
+"""Checks on request values; each failure names the field (and the input index)."""
+
+from __future__ import annotations
+
+from ..errors import InvalidArgument
+from ..models.base import EmbeddingModel
+from ..models.types import ModelDescription, Output, Task
+from .requests import EmbedJob
+
+LATE_CHUNKING_OUTPUTS = frozenset({Output.DENSE, Output.BINARY})
+
+
+def check_inputs(inputs: list[str], max_inputs: int, late_chunking: bool = False) -> None:
+    if not inputs:
+        raise InvalidArgument("inputs: must not be empty")
+    if len(inputs) > max_inputs:
+        raise InvalidArgument(f"inputs: {len(inputs)} inputs exceeds the limit of {max_inputs} per request")
+    for index, text in enumerate(inputs):
+        if not text:
+            raise InvalidArgument(f"inputs[{index}]: must not be empty")
+        if late_chunking and not text.strip():
+            raise InvalidArgument(f"inputs[{index}]: a late-chunking chunk must not be whitespace only")
+
+
+def parse_task(value: int, model: EmbeddingModel) -> Task:
+    try:
+        task = Task(value)
+    except ValueError:
+        raise InvalidArgument(f"task: unknown value {value}") from None
+    model.check_task(task)
+    return task
+
+
+def parse_outputs(values: list[int], description: ModelDescription) -> tuple[Output, ...]:
+    """The requested outputs in order, UNSPECIFIED read as DENSE, each at most once."""
+    if not values:
+        return (Output.DENSE,)
+    outputs: list[Output] = []
+    for index, value in enumerate(values):
+        try:
+            output = Output(value)
+        except ValueError:
+            raise InvalidArgument(f"outputs[{index}]: unknown value {value}") from None
+        output = Output.DENSE if output == Output.UNSPECIFIED else output
+        if output in outputs:
+            raise InvalidArgument(f"outputs[{index}]: OUTPUT_TYPE_{output.name} is requested twice")
+        if output not in description.outputs:
+            produced = ", ".join(f"OUTPUT_TYPE_{o.name}" for o in description.outputs)
+            raise InvalidArgument(
+                f"outputs[{index}]: model {description.name} does not produce OUTPUT_TYPE_{output.name} "
+                f"(it produces {produced})"
+            )
+        outputs.append(output)
+    return tuple(outputs)
+
+
+def check_dimensions(dimensions: int, description: ModelDescription) -> None:
+    if dimensions == 0:
+        return
+    allowed = description.matryoshka_dimensions
+    if allowed and dimensions not in allowed:
+        raise InvalidArgument(
+            f"dimensions: {dimensions} is not one of model {description.name}'s Matryoshka sizes "
+            f"{list(allowed)} (0 = full size)"
+        )
+    if not 1 <= dimensions <= description.dimensions:
+        raise InvalidArgument(
+            f"dimensions: {dimensions} is out of range 1..{description.dimensions} for model "
+            f"{description.name} (0 = full size)"
+        )
+
+
+def check_late_chunking(job: EmbedJob, model: EmbeddingModel, outputs: tuple[Output, ...]) -> None:
+    if not job.late_chunking:
+        return
+    if not model.supports_late_chunking:
+        raise InvalidArgument(f"late_chunking: model {model.name}'s graph has no token states to chunk")
+    extra = [o for o in outputs if o not in LATE_CHUNKING_OUTPUTS]
+    if extra:
+        raise InvalidArgument(
+            f"outputs: late_chunking gives dense or binary vectors only, not OUTPUT_TYPE_{extra[0].name}"
+        )

@@ -1,0 +1,58 @@
+"""The unit of work that flows through the batcher: one sequence of token ids."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..models.base import RowRequest
+from ..models.types import SequenceVectors
+
+_arrival = itertools.count()
+
+
+@dataclass(eq=False)
+class WorkItem:
+    """One sequence (an input, or a late-chunked document) waiting for a session run."""
+
+    ids: np.ndarray  # int64 [n]
+    row: RowRequest
+    batch_key: int  # items with equal keys may share a run (jina-v3: the task)
+    task: int
+    deadline: float | None  # time.monotonic() after which the model must not run it
+    future: asyncio.Future[SequenceVectors]
+    arrival: int = field(default_factory=lambda: next(_arrival))
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+
+@dataclass(frozen=True)
+class PaddedBatch:
+    """A batch as the session sees it: right-padded ids and the attention mask."""
+
+    input_ids: np.ndarray  # int64 [B,T]
+    attention_mask: np.ndarray  # int64 [B,T]
+
+    @property
+    def padded_tokens(self) -> int:
+        return int(self.input_ids.size)
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def pad(items: list[WorkItem], pad_id: int) -> PaddedBatch:
+    """Right-pad to the longest item with the model's pad id (XLM-R: 1, not 0)."""
+    longest = max(item.length for item in items)
+    input_ids = np.full((len(items), longest), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(items), longest), dtype=np.int64)
+    for row, item in enumerate(items):
+        input_ids[row, : item.length] = item.ids
+        attention_mask[row, : item.length] = 1
+    return PaddedBatch(input_ids, attention_mask)

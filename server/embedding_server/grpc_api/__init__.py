@@ -1,0 +1,1 @@
+"""The gRPC API: embedding.v1.EmbeddingService, health and reflection."""

@@ -1,0 +1,77 @@
+"""Between protobuf messages and engine types."""
+
+from __future__ import annotations
+
+import numpy as np
+from embedding_client.proto import embedding_pb2 as pb
+from google.rpc import status_pb2
+
+from ..engine.requests import EmbedJob, EmbedResult, TokenizedResult
+from ..errors import ServiceError
+from ..models.pooling import pack_sign_bits
+from ..models.types import ModelDescription, Output, SequenceVectors
+
+
+def to_job(request: pb.EmbedRequest, deadline: float | None) -> EmbedJob:
+    return EmbedJob(
+        inputs=list(request.inputs),
+        model=request.model,
+        task=int(request.task),
+        dimensions=int(request.dimensions),
+        late_chunking=request.late_chunking,
+        outputs=[int(o) for o in request.outputs],
+        truncate=request.truncate,
+        deadline=deadline,
+    )
+
+
+def to_response(request_id: str, result: EmbedResult) -> pb.EmbedResponse:
+    embeddings = [
+        _embedding(index, output, vectors)
+        for index, vectors in enumerate(result.vectors)
+        for output in result.outputs
+    ]
+    usage = pb.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
+    return pb.EmbedResponse(request_id=request_id, model=result.model, embeddings=embeddings, usage=usage)
+
+
+def _embedding(index: int, output: Output, vectors: SequenceVectors) -> pb.Embedding:
+    if output == Output.DENSE:
+        return pb.Embedding(index=index, dense=pb.DenseVector(values=vectors.dense[0].tolist()))  # type: ignore[index]
+    if output == Output.BINARY:
+        dense = vectors.dense[0]  # type: ignore[index]
+        bits = pack_sign_bits(dense).tobytes()
+        return pb.Embedding(index=index, binary=pb.BinaryVector(bits=bits, dimensions=int(dense.shape[0])))
+    if output == Output.SPARSE:
+        sparse = vectors.sparse
+        return pb.Embedding(
+            index=index,
+            sparse=pb.SparseVector(indices=sparse.ids.tolist(), values=sparse.weights.tolist()),  # type: ignore[union-attr]
+        )
+    colbert: np.ndarray = vectors.colbert  # type: ignore[assignment]
+    return pb.Embedding(
+        index=index,
+        colbert=pb.MultiVector(dimensions=int(colbert.shape[1]), values=colbert.ravel().tolist()),
+    )
+
+
+def error_status(error: ServiceError) -> status_pb2.Status:
+    """A google.rpc.Status for a StreamEmbed reply's ``error`` field."""
+    return status_pb2.Status(code=error.code.value[0], message=error.message)
+
+
+def model_info(description: ModelDescription, is_default: bool) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=description.name,
+        family=description.family,
+        dimensions=description.dimensions,
+        max_tokens=description.max_tokens,
+        tasks=[int(t) for t in description.tasks],
+        outputs=[int(o) for o in description.outputs],
+        matryoshka_dimensions=list(description.matryoshka_dimensions),
+        is_default=is_default,
+    )
+
+
+def tokenized(results: list[TokenizedResult]) -> pb.TokenizeResponse:
+    return pb.TokenizeResponse(results=[pb.TokenizedInput(ids=r.ids, tokens=r.tokens) for r in results])

@@ -1,0 +1,148 @@
+"""embedding.v1.EmbeddingService over the Embedder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from embedding_client.proto import embedding_pb2 as pb
+
+from ..errors import InvalidArgument, ServiceError
+from . import convert
+from .state import ServingState
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STREAM_WINDOW = 32
+
+
+class MalformedRequest:
+    """Stands in for a request whose bytes do not parse (e.g. invalid UTF-8 in a string).
+
+    grpc would answer INTERNAL for a deserializer error; this lets the handler
+    answer INVALID_ARGUMENT instead, and StreamEmbed go on.
+    """
+
+    request_id = ""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+def safe_parser(message_class: type) -> object:
+    def parse(data: bytes) -> object:
+        try:
+            return message_class.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            return MalformedRequest(f"request does not parse as {message_class.__name__}: {exc}")
+
+    return parse
+
+
+def _check_parsed(request: object) -> None:
+    if isinstance(request, MalformedRequest):
+        raise InvalidArgument(request.reason)
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class EmbeddingServicer:
+    """The four RPCs; engine errors become statuses, never UNKNOWN/INTERNAL."""
+
+    def __init__(self, state: ServingState, stream_window: int = DEFAULT_STREAM_WINDOW) -> None:
+        self.state = state
+        self.stream_window = stream_window
+
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+        try:
+            _check_parsed(request)
+            embedder = self.state.require()
+            result = await embedder.embed(convert.to_job(request, _deadline(context)))
+            return convert.to_response(request.request_id, result)
+        except ServiceError as error:
+            await context.abort(error.code, error.message)
+        raise AssertionError("unreachable")  # context.abort raises
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        try:
+            embedder = self.state.require()
+        except ServiceError as error:
+            await context.abort(error.code, error.message)
+        return pb.ListModelsResponse(
+            models=[convert.model_info(d, d.name == embedder.default_model) for d in embedder.descriptions()]
+        )
+
+    async def Tokenize(
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TokenizeResponse:
+        try:
+            _check_parsed(request)
+            embedder = self.state.require()
+            results = await embedder.tokenize(request.model, list(request.inputs), int(request.task))
+            return convert.tokenized(results)
+        except ServiceError as error:
+            await context.abort(error.code, error.message)
+        raise AssertionError("unreachable")
+
+    async def StreamEmbed(
+        self, requests: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.EmbedResponse]:
+        """Every request answered once, in completion order, at most ``stream_window`` in flight.
+
+        The reader takes a window slot before reading the next request and the
+        slot is given back only when the reply has been written, so a client
+        that sends fast but reads slowly is held back by gRPC flow control
+        instead of growing the server's memory.
+        """
+        window = asyncio.Semaphore(self.stream_window)
+        replies: asyncio.Queue[pb.EmbedResponse | None] = asyncio.Queue()
+        in_flight: set[asyncio.Task[None]] = set()
+        deadline = _deadline(context)
+
+        async def answer(request: pb.EmbedRequest | MalformedRequest) -> None:
+            await replies.put(await self._stream_reply(request, deadline))
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await window.acquire()
+                    task = asyncio.get_running_loop().create_task(answer(request))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                await asyncio.gather(*list(in_flight))
+            finally:
+                await replies.put(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+                window.release()
+            await reader  # surfaces a read error (e.g. the client's stream broke)
+        finally:
+            reader.cancel()
+            for task in list(in_flight):
+                task.cancel()  # a cancelled call drops its queued work
+
+    async def _stream_reply(
+        self, request: pb.EmbedRequest | MalformedRequest, deadline: float | None
+    ) -> pb.EmbedResponse:
+        try:
+            _check_parsed(request)
+            embedder = self.state.require()
+            result = await embedder.embed(convert.to_job(request, deadline))  # type: ignore[arg-type]
+            return convert.to_response(request.request_id, result)
+        except ServiceError as error:
+            return pb.EmbedResponse(request_id=request.request_id, error=convert.error_status(error))
+        except Exception as exc:  # a bug: answer it on the stream, keep the stream and log
+            log.exception("StreamEmbed request %r failed", request.request_id)
+            error = ServiceError(f"internal error: {type(exc).__name__}")
+            return pb.EmbedResponse(request_id=request.request_id, error=convert.error_status(error))

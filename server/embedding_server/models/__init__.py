@@ -1,0 +1,1 @@
+"""Model families: loading a directory, tokenizing, and turning ONNX outputs into vectors."""

@@ -1,0 +1,84 @@
+"""Finding a model directory's files and reading its JSON configs.
+
+Both layouts occur in the wild: ``model.onnx`` at the top, or ``onnx/model.onnx``
+(the hub exports of jina-v3 and bge-m3). A missing or broken file must stop the
+server at start-up with one line that names the file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import ModelLoadError
+
+ONNX_CANDIDATES = ("model.onnx", "onnx/model.onnx")
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Where one model's files are: configs and tokenizer under ``root``, the graph at ``onnx``."""
+
+    root: Path
+    onnx: Path
+
+    def config(self, relative: str) -> dict[str, Any] | list[Any] | None:
+        """Parse a JSON file under ``root``; None when it does not exist."""
+        return read_json(self.root / relative)
+
+    def exists(self, relative: str) -> bool:
+        return (self.root / relative).is_file()
+
+    def path(self, relative: str) -> Path:
+        return self.root / relative
+
+
+def read_json(path: Path) -> Any:
+    """Parse JSON, naming the file in the error when it is not JSON."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path}: not a readable JSON file ({exc})") from exc
+
+
+def locate(directory: Path) -> ModelFiles:
+    """The files of a model directory, or a ModelLoadError naming what is missing."""
+    if not directory.is_dir():
+        raise ModelLoadError(f"{directory}: model directory does not exist")
+    for candidate in ONNX_CANDIDATES:
+        if (directory / candidate).is_file():
+            files = ModelFiles(root=directory, onnx=directory / candidate)
+            break
+    else:
+        raise ModelLoadError(f"{directory}: no model.onnx or onnx/model.onnx")
+    if not files.exists("tokenizer.json"):
+        raise ModelLoadError(f"{directory / 'tokenizer.json'}: missing (the server tokenizes with it)")
+    return files
+
+
+def missing_external_data(onnx_path: Path) -> list[Path]:
+    """External weight files that ``onnx_path`` refers to and that are absent.
+
+    Called when ONNX Runtime refuses a graph, to turn its long message into one
+    that names the missing file (``model.onnx_data``, ``Constant_7_attr__value``...).
+    """
+    import onnx  # imported lazily: only needed to diagnose a failed load
+
+    try:
+        graph = onnx.load(str(onnx_path), load_external_data=False)
+    except Exception:  # the graph itself is unreadable; the caller reports that
+        return []
+    locations: set[str] = set()
+    tensors = list(graph.graph.initializer)
+    for node in graph.graph.node:
+        tensors.extend(attr.t for attr in node.attribute if attr.HasField("t"))
+    for tensor in tensors:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    return [onnx_path.parent / loc for loc in sorted(locations) if not (onnx_path.parent / loc).is_file()]

@@ -1,0 +1,55 @@
+"""Vector math on token states, in float32 numpy (models.md's formulas)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+EPSILON = 1e-12
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """L2-normalize the last axis: x / max(||x||, 1e-12)."""
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, EPSILON)
+
+
+def mean_pool(states: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of the unmasked token states: [B,T,H], [B,T] -> [B,H]."""
+    weights = mask.astype(np.float32)[..., None]
+    summed = np.einsum("bth,btx->bh", states, weights) if states.shape[0] else states.sum(1)
+    return summed / np.maximum(weights.sum(axis=1), 1e-9)
+
+
+def cls_pool(states: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The first token's state: [B,T,H] -> [B,H]."""
+    return states[:, 0]
+
+
+def max_pool(states: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Per-dimension max over the unmasked tokens."""
+    masked = np.where(mask[..., None].astype(bool), states, -np.inf)
+    return masked.max(axis=1)
+
+
+def mean_sqrt_len_pool(states: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Sum of the unmasked states divided by sqrt(token count) (sentence-transformers)."""
+    weights = mask.astype(np.float32)[..., None]
+    return (states * weights).sum(axis=1) / np.sqrt(np.maximum(weights.sum(axis=1), 1e-9))
+
+
+def span_means(states: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Mean state of each [start, end) token span of one sequence: [T,H] -> [len(spans),H]."""
+    return np.stack([states[start:end].mean(axis=0) for start, end in spans])
+
+
+def truncate_and_normalize(rows: np.ndarray, dimensions: int, normalize_rows: bool = True) -> np.ndarray:
+    """Matryoshka: keep the first ``dimensions`` components (0: all), then normalize."""
+    if dimensions:
+        rows = rows[..., :dimensions]
+        normalize_rows = True  # a truncated vector is always renormalized
+    return normalize(rows) if normalize_rows else rows
+
+
+def pack_sign_bits(rows: np.ndarray) -> np.ndarray:
+    """np.packbits(v > 0) per row, MSB first: [n, d] -> uint8 [n, ceil(d/8)]."""
+    return np.packbits(rows > 0, axis=-1)

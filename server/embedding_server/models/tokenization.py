@@ -1,0 +1,96 @@
+"""Tokenization with ``tokenizers``, under the server's rules, not the file's.
+
+A tokenizer.json carries its own padding and truncation settings, and they
+cannot be trusted: the MiniLM file pads every input to 128 and truncates at
+128 (7x slower and wrong on long texts). Both are switched off here; the
+batcher pads each batch to its longest sequence with the model's pad id, and
+inputs are truncated only when a request asks for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Encoding, Tokenizer
+
+from ..errors import InvalidArgument, ModelLoadError
+
+#: Pad-token spellings to look for when no config names the pad token.
+PAD_TOKENS = ("<pad>", "[PAD]", "<|pad|>", "<|endoftext|>")
+
+
+@dataclass(frozen=True)
+class TokenizedText:
+    """One input as the model sees it."""
+
+    ids: np.ndarray  # int64 [n], special tokens and task prefix included
+    offsets: list[tuple[int, int]]  # character span of each token in the encoded text
+    special: np.ndarray  # bool [n], True for special tokens (<s>, </s>, [CLS], ...)
+
+
+class TextTokenizer:
+    """Encodes texts for one model: no padding, truncation only on request."""
+
+    def __init__(self, path: Path, max_tokens: int, pad_token: str | None = None) -> None:
+        try:
+            self._exact = Tokenizer.from_file(str(path))
+            self._truncating = Tokenizer.from_file(str(path))
+        except Exception as exc:  # tokenizers raises a bare Exception on a bad file
+            raise ModelLoadError(f"{path}: not a valid tokenizer.json ({exc})") from exc
+        self.max_tokens = max_tokens
+        self._exact.no_padding()
+        self._exact.no_truncation()
+        self._truncating.no_padding()
+        # tokenizers counts the special tokens its post-processor adds, so the
+        # cut keeps <s> ... </s> and the total stays within max_tokens.
+        self._truncating.enable_truncation(max_length=max_tokens)
+        self.pad_id = self._find_pad_id(pad_token, path)
+
+    def _find_pad_id(self, pad_token: str | None, path: Path) -> int:
+        padding = Tokenizer.from_file(str(path)).padding
+        candidates = [pad_token] if pad_token else []
+        if padding and padding.get("pad_token"):
+            candidates.append(padding["pad_token"])
+        candidates.extend(PAD_TOKENS)
+        for token in candidates:
+            token_id = self._exact.token_to_id(token) if token else None
+            if token_id is not None:
+                return token_id
+        if padding and padding.get("pad_id") is not None:
+            return int(padding["pad_id"])
+        return 0
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a token string, None when the vocabulary lacks it."""
+        return self._exact.token_to_id(token)
+
+    def encode(self, texts: list[str], truncate: bool = False) -> list[TokenizedText]:
+        """Encode texts (special tokens added); too long without ``truncate`` is an error."""
+        tokenizer = self._truncating if truncate else self._exact
+        encodings = tokenizer.encode_batch(texts, add_special_tokens=True)
+        if not truncate:
+            for index, encoding in enumerate(encodings):
+                if len(encoding.ids) > self.max_tokens:
+                    raise InvalidArgument(
+                        f"inputs[{index}]: {len(encoding.ids)} tokens exceeds the model's maximum of "
+                        f"{self.max_tokens}; shorten it or set truncate"
+                    )
+        return [_to_tokenized(e) for e in encodings]
+
+    def encode_document(self, text: str) -> TokenizedText:
+        """One text, never cut (late chunking checks the length itself)."""
+        return _to_tokenized(self._exact.encode(text, add_special_tokens=True))
+
+    def encode_untruncated(self, texts: list[str]) -> list[Encoding]:
+        """Raw encodings with token strings, for the Tokenize RPC (never cut, never refused)."""
+        return self._exact.encode_batch(texts, add_special_tokens=True)
+
+
+def _to_tokenized(encoding: Encoding) -> TokenizedText:
+    return TokenizedText(
+        ids=np.asarray(encoding.ids, dtype=np.int64),
+        offsets=list(encoding.offsets),
+        special=np.asarray(encoding.special_tokens_mask, dtype=bool),
+    )

@@ -1,0 +1,178 @@
+"""Command-line flags, each also an environment variable ``EMBEDDING_<FLAG>``.
+
+One name per setting: ``--rest-port`` is ``EMBEDDING_REST_PORT``. A flag on
+the command line wins over the environment. Repeatable flags (``--model``,
+``--api-key``) take a comma-separated list from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+ENV_PREFIX = "EMBEDDING_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 50051
+    rest_port: int = 8000
+    models: list[str] = field(default_factory=list)
+    max_inputs: int = 2048
+    sessions: int = 1
+    threads_per_session: int = 0  # 0: cores / sessions
+    max_batch_tokens: int = 16384
+    max_batch_size: int = 128
+    max_batch_wait_ms: float = 0.0
+    max_queue_requests: int = 1024
+    max_queue_tokens: int = 4_000_000
+    stream_window: int = 32
+    max_message_mb: int = 64
+    grace_period: float = 30.0
+    api_keys: list[str] = field(default_factory=list)
+    api_key_file: str | None = None
+    auth_reflection: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    metrics_port: int = 0
+    log_level: str = "info"
+    log_json: bool = False
+
+
+def _positive(kind: type) -> object:
+    def parse(text: str) -> object:
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port number: {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="embedding-server",
+        description="gRPC embedding server (and OpenAI-compatible REST shim) on ONNX Runtime CPU sessions. "
+        f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>, e.g. EMBEDDING_PORT.",
+    )
+    add = p.add_argument
+    add("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    add("--port", type=_port, default=50051, help="gRPC port (default 50051)")
+    add("--rest-port", type=_port, default=8000, help="REST shim port; 0 turns the shim off (default 8000)")
+    add(
+        "--model",
+        dest="models",
+        action="append",
+        default=[],
+        metavar="[NAME=]PATH",
+        help="a model directory to serve, repeatable; the first is the default. "
+        "With none, the built-in all-minilm-l6-v2; the bare name all-minilm-l6-v2 names it.",
+    )
+    add("--max-inputs", type=_positive(int), default=2048, help="most inputs per request (default 2048)")
+    add(
+        "--sessions",
+        type=_positive(int),
+        default=1,
+        help="concurrent ONNX session runs per model (default 1)",
+    )
+    add(
+        "--threads-per-session",
+        type=_positive(int),
+        default=0,
+        help="intra-op threads per session; 0: cores / sessions (default)",
+    )
+    add("--max-batch-tokens", type=_positive(int), default=16384, help="padded tokens per session run")
+    add("--max-batch-size", type=_positive(int), default=128, help="sequences per session run")
+    add("--max-batch-wait-ms", type=_positive(float), default=0.0, help="extra wait for a batch to fill")
+    add(
+        "--max-queue-requests",
+        type=_positive(int),
+        default=1024,
+        help="requests in flight before RESOURCE_EXHAUSTED",
+    )
+    add(
+        "--max-queue-tokens",
+        type=_positive(int),
+        default=4_000_000,
+        help="tokens queued before RESOURCE_EXHAUSTED",
+    )
+    add("--stream-window", type=_positive(int), default=32, help="requests of one StreamEmbed call in flight")
+    add("--max-message-mb", type=_positive(int), default=64, help="largest request message in MiB")
+    add("--grace-period", type=_positive(float), default=30.0, help="seconds for work in flight at shutdown")
+    add(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        default=[],
+        help="turn auth on with this key, repeatable",
+    )
+    add("--api-key-file", default=None, help="file with API keys, one per line")
+    add(
+        "--auth-reflection",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="require the API key for reflection too (default: reflection is open)",
+    )
+    add("--tls-cert", default=None, help="PEM certificate chain: serve gRPC and REST over TLS")
+    add("--tls-key", default=None, help="PEM private key for --tls-cert")
+    add("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates (mTLS)")
+    add("--metrics-port", type=_port, default=0, help="Prometheus /metrics port when the REST shim is off")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
+    add("--log-json", action=argparse.BooleanOptionalAction, default=False, help="JSON log lines")
+    return p
+
+
+def _apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """Use EMBEDDING_<FLAG> as each flag's default; the command line still wins."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        flag = action.option_strings[0].lstrip("-")
+        raw = environ.get(ENV_PREFIX + flag.upper().replace("-", "_"))
+        if raw is None:
+            continue
+        try:
+            if isinstance(action, argparse._AppendAction):
+                value: object = [part.strip() for part in raw.split(",") if part.strip()]
+            elif isinstance(action, argparse.BooleanOptionalAction):
+                value = raw.strip().lower() in ("1", "true", "yes", "on")
+            else:
+                value = action.type(raw) if action.type else raw  # type: ignore[operator]
+            if action.choices and value not in action.choices:
+                raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"{ENV_PREFIX}{flag.upper().replace('-', '_')}={raw!r}: {exc}")
+        parser.set_defaults(**{action.dest: value})
+
+
+def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    parser = build_parser()
+    _apply_environment(parser, os.environ if environ is None else environ)
+    args = parser.parse_args(argv)
+    if args.max_inputs < 1:
+        parser.error("--max-inputs: must be at least 1")
+    if args.sessions < 1:
+        parser.error("--sessions: must be at least 1")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    return Settings(**vars(args))
+
+
+def threads_per_session(settings: Settings) -> int:
+    if settings.threads_per_session:
+        return settings.threads_per_session
+    return max(1, (os.cpu_count() or 1) // settings.sessions)
