@@ -1,0 +1,1 @@
+"""Test helpers: real server processes, synthetic model directories, numpy references."""

@@ -1,0 +1,104 @@
+"""Start a real ``embedding-server`` process on loopback ports and wait until it serves."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from embedding_client.proto import embedding_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RunningServer:
+    """A server subprocess; ``target`` is its gRPC address, ``rest_url`` its REST base URL."""
+
+    process: subprocess.Popen[bytes]
+    port: int
+    rest_port: int
+    log_path: Path
+    channels: list[grpc.Channel] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self.rest_port}"
+
+    def channel(self) -> grpc.Channel:
+        channel = grpc.insecure_channel(self.target)
+        self.channels.append(channel)
+        return channel
+
+    def stub(self) -> embedding_pb2_grpc.EmbeddingServiceStub:
+        return embedding_pb2_grpc.EmbeddingServiceStub(self.channel())
+
+    def health(self, service: str = "") -> int:
+        stub = health_pb2_grpc.HealthStub(self.channel())
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        for channel in self.channels:
+            channel.close()
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def server_command(args: Sequence[str]) -> list[str]:
+    return [sys.executable, "-m", "embedding_server.cli", *args]
+
+
+def start_server(
+    *args: str,
+    rest: bool = False,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> RunningServer:
+    """Launch ``embedding-server --host 127.0.0.1`` with fresh ports and wait for SERVING."""
+    port = free_port()
+    rest_port = free_port() if rest else 0
+    log_path = Path(tempfile.mkstemp(prefix="embedding-server-", suffix=".log")[1])
+    command = server_command(["--host", "127.0.0.1", "--port", str(port), "--rest-port", str(rest_port), *args])
+    environment = {**os.environ, **(env or {})}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
+    server = RunningServer(process, port, rest_port, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"server exited with {process.returncode}:\n{server.log()}")
+        try:
+            if server.health() == health_pb2.HealthCheckResponse.SERVING:
+                return server
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    server.stop(signal.SIGKILL)
+    raise TimeoutError(f"server not SERVING after {timeout}s:\n{server.log()}")
