@@ -13,6 +13,7 @@ from embedding_client.proto import embedding_pb2 as pb
 from ..errors import InvalidArgument, ServiceError
 from . import convert
 from .state import ServingState
+from .wire import bad_utf8_field
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,9 @@ def safe_parser(message_class: type) -> object:
         try:
             return message_class.FromString(data)
         except Exception as exc:  # protobuf's DecodeError and friends
+            field = bad_utf8_field(message_class.DESCRIPTOR, data)
+            if field is not None:
+                return MalformedRequest(f"{field}: not valid UTF-8 (a proto3 string must be UTF-8)")
             return MalformedRequest(f"request does not parse as {message_class.__name__}: {exc}")
 
     return parse
