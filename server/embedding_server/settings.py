@@ -20,6 +20,7 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 50051
     rest_port: int = 8000
+    rest_max_body_mb: float = 64.0
     models: list[str] = field(default_factory=list)
     max_inputs: int = 2048
     sessions: int = 1
@@ -71,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     add("--port", type=_port, default=50051, help="gRPC port (default 50051)")
     add("--rest-port", type=_port, default=8000, help="REST shim port; 0 turns the shim off (default 8000)")
+    add(
+        "--rest-max-body-mb",
+        type=_positive(float),
+        default=64.0,
+        help="largest REST request body in MiB; more is HTTP 413 (default 64)",
+    )
     add(
         "--model",
         dest="models",
