@@ -16,16 +16,24 @@ import time
 
 from grpc_health.v1 import health
 
+from .auth import ApiKeys
 from .engine.batcher import BatchSettings
 from .engine.embedder import Embedder, EngineSettings
 from .errors import ModelLoadError
+from .grpc_api.interceptors import AuthInterceptor, InFlight, ObservingInterceptor
 from .grpc_api.server import NOT_SERVING, SERVING, build_server, set_health
 from .grpc_api.servicer import EmbeddingServicer
 from .grpc_api.state import Phase, ServingState
+from .metrics import Metrics, MetricsHttpServer, metrics_route
 from .models.loader import BUILTIN_MODEL, LoadedModel, ModelSpec, load
+from .ports import PortUnavailable, ensure_free, grpc_address
+from .rest.inprocess import InProcessShim
 from .settings import Settings, threads_per_session
+from .tls import TlsConfigError, TlsFiles, grpc_credentials, load_tls
 
 log = logging.getLogger("embedding_server")
+
+FLUSH_SECONDS = 1.0  # after the drain: time for the last replies to leave before the server stops
 
 
 class StartupError(Exception):
@@ -45,7 +53,7 @@ def engine_settings(settings: Settings) -> EngineSettings:
     )
 
 
-def load_models(settings: Settings) -> list[LoadedModel]:
+def load_models(settings: Settings, metrics: Metrics | None = None) -> list[LoadedModel]:
     specs = [ModelSpec.parse(text) for text in settings.models] or [ModelSpec(BUILTIN_MODEL, None)]
     names = [spec.name for spec in specs]
     duplicates = sorted({name for name in names if names.count(name) > 1})
@@ -55,11 +63,49 @@ def load_models(settings: Settings) -> list[LoadedModel]:
     loaded = []
     for spec in specs:
         started = time.monotonic()
-        loaded.append(load(spec, sessions=settings.sessions, threads=threads))
+        loaded.append(load(spec, sessions=settings.sessions, threads=threads, layout=settings.session_layout))
         log.info(
             "loaded model %s (%s) in %.1fs", spec.name, loaded[-1].model.family, time.monotonic() - started
         )
+        if metrics is not None:
+            metrics.model_loaded(spec.name, time.monotonic() - started)
     return loaded
+
+
+def api_keys(settings: Settings) -> ApiKeys:
+    """--api-key, EMBEDDING_API_KEY and --api-key-file together; StartupError if the file is unreadable."""
+    try:
+        return ApiKeys.from_sources(settings.api_keys, settings.api_key_file)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise StartupError(f"--api-key-file {settings.api_key_file}: cannot read it ({reason})") from None
+
+
+def tls_files(settings: Settings) -> TlsFiles | None:
+    try:
+        return load_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    except TlsConfigError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def check_ports(settings: Settings) -> None:
+    """Every port this process will listen on, tried before anything binds or loads."""
+    ports = [("--port", settings.port), ("--rest-port", settings.rest_port), ("--metrics-port", settings.metrics_port)]
+    taken: dict[int, str] = {}
+    for flag, port in ports:
+        if port and port in taken:
+            raise StartupError(f"{flag} {port}: the same port as {taken[port]}")
+        taken[port] = flag
+        try:
+            ensure_free(settings.host, port, flag)
+        except PortUnavailable as exc:
+            raise StartupError(str(exc)) from None
+
+
+def load_failure(exc: Exception) -> str:
+    """One line for a model that failed to load in a way the loader did not foresee."""
+    first_line = (str(exc).strip().splitlines() or [""])[0]
+    return f"cannot load the model: {type(exc).__name__}: {first_line}"
 
 
 class EmbeddingApp:
@@ -70,27 +116,67 @@ class EmbeddingApp:
         self.state = ServingState()
         self.health = health.aio.HealthServicer()
         self.servicer = EmbeddingServicer(self.state, stream_window=settings.stream_window)
-        self.server = build_server(self.servicer, self.health, settings.max_message_mb * 1024 * 1024)
+        self.api_keys = api_keys(settings)
+        self.tls = tls_files(settings)
+        self.metrics = Metrics()
+        self.in_flight = InFlight()
+        self.metrics.watch_in_flight(lambda: self.in_flight.count)
+        interceptors = [
+            ObservingInterceptor(self.in_flight, self.metrics),  # outermost: counts refused calls too
+            AuthInterceptor(self.api_keys, protect_reflection=settings.auth_reflection),
+        ]
+        self.server = build_server(
+            self.servicer, self.health, settings.max_message_mb * 1024 * 1024, interceptors=interceptors
+        )
+        self.metrics_server: MetricsHttpServer | None = None
         self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self.rest: InProcessShim | None = None
 
     async def start(self) -> None:
         """Bind, then load and warm up; raises StartupError with a one-line reason."""
         await set_health(self.health, NOT_SERVING)
-        address = f"{self.settings.host}:{self.settings.port}"
+        check_ports(self.settings)
+        address = grpc_address(self.settings.host, self.settings.port)
         try:
-            self.bound_port = self.server.add_insecure_port(address)
+            if self.tls is not None:
+                self.bound_port = self.server.add_secure_port(address, grpc_credentials(self.tls))
+            else:
+                self.bound_port = self.server.add_insecure_port(address)
         except RuntimeError as exc:
             raise StartupError(f"--port: cannot listen on {address} (in use or not allowed)") from exc
+        if self.settings.rest_port:  # adds the shim's private Unix-socket port: before server.start()
+            self.rest = InProcessShim(
+                self.settings, self.server, self.state, routes=[metrics_route(self.metrics, self.api_keys)]
+            )
         await self.server.start()
-        log.info("gRPC listening on %s; loading models", address)
+        if self.rest:
+            await self.rest.start()
+        if self.settings.metrics_port:
+            try:
+                self.metrics_server = MetricsHttpServer(
+                    self.metrics, self.settings.host, self.settings.metrics_port, self.tls
+                )
+            except OSError as exc:
+                raise StartupError(
+                    f"--metrics-port {self.settings.metrics_port}: cannot listen ({exc.strerror or exc})"
+                ) from None
+        log.info("gRPC listening on %s%s; loading models", address, " (TLS)" if self.tls else "")
         try:
-            models = await asyncio.to_thread(load_models, self.settings)
+            models = await asyncio.to_thread(load_models, self.settings, self.metrics)
         except (ModelLoadError, ValueError) as exc:
             raise StartupError(str(exc)) from exc
-        embedder = Embedder(models, engine_settings(self.settings))
+        except StartupError:
+            raise
+        except Exception as exc:  # e.g. a tokenizer file the library cannot parse: still one line
+            log.debug("model load failed", exc_info=True)
+            raise StartupError(load_failure(exc)) from None
+        embedder = Embedder(models, engine_settings(self.settings), observer=self.metrics)
         await embedder.start()
+        self.metrics.watch_queues(embedder)
         self.state.embedder = embedder
         self.state.phase = Phase.SERVING
+        self.metrics.serving.set(1)
         await set_health(self.health, SERVING)
         log.info(
             "serving %s (default %s)",
@@ -99,22 +185,43 @@ class EmbeddingApp:
         )
 
     def request_stop(self) -> None:
+        """First signal: drain. A second one: stop waiting for work in flight."""
+        if self._stop.is_set():
+            log.warning("second stop signal: cancelling work in flight now")
+            self._force.set()
         self._stop.set()
 
     async def wait(self) -> None:
         await self._stop.wait()
 
     async def shutdown(self) -> None:
-        """Drain: NOT_SERVING at once, refuse new work, finish what runs within the grace period."""
+        """Drain: NOT_SERVING at once, refuse new work, finish what runs within the grace period.
+
+        grpc.aio's ``server.stop(grace)`` would refuse every new call at once,
+        health checks included, so the server stays fully up while it drains:
+        health answers NOT_SERVING, the servicer answers UNAVAILABLE to new
+        work (phase DRAINING), and the interceptor counts the calls still in
+        flight. Only when none is left (or the grace period is over) does the
+        gRPC server stop; the short grace there flushes the last replies.
+        """
         self.state.phase = Phase.DRAINING
+        self.metrics.serving.set(0)
         await self.health.enter_graceful_shutdown()
         embedder = self.state.embedder
-        deadline = time.monotonic() + self.settings.grace_period
-        while embedder and any(b.busy for b in embedder.batchers.values()) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        await self.server.stop(grace=max(0.0, min(1.0, deadline - time.monotonic())))
+        drained = asyncio.ensure_future(self.in_flight.wait_idle(self.settings.grace_period))
+        forced = asyncio.ensure_future(self._force.wait())
+        await asyncio.wait({drained, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not (drained.done() and drained.result()):
+            drained.cancel()
+            log.warning("grace period over: cancelling %d calls still in flight", self.in_flight.count)
+        await self.server.stop(grace=FLUSH_SECONDS)
+        if self.rest:
+            await self.rest.stop()
         if embedder:
             await embedder.close()
+        if self.metrics_server is not None:
+            self.metrics_server.close()
 
 
 async def serve(settings: Settings) -> int:
@@ -126,6 +233,10 @@ async def serve(settings: Settings) -> int:
         await app.start()
     except StartupError:
         await app.server.stop(grace=None)
+        if app.rest:
+            await app.rest.stop()
+        if app.metrics_server is not None:
+            app.metrics_server.close()
         raise
     await app.wait()
     log.info("shutting down: draining work in flight (grace %.0fs)", settings.grace_period)

@@ -25,6 +25,7 @@ class Settings:
     max_inputs: int = 2048
     sessions: int = 1
     threads_per_session: int = 0  # 0: cores / sessions
+    session_layout: str = "shared"
     max_batch_tokens: int = 16384
     max_batch_size: int = 128
     max_batch_wait_ms: float = 0.0
@@ -99,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=0,
         help="intra-op threads per session; 0: cores / sessions (default)",
+    )
+    add(
+        "--session-layout",
+        choices=["shared", "separate"],
+        default="shared",
+        help="shared: one ONNX session runs the --sessions concurrent batches (weights once, default); "
+        "separate: one session each",
     )
     add("--max-batch-tokens", type=_positive(int), default=16384, help="padded tokens per session run")
     add("--max-batch-size", type=_positive(int), default=128, help="sequences per session run")
