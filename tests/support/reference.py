@@ -242,6 +242,7 @@ class CosineLog:
 
     def __init__(self) -> None:
         self.minimum: dict[str, float] = {}
+        self.sparse_error: dict[str, float] = {}
 
     def check(self, label: str, actual: np.ndarray, expected: np.ndarray, threshold: float = 0.9999) -> float:
         actual = np.asarray(actual, np.float64)
@@ -251,8 +252,21 @@ class CosineLog:
         assert value >= threshold, f"{label}: cosine {value:.6f} < {threshold}"
         return value
 
+    def check_sparse(
+        self, label: str, indices: list[int], values: list[float], expected: dict[int, float]
+    ) -> None:
+        """Exactly the expected token ids, ascending; weights within float32 noise."""
+        assert list(indices) == list(expected), (label, list(indices), list(expected))
+        want = np.array(list(expected.values()), np.float64)
+        got = np.array(values, np.float64)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5, err_msg=label)
+        error = float(np.abs(got - want).max()) if want.size else 0.0
+        self.sparse_error[label] = max(error, self.sparse_error.get(label, 0.0))
+
     def report(self) -> str:
-        return ", ".join(f"{label} {value:.9f}" for label, value in sorted(self.minimum.items()))
+        cosines = [f"{label} 1-cos {1 - value:.1e}" for label, value in sorted(self.minimum.items())]
+        sparse = [f"{label} max |dw| {value:.2e}" for label, value in sorted(self.sparse_error.items())]
+        return ", ".join(cosines + sparse)
 
 
 COSINES = CosineLog()
