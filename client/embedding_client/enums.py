@@ -1,0 +1,120 @@
+"""Tasks and output kinds: the protobuf enums, also spelled the way users spell them.
+
+A task can be given as :class:`Task`, as an ``embedding.v1.Task`` value, or as
+jina's adapter name (``"retrieval.query"``); an output as :class:`Output`, an
+``embedding.v1.OutputType`` value or a word (``"dense"``, ``"sparse"``,
+``"colbert"``, ``"binary"``). Parsing happens here once, so a typo fails on the
+client with a message listing the choices instead of travelling to the server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import IntEnum
+
+from .proto import embedding_pb2 as pb
+
+
+class Task(IntEnum):
+    """jina-embeddings-v3 tasks; values equal ``embedding.v1.Task``."""
+
+    UNSPECIFIED = pb.TASK_UNSPECIFIED
+    RETRIEVAL_QUERY = pb.TASK_RETRIEVAL_QUERY
+    RETRIEVAL_PASSAGE = pb.TASK_RETRIEVAL_PASSAGE
+    SEPARATION = pb.TASK_SEPARATION
+    CLASSIFICATION = pb.TASK_CLASSIFICATION
+    TEXT_MATCHING = pb.TASK_TEXT_MATCHING
+
+
+class Output(IntEnum):
+    """Vector kinds; values equal ``embedding.v1.OutputType``."""
+
+    DENSE = pb.OUTPUT_TYPE_DENSE
+    SPARSE = pb.OUTPUT_TYPE_SPARSE
+    COLBERT = pb.OUTPUT_TYPE_COLBERT
+    BINARY = pb.OUTPUT_TYPE_BINARY
+
+
+#: jina's names for its LoRA adapters (also the REST shim's ``task`` values).
+TASK_NAMES: dict[str, Task] = {
+    "retrieval.query": Task.RETRIEVAL_QUERY,
+    "retrieval.passage": Task.RETRIEVAL_PASSAGE,
+    "separation": Task.SEPARATION,
+    "classification": Task.CLASSIFICATION,
+    "text-matching": Task.TEXT_MATCHING,
+}
+OUTPUT_NAMES: dict[str, Output] = {output.name.lower(): output for output in Output}
+
+TaskLike = Task | int | str | None
+OutputLike = Output | int | str
+
+
+def parse_task(task: TaskLike) -> Task:
+    """A Task from the enum, its protobuf value, jina's name or the enum member's name."""
+    if task is None:
+        return Task.UNSPECIFIED
+    if isinstance(task, str):
+        key = task.strip()
+        if key in TASK_NAMES:
+            return TASK_NAMES[key]
+        name = key.upper().replace(".", "_").replace("-", "_").removeprefix("TASK_")
+        if name in Task.__members__:
+            return Task[name]
+        raise ValueError(f"task: unknown task {task!r}; expected one of {', '.join(TASK_NAMES)}")
+    if isinstance(task, bool) or not isinstance(task, int):
+        raise TypeError(f"task: expected a Task, an int or a name, got {type(task).__name__}")
+    try:
+        return Task(task)
+    except ValueError:
+        raise ValueError(f"task: unknown task value {task}") from None
+
+
+def parse_output(output: OutputLike) -> Output:
+    """An Output from the enum, its protobuf value or a word like ``"sparse"``."""
+    if isinstance(output, str):
+        name = output.strip().lower().removeprefix("output_type_")
+        if name in OUTPUT_NAMES:
+            return OUTPUT_NAMES[name]
+        raise ValueError(f"outputs: unknown output {output!r}; expected one of {', '.join(OUTPUT_NAMES)}")
+    if isinstance(output, bool) or not isinstance(output, int):
+        raise TypeError(f"outputs: expected an Output, an int or a name, got {type(output).__name__}")
+    if output == pb.OUTPUT_TYPE_UNSPECIFIED:
+        return Output.DENSE  # the proto's documented meaning
+    try:
+        return Output(output)
+    except ValueError:
+        raise ValueError(f"outputs: unknown output value {output}") from None
+
+
+def parse_outputs(outputs: OutputLike | Iterable[OutputLike] | None) -> tuple[Output, ...]:
+    """The outputs asked for, each once, in the order given; None means dense only."""
+    if outputs is None:
+        return (Output.DENSE,)
+    items = [outputs] if isinstance(outputs, (str, int)) else list(outputs)
+    parsed: list[Output] = []
+    for item in items:
+        output = parse_output(item)
+        if output in parsed:
+            raise ValueError(f"outputs: {output.name.lower()} is listed twice")
+        parsed.append(output)
+    if not parsed:
+        raise ValueError("outputs: empty; leave it out for dense vectors")
+    return tuple(parsed)
+
+
+def task_name(task: int) -> str:
+    """jina's name for a task value (``"retrieval.query"``), or the enum name if it has none."""
+    for name, member in TASK_NAMES.items():
+        if member == task:
+            return name
+    try:
+        return Task(task).name.lower()
+    except ValueError:
+        return str(task)
+
+
+def output_name(output: int) -> str:
+    try:
+        return Output(output).name.lower()
+    except ValueError:
+        return str(output)

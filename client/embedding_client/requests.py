@@ -1,0 +1,96 @@
+"""What every embed call shares: its options, the request message, and input batching."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from .enums import Output, OutputLike, Task, TaskLike, parse_outputs, parse_task
+from .proto import embedding_pb2 as pb
+
+DEFAULT_BATCH_SIZE = 64
+#: A request stops growing past this many characters, so a few huge texts do
+#: not make one message of tens of MiB (the server's default limit is 64 MiB).
+DEFAULT_MAX_BATCH_CHARS = 1_000_000
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """Everything of an EmbedRequest except its inputs, parsed and checked once."""
+
+    model: str = ""
+    task: Task = Task.UNSPECIFIED
+    dimensions: int = 0
+    outputs: tuple[Output, ...] = (Output.DENSE,)
+    late_chunking: bool = False
+    truncate: bool = False
+
+    @classmethod
+    def build(
+        cls,
+        model: str | None = None,
+        task: TaskLike = None,
+        dimensions: int | None = None,
+        outputs: OutputLike | Iterable[OutputLike] | None = None,
+        late_chunking: bool = False,
+        truncate: bool = False,
+    ) -> EmbedOptions:
+        dims = 0 if dimensions is None else dimensions
+        if isinstance(dims, bool) or not isinstance(dims, int) or not 0 <= dims < 2**32:
+            raise ValueError(f"dimensions: expected a non-negative int, got {dimensions!r}")
+        return cls(
+            model=model or "",
+            task=parse_task(task),
+            dimensions=dims,
+            outputs=parse_outputs(outputs),
+            late_chunking=bool(late_chunking),
+            truncate=bool(truncate),
+        )
+
+    def request(self, texts: list[str], request_id: str = "") -> pb.EmbedRequest:
+        return pb.EmbedRequest(
+            request_id=request_id,
+            model=self.model,
+            inputs=texts,
+            task=int(self.task),
+            dimensions=self.dimensions,
+            late_chunking=self.late_chunking,
+            outputs=[int(o) for o in self.outputs],
+            truncate=self.truncate,
+        )
+
+
+def as_text_list(texts: str | Iterable[str]) -> list[str]:
+    """A list of strings; a lone string is one text (not its characters)."""
+    items = [texts] if isinstance(texts, str) else list(texts)
+    for i, text in enumerate(items):
+        if not isinstance(text, str):
+            raise TypeError(f"inputs[{i}]: expected str, got {type(text).__name__}")
+    return items
+
+
+def batches(
+    texts: Iterable[str],
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    max_chars: int = DEFAULT_MAX_BATCH_CHARS,
+) -> Iterator[list[str]]:
+    """Consecutive texts in lists of at most ``batch_size`` (and about ``max_chars``), lazily.
+
+    Pulls one text at a time, so a generator of any length is never held whole.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
+    if isinstance(texts, str):
+        texts = [texts]
+    batch: list[str] = []
+    chars = 0
+    for position, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"inputs[{position}]: expected str, got {type(text).__name__}")
+        if batch and (len(batch) >= batch_size or chars + len(text) > max_chars):
+            yield batch
+            batch, chars = [], 0
+        batch.append(text)
+        chars += len(text)
+    if batch:
+        yield batch

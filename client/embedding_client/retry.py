@@ -1,0 +1,57 @@
+"""When a broken StreamEmbed is worth re-establishing, and how long to wait.
+
+grpc-core retries unary calls from the service config; a stream that broke
+after replies began cannot be replayed by grpc, so the stream drivers use
+these rules to reconnect and re-send the unanswered requests themselves.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import grpc
+
+#: A stream that ended with one of these is re-established (the server went
+#: away, restarted, drained, or shed load); anything else is the caller's
+#: problem and is raised.
+RETRYABLE_STREAM_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,  # a server that stops cancels its calls; our own cancels never get here
+    }
+)
+#: A StreamEmbed reply whose ``error`` has one of these codes is sent again:
+#: UNAVAILABLE (that server is draining: the request goes to a new stream),
+#: RESOURCE_EXHAUSTED (its queue is full: the request waits out a backoff).
+RETRYABLE_REPLY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def stream_error_is_retryable(code: grpc.StatusCode | None, details: str | None) -> bool:
+    if code not in RETRYABLE_STREAM_CODES:
+        return False
+    # A message over the size limit fails the same way every time.
+    return not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""))
+
+
+@dataclass
+class StreamRetry:
+    """Backoff between attempts and the bound on a run of failures.
+
+    ``timeout`` bounds how long the stream keeps failing without a single
+    successful reply before it gives up; a long corpus can thus live through
+    any number of separate server restarts, but not a server that never
+    comes back.
+    """
+
+    initial_backoff: float = 0.1
+    max_backoff: float = 5.0
+    multiplier: float = 2.0
+    timeout: float = 120.0
+
+    def delay(self, failures: int) -> float:
+        """Jittered exponential backoff for the ``failures``-th consecutive failure (0-based)."""
+        ceiling = min(self.max_backoff, self.initial_backoff * self.multiplier**failures)
+        return ceiling * random.uniform(0.5, 1.0)
