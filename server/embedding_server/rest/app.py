@@ -1,0 +1,157 @@
+"""The Starlette app: OpenAI's embeddings API in front of the gRPC server.
+
+Why Starlette + uvicorn + orjson: Starlette is a thin ASGI toolkit (routing,
+request/response) without a validation layer we would have to fight to get
+OpenAI's error shape; uvicorn (with httptools' C parser) serves it on the
+same asyncio loop as grpc.aio, so the in-process shim needs no thread or
+second loop; orjson is the fastest JSON codec for Python and writes numpy
+float32 arrays directly, which is most of every response.
+
+Each handler is: check auth, read and validate the body, one gRPC call,
+translate back. The shim keeps no state besides the channel.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from ..auth import ApiKeys
+from . import openapi, schema, translate
+from .errors import RestError
+from .upstream import Upstream
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+class JSONResponse(Response):
+    """orjson, numpy arrays included."""
+
+    media_type = "application/json"
+
+    def render(self, content: object) -> bytes:
+        return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def error_response(error: RestError) -> JSONResponse:
+    headers = {"www-authenticate": "Bearer"} if error.status == 401 else None
+    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+
+
+class Handlers:
+    """The routes, bound to one upstream, key set and body limit."""
+
+    def __init__(self, upstream: Upstream, api_keys: ApiKeys, max_body_bytes: int) -> None:
+        self.upstream = upstream
+        self.api_keys = api_keys
+        self.max_body_bytes = max_body_bytes
+        self.openapi = orjson.dumps(openapi.document(auth=api_keys.enabled))
+
+    def _authorize(self, request: Request) -> str | None:
+        """The Authorization header to pass on; 401 here, without a gRPC round trip, when it is wrong."""
+        authorization = request.headers.get("authorization")
+        if self.api_keys.enabled and not self.api_keys.accepts(authorization):
+            raise RestError(
+                401,
+                "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+        return authorization
+
+    async def _read_body(self, request: Request) -> bytes:
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _too_large(int(declared), limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(size, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def embeddings(self, request: Request) -> Response:
+        try:
+            authorization = self._authorize(request)
+            body = await self._read_body(request)
+            try:
+                decoded = orjson.loads(body)
+            except orjson.JSONDecodeError as exc:
+                raise RestError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
+            parsed = schema.parse_body(decoded)
+            message, output_fields = translate.to_embed_request(parsed)
+            reply = await self.upstream.embed(message, authorization, output_fields)
+            return JSONResponse(translate.to_embeddings_response(reply, parsed))
+        except RestError as error:
+            return error_response(error)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            reply = await self.upstream.list_models(self._authorize(request))
+            return JSONResponse(translate.to_models_response(reply))
+        except RestError as error:
+            return error_response(error)
+
+    async def health(self, request: Request) -> Response:
+        if await self.upstream.serving():
+            return JSONResponse({"status": "serving"})
+        return JSONResponse({"status": "not_serving"}, status_code=503)
+
+    async def openapi_json(self, request: Request) -> Response:
+        return Response(self.openapi, media_type="application/json")
+
+
+def _too_large(size: int, limit: int) -> RestError:
+    return RestError(
+        413,
+        f"request body of {size} bytes is over the limit of {limit} bytes",
+        code="request_too_large",
+    )
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404/405 in OpenAI's shape too."""
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return error_response(RestError(exc.status_code, message, code=code))
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("REST %s %s failed", request.method, request.url.path)
+    return error_response(
+        RestError(500, f"internal error: {type(exc).__name__}", code="internal_error", type="server_error")
+    )
+
+
+def build_app(
+    upstream: Upstream,
+    api_keys: ApiKeys | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    routes: Sequence[BaseRoute] = (),
+) -> Starlette:
+    """The ASGI app; ``routes`` adds more (e.g. the server's ``/metrics``)."""
+    handlers = Handlers(upstream, api_keys or ApiKeys(()), max_body_bytes)
+    return Starlette(
+        routes=[
+            Route("/v1/embeddings", handlers.embeddings, methods=["POST"]),
+            Route("/embeddings", handlers.embeddings, methods=["POST"]),
+            Route("/v1/models", handlers.models, methods=["GET"]),
+            Route("/models", handlers.models, methods=["GET"]),
+            Route("/health", handlers.health, methods=["GET"]),
+            Route("/openapi.json", handlers.openapi_json, methods=["GET"]),
+            *routes,
+        ],
+        exception_handlers={HTTPException: _http_error, Exception: _unexpected},
+    )

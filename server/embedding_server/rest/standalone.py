@@ -1,0 +1,177 @@
+"""``embedding-rest``: the REST shim as its own process, in front of a remote gRPC server.
+
+Use it to scale HTTP termination apart from the models, or to put the shim
+next to clients while the servers run elsewhere. Flags (each also an
+environment variable ``EMBEDDING_REST_<FLAG>``, e.g. ``EMBEDDING_REST_TARGET``):
+
+- ``--target HOST:PORT``: the gRPC server (anything gRPC takes, ``dns:///...`` too);
+- ``--host`` / ``--port``: where to listen (default ``0.0.0.0:8000``);
+- ``--api-key`` (repeatable) / ``--api-key-file``: keys the shim itself
+  requires, checked before any gRPC call; the client's ``Authorization`` header
+  is passed on to the target as gRPC metadata either way;
+- ``--target-api-key``: send this key to the target instead of the client's header;
+- ``--target-tls`` / ``--target-ca FILE``: TLS to the target (system roots or this CA);
+- ``--tls-cert`` / ``--tls-key``: serve HTTPS;
+- ``--max-body-mb``: largest request body (413 above).
+
+/health asks the target's ``grpc.health.v1`` service, and answers 503 once
+SIGTERM has started the drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import grpc
+
+from ..auth import ApiKeys
+from .app import build_app
+from .serving import RestServer, TlsFiles, bind
+from .upstream import Upstream
+
+ENV_PREFIX = "EMBEDDING_REST_"
+log = logging.getLogger("embedding_rest")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="embedding-rest",
+        description="OpenAI-compatible REST shim in front of an embedding-server gRPC target. "
+        f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>.",
+    )
+    add = p.add_argument
+    add("--target", required=False, help="gRPC target of the embedding server, e.g. 10.0.0.5:50051")
+    add("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    add("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    add("--api-key", dest="api_keys", action="append", default=[], help="require this key; repeatable")
+    add("--api-key-file", default=None, help="file with accepted API keys, one per line")
+    add("--target-api-key", default=None, help="key sent to the target (default: the client's header)")
+    add("--target-tls", action=argparse.BooleanOptionalAction, default=False, help="TLS to the target")
+    add("--target-ca", default=None, help="PEM CA bundle for the target's certificate (implies --target-tls)")
+    add("--tls-cert", default=None, help="PEM certificate chain: serve HTTPS")
+    add("--tls-key", default=None, help="PEM private key for --tls-cert")
+    add(
+        "--max-body-mb",
+        type=float,
+        default=64.0,
+        help="largest request body in MiB; more is 413 (default 64)",
+    )
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
+    return p
+
+
+def _apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
+    """``EMBEDDING_REST_<FLAG>`` as each flag's default; the command line still wins."""
+    for action in parser._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = ENV_PREFIX + action.option_strings[0].lstrip("-").upper().replace("-", "_")
+        raw = environ.get(name)
+        if raw is None:
+            continue
+        value: object
+        if isinstance(action, argparse._AppendAction):
+            value = [part.strip() for part in raw.split(",") if part.strip()]
+        elif isinstance(action, argparse.BooleanOptionalAction):
+            value = raw.strip().lower() in ("1", "true", "yes", "on")
+        else:
+            try:
+                value = action.type(raw) if action.type else raw  # type: ignore[operator]
+            except ValueError as exc:
+                parser.error(f"{name}={raw!r}: {exc}")
+            if action.choices and value not in action.choices:
+                parser.error(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
+        parser.set_defaults(**{action.dest: value})
+
+
+def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    _apply_environment(parser, os.environ if environ is None else environ)
+    args = parser.parse_args(argv)
+    if not args.target:
+        parser.error("--target is required (or EMBEDDING_REST_TARGET)")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port: not a port number: {args.port}")
+    if args.max_body_mb <= 0:
+        parser.error("--max-body-mb: must be positive")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
+    return args
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if args.target_ca:
+        return grpc.ssl_channel_credentials(root_certificates=Path(args.target_ca).read_bytes())
+    return grpc.ssl_channel_credentials() if args.target_tls else None
+
+
+class StartupError(Exception):
+    """One line for the operator, exit 1."""
+
+
+def _prepare(args: argparse.Namespace) -> tuple[Upstream, RestServer]:
+    try:
+        api_keys = ApiKeys.from_sources(args.api_keys, args.api_key_file)
+    except OSError as exc:
+        raise StartupError(
+            f"--api-key-file: cannot read {args.api_key_file} ({exc.strerror or exc})"
+        ) from exc
+    try:
+        credentials = _credentials(args)
+    except OSError as exc:
+        raise StartupError(f"--target-ca: cannot read {args.target_ca} ({exc.strerror or exc})") from exc
+    upstream = Upstream(args.target, credentials=credentials, target_api_key=args.target_api_key)
+    app = build_app(upstream, api_keys, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        raise StartupError(
+            f"--port: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})"
+        ) from exc
+    tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
+    try:
+        return upstream, RestServer(app, sock, tls)
+    except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+        sock.close()
+        raise StartupError(f"--tls-cert/--tls-key: cannot serve HTTPS ({exc})") from exc
+
+
+async def run(args: argparse.Namespace) -> int:
+    upstream, server = _prepare(args)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await server.start()
+    log.info("REST shim on %s:%d -> gRPC %s", args.host, server.port, args.target)
+    await stop.wait()
+    upstream.draining = True  # /health says 503 from now on
+    log.info("shutting down: finishing requests in flight")
+    await server.stop()
+    await upstream.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return asyncio.run(run(args))
+    except StartupError as exc:
+        print(f"embedding-rest: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

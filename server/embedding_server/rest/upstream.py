@@ -1,0 +1,91 @@
+"""The shim's side of gRPC: one grpc.aio channel to the embedding server.
+
+In the server process the target is a private Unix socket of the same gRPC
+server; standalone it is a remote ``HOST:PORT``. Either way every REST call is
+an ordinary gRPC call, so the server's interceptors (auth, metrics) and
+validation apply to REST exactly as to gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import grpc
+from embedding_client.proto import embedding_pb2 as pb
+from embedding_client.proto import embedding_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .errors import from_grpc
+
+Metadata = tuple[tuple[str, str], ...]
+
+CHANNEL_OPTIONS = [
+    # Replies can be large (ColBERT: tokens x 1024 floats per input); requests are capped by the body limit.
+    ("grpc.max_receive_message_length", -1),
+    ("grpc.max_send_message_length", -1),
+]
+
+
+def _is_metadata_safe(value: str) -> bool:
+    return value.isascii() and value.isprintable()
+
+
+class Upstream:
+    """Calls Embed, ListModels and health on the target; gRPC errors become RestError."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        target_api_key: str | None = None,
+        serving: Callable[[], Awaitable[bool]] | None = None,
+    ) -> None:
+        self.target = target
+        if credentials is None:
+            self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+        self.stub = embedding_pb2_grpc.EmbeddingServiceStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._fixed_auth: Metadata | None = (
+            (("authorization", f"Bearer {target_api_key}"),) if target_api_key else None
+        )
+        self._serving = serving or self._grpc_serving
+        self.draining = False  # set by the standalone shim on SIGTERM
+
+    def metadata(self, authorization: str | None) -> Metadata:
+        """``--target-api-key`` when set, else the client's own Authorization header, passed on."""
+        if self._fixed_auth is not None:
+            return self._fixed_auth
+        if authorization and _is_metadata_safe(authorization):
+            return (("authorization", authorization),)
+        return ()
+
+    async def embed(
+        self, request: pb.EmbedRequest, authorization: str | None, output_fields: list[str]
+    ) -> pb.EmbedResponse:
+        try:
+            return await self.stub.Embed(request, metadata=self.metadata(authorization))
+        except grpc.aio.AioRpcError as error:
+            raise from_grpc(error.code(), error.details() or "", output_fields) from None
+
+    async def list_models(self, authorization: str | None) -> pb.ListModelsResponse:
+        try:
+            return await self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata(authorization))
+        except grpc.aio.AioRpcError as error:
+            raise from_grpc(error.code(), error.details() or "") from None
+
+    async def serving(self) -> bool:
+        return not self.draining and await self._serving()
+
+    async def _grpc_serving(self) -> bool:
+        """Standalone: ask the target's grpc.health.v1 service (no auth needed there)."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+        except grpc.aio.AioRpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def close(self) -> None:
+        await self.channel.close()
