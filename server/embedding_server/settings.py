@@ -63,12 +63,32 @@ def _port(text: str) -> int:
     return value
 
 
+class _AppendOverridingDefault(argparse._AppendAction):
+    """A repeatable flag whose first use replaces the default (e.g. from the environment), not extends it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, [])
+        super().__call__(parser, namespace, values, option_string)
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+
+
+def _boolean(text: str) -> bool:
+    word = text.strip().lower()
+    if word not in _TRUE + _FALSE:
+        raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE[:-1])}")
+    return word in _TRUE
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="embedding-server",
         description="gRPC embedding server (and OpenAI-compatible REST shim) on ONNX Runtime CPU sessions. "
         f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>, e.g. EMBEDDING_PORT.",
     )
+    p.register("action", "append", _AppendOverridingDefault)
     add = p.add_argument
     add("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     add("--port", type=_port, default=50051, help="gRPC port (default 50051)")
@@ -162,7 +182,7 @@ def _apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, st
             if isinstance(action, argparse._AppendAction):
                 value: object = [part.strip() for part in raw.split(",") if part.strip()]
             elif isinstance(action, argparse.BooleanOptionalAction):
-                value = raw.strip().lower() in ("1", "true", "yes", "on")
+                value = _boolean(raw)
             else:
                 value = action.type(raw) if action.type else raw  # type: ignore[operator]
             if action.choices and value not in action.choices:
@@ -176,10 +196,10 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     parser = build_parser()
     _apply_environment(parser, os.environ if environ is None else environ)
     args = parser.parse_args(argv)
-    if args.max_inputs < 1:
-        parser.error("--max-inputs: must be at least 1")
-    if args.sessions < 1:
-        parser.error("--sessions: must be at least 1")
+    at_least_one = ("max_inputs", "sessions", "stream_window", "max_batch_size", "max_batch_tokens")
+    for name in (*at_least_one, "max_message_mb", "max_queue_requests"):
+        if getattr(args, name) < 1:  # 0 would refuse every request, or hang a stream
+            parser.error(f"--{name.replace('_', '-')}: must be at least 1")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
