@@ -21,7 +21,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import ModelLoadError
-from ..models.files import missing_external_data
+from ..models.files import missing_external_data, truncated_external_data
 
 
 def session_options(threads: int) -> ort.SessionOptions:
@@ -44,6 +44,12 @@ def open_session(path: Path, threads: int) -> ort.InferenceSession:
         missing = missing_external_data(path)  # diagnosed only on failure: it parses the graph
         if missing:
             raise ModelLoadError(f"{missing[0]}: missing external weights file referenced by {path}") from exc
+        truncated = truncated_external_data(path)
+        if truncated:
+            short, size, needed = truncated[0]
+            raise ModelLoadError(
+                f"{short}: external weights file is truncated ({size} bytes, {path.name} needs {needed})"
+            ) from exc
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path}: ONNX Runtime cannot load it ({first_line})") from exc
 

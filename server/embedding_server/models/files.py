@@ -66,19 +66,39 @@ def missing_external_data(onnx_path: Path) -> list[Path]:
     Called when ONNX Runtime refuses a graph, to turn its long message into one
     that names the missing file (``model.onnx_data``, ``Constant_7_attr__value``...).
     """
+    return [path for path, _ in external_data_extents(onnx_path) if not path.is_file()]
+
+
+def truncated_external_data(onnx_path: Path) -> list[tuple[Path, int, int]]:
+    """External weight files shorter than the graph needs: (path, size, bytes needed).
+
+    A cut-off download of a 2 GB ``model.onnx_data`` is common; name that file
+    rather than the graph.
+    """
+    return [
+        (path, path.stat().st_size, needed)
+        for path, needed in external_data_extents(onnx_path)
+        if path.is_file() and path.stat().st_size < needed
+    ]
+
+
+def external_data_extents(onnx_path: Path) -> list[tuple[Path, int]]:
+    """Each external file the graph refers to, with the end of the last byte range it reads."""
     import onnx  # imported lazily: only needed to diagnose a failed load
 
     try:
         graph = onnx.load(str(onnx_path), load_external_data=False)
     except Exception:  # the graph itself is unreadable; the caller reports that
         return []
-    locations: set[str] = set()
     tensors = list(graph.graph.initializer)
     for node in graph.graph.node:
         tensors.extend(attr.t for attr in node.attribute if attr.HasField("t"))
+    ends: dict[str, int] = {}
     for tensor in tensors:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in tensor.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    return [onnx_path.parent / loc for loc in sorted(locations) if not (onnx_path.parent / loc).is_file()]
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        entries = {entry.key: entry.value for entry in tensor.external_data}
+        if "location" in entries:
+            end = int(entries.get("offset") or 0) + int(entries.get("length") or 0)
+            ends[entries["location"]] = max(end, ends.get(entries["location"], 0))
+    return [(onnx_path.parent / location, end) for location, end in sorted(ends.items())]
