@@ -79,6 +79,8 @@ def api_keys(settings: Settings) -> ApiKeys:
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or str(exc)
         raise StartupError(f"--api-key-file {settings.api_key_file}: cannot read it ({reason})") from None
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def tls_files(settings: Settings) -> TlsFiles | None:
@@ -90,7 +92,11 @@ def tls_files(settings: Settings) -> TlsFiles | None:
 
 def check_ports(settings: Settings) -> None:
     """Every port this process will listen on, tried before anything binds or loads."""
-    ports = [("--port", settings.port), ("--rest-port", settings.rest_port), ("--metrics-port", settings.metrics_port)]
+    ports = [
+        ("--port", settings.port),
+        ("--rest-port", settings.rest_port),
+        ("--metrics-port", settings.metrics_port),
+    ]
     taken: dict[int, str] = {}
     for flag, port in ports:
         if port and port in taken:

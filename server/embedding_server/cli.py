@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
 from .app import StartupError, serve
+from .logging_setup import configure
 from .settings import parse_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure(settings.log_level, json_lines=settings.log_json)
     try:
         return asyncio.run(serve(settings))
     except StartupError as exc:

@@ -11,6 +11,7 @@ import argparse
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import NoReturn
 
 ENV_PREFIX = "EMBEDDING_"
 
@@ -34,7 +35,7 @@ class Settings:
     stream_window: int = 32
     max_message_mb: int = 64
     grace_period: float = 30.0
-    api_keys: list[str] = field(default_factory=list)
+    api_keys: list[str] = field(default_factory=list, repr=False)  # never in a log line
     api_key_file: str | None = None
     auth_reflection: bool = False
     tls_cert: str | None = None
@@ -63,6 +64,13 @@ def _port(text: str) -> int:
     return value
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """A bad flag value is one line on stderr (no usage dump) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 class _AppendOverridingDefault(argparse._AppendAction):
     """A repeatable flag whose first use replaces the default (e.g. from the environment), not extends it."""
 
@@ -83,7 +91,7 @@ def _boolean(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="embedding-server",
         description="gRPC embedding server (and OpenAI-compatible REST shim) on ONNX Runtime CPU sessions. "
         f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>, e.g. EMBEDDING_PORT.",

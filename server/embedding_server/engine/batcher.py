@@ -28,6 +28,7 @@ from ..models.loader import LoadedModel
 from ..models.pooling import truncate_and_normalize
 from ..models.types import SequenceVectors, Task
 from .batch_selection import select_batch
+from .requests import StageTimings
 from .work import PaddedBatch, WorkItem, pad
 
 
@@ -105,6 +106,13 @@ class ModelBatcher:
         self, sequences: list[tuple[np.ndarray, RowRequest]], task: Task, deadline: float | None
     ) -> list[SequenceVectors]:
         """Run sequences (split across batches as needed) and return their vectors in order."""
+        vectors, _ = await self.embed_timed(sequences, task, deadline)
+        return vectors
+
+    async def embed_timed(
+        self, sequences: list[tuple[np.ndarray, RowRequest]], task: Task, deadline: float | None
+    ) -> tuple[list[SequenceVectors], StageTimings]:
+        """``embed``, and how long the work waited for a session and then ran."""
         tokens = sum(int(ids.shape[0]) for ids, _ in sequences)
         self._admit(tokens)
         loop = asyncio.get_running_loop()
@@ -114,7 +122,8 @@ class ModelBatcher:
         self._queued_tokens += tokens
         self._work_arrived.set()
         try:
-            return list(await asyncio.gather(*(item.future for item in items)))
+            vectors = list(await asyncio.gather(*(item.future for item in items)))
+            return vectors, _stage_timings(items)
         except BaseException:
             self._discard(items)  # cancelled or failed: what still waits never runs
             raise
@@ -207,6 +216,8 @@ class ModelBatcher:
     async def _run(self, slot: int, batch: list[WorkItem]) -> None:
         loop = asyncio.get_running_loop()
         started = time.monotonic()
+        for item in batch:
+            item.started = started
         try:
             padded, outputs = await loop.run_in_executor(self._session_threads, self._forward, slot, batch)
         except BaseException as exc:
@@ -222,7 +233,9 @@ class ModelBatcher:
         except BaseException as exc:
             _fail(batch, exc)
             return
+        finished = time.monotonic()
         for item, result in zip(batch, vectors, strict=True):
+            item.finished = finished
             if not item.future.done():
                 item.future.set_result(result)
 
@@ -253,6 +266,13 @@ class ModelBatcher:
             self.observer.on_batch(
                 self.model.name, len(batch), padded.real_tokens, padded.padded_tokens, seconds
             )  # type: ignore[attr-defined]
+
+
+def _stage_timings(items: list[WorkItem]) -> StageTimings:
+    enqueued = min(item.enqueued for item in items)
+    first_run = min(item.started or enqueued for item in items)
+    last_vector = max(item.finished or first_run for item in items)
+    return StageTimings(queue_seconds=first_run - enqueued, inference_seconds=last_vector - first_run)
 
 
 def _fail(batch: list[WorkItem], exc: BaseException) -> None:

@@ -11,6 +11,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
+from ..call_context import record_engine_time
 from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
 from ..models.loader import LoadedModel
@@ -40,6 +41,7 @@ class Embedder:
             raise ValueError("at least one model is needed")
         self.settings = settings
         self.default_model = models[0].model.name
+        self.observer = observer
         self._models: dict[str, EmbeddingModel] = {m.model.name: m.model for m in models}
         self._batchers = {m.model.name: ModelBatcher(m, settings.batch, observer) for m in models}
         self._tokenize_threads = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
@@ -101,7 +103,10 @@ class Embedder:
             )
             sequences = [(text.ids, replace(row, length=len(text.ids))) for text in encoded]
 
-        vectors = await self._batchers[model.name].embed(sequences, task, job.deadline)
+        vectors, timings = await self._batchers[model.name].embed_timed(sequences, task, job.deadline)
+        record_engine_time(timings.queue_seconds, timings.inference_seconds)  # the call's trailers
+        if self.observer is not None and hasattr(self.observer, "on_request"):
+            self.observer.on_request(model.name, timings.queue_seconds, timings.inference_seconds)
         if job.late_chunking:
             vectors = [SequenceVectors(dense=chunk[None, :]) for chunk in vectors[0].dense]  # type: ignore[union-attr]
         return EmbedResult(
@@ -110,6 +115,7 @@ class Embedder:
             vectors=vectors,
             prompt_tokens=sum(len(ids) for ids, _ in sequences),
             task=task,
+            timings=timings,
         )
 
     async def tokenize(self, model_name: str, inputs: list[str], task_value: int) -> list[TokenizedResult]:

@@ -30,6 +30,19 @@ class EmbedResult:
     vectors: list[SequenceVectors]
     prompt_tokens: int
     task: Task = Task.UNSPECIFIED
+    timings: StageTimings = field(default_factory=lambda: StageTimings(0.0, 0.0))
+
+
+@dataclass(frozen=True)
+class StageTimings:
+    """Where one request's engine time went (seconds), for trailing metadata and metrics.
+
+    ``queue_seconds``: from admission until a session first took some of its
+    work; ``inference_seconds``: from then until its last vector was ready.
+    """
+
+    queue_seconds: float
+    inference_seconds: float
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +26,9 @@ class WorkItem:
     deadline: float | None  # time.monotonic() after which the model must not run it
     future: asyncio.Future[SequenceVectors]
     arrival: int = field(default_factory=lambda: next(_arrival))
+    enqueued: float = field(default_factory=time.monotonic)  # for queue/inference timings
+    started: float | None = None  # its batch's session run began
+    finished: float | None = None  # its vectors are ready
 
     @property
     def length(self) -> int:

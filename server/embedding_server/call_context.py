@@ -1,0 +1,72 @@
+"""What one incoming call carries through the layers: its request id and its timings.
+
+The API layer (gRPC interceptor, REST middleware) opens a ``CallContext`` for
+each call; code underneath (the Embedder, log records) finds it through a
+context variable instead of an extra parameter on every function. asyncio
+copies context variables into tasks a handler starts, and they all point at
+the same ``CallContext``, so a StreamEmbed call sums the time of its requests.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+
+@dataclass
+class CallContext:
+    """One call: the id its log lines carry and the engine time it used."""
+
+    request_id: str
+    queue_seconds: float = 0.0  # waiting for a session to take the work
+    inference_seconds: float = 0.0  # from the first session run to the last vector
+
+    def add_engine_time(self, queue_seconds: float, inference_seconds: float) -> None:
+        self.queue_seconds += queue_seconds
+        self.inference_seconds += inference_seconds
+
+
+_current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("embedding_call", default=None)
+
+REQUEST_ID_MAX = 128
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def clean_request_id(offered: str | None) -> str:
+    """A client's request id if it is short printable ASCII, else a fresh one (logs stay one line)."""
+    if offered and len(offered) <= REQUEST_ID_MAX and offered.isascii() and offered.isprintable():
+        return offered
+    return new_request_id()
+
+
+def current() -> CallContext | None:
+    return _current.get()
+
+
+def current_request_id() -> str | None:
+    call = _current.get()
+    return call.request_id if call else None
+
+
+def record_engine_time(queue_seconds: float, inference_seconds: float) -> None:
+    """Called by the engine for each embedding job; a no-op outside a call (e.g. warm-up)."""
+    call = _current.get()
+    if call is not None:
+        call.add_engine_time(queue_seconds, inference_seconds)
+
+
+@contextmanager
+def call_scope(request_id: str) -> Iterator[CallContext]:
+    """Make a fresh CallContext current for the code inside the block."""
+    call = CallContext(request_id)
+    token = _current.set(call)
+    try:
+        yield call
+    finally:
+        _current.reset(token)

@@ -1,0 +1,263 @@
+"""grpc.aio server interceptors: bearer-key auth, and per-call bookkeeping.
+
+``ObservingInterceptor`` (outermost) gives each call a request id and a
+``CallContext``, counts it in flight (what a graceful shutdown waits for),
+records ``embedding_requests_total`` / ``embedding_request_seconds``, logs one
+line per call, and sends the call's timings as trailing metadata, as TEI does
+in its ``x-*`` headers:
+
+- ``x-request-id``: the client's ``x-request-id`` metadata (or the
+  ``request_id`` field of a unary request) when given, else a fresh one;
+- ``x-queue-time-ms``, ``x-inference-time-ms``: engine time (summed over the
+  requests of a StreamEmbed call); ``x-total-time-ms``: the whole call.
+
+``AuthInterceptor`` answers UNAUTHENTICATED before the handler runs when the
+``authorization: Bearer <key>`` metadata is missing or wrong. Health is always
+open (probes carry no keys); reflection is open unless ``--auth-reflection``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from ..auth import ApiKeys
+from ..call_context import call_scope, clean_request_id
+from ..metrics import Metrics
+from .server import SERVICE_NAME
+
+log = logging.getLogger("embedding_server.access")
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+OWN_PREFIX = f"/{SERVICE_NAME}/"
+
+REQUEST_ID_KEY = "x-request-id"
+QUEUE_TIME_KEY = "x-queue-time-ms"
+INFERENCE_TIME_KEY = "x-inference-time-ms"
+TOTAL_TIME_KEY = "x-total-time-ms"
+
+MISSING_KEY_MESSAGE = "missing API key: send metadata 'authorization: Bearer <key>'"
+WRONG_KEY_MESSAGE = "invalid API key"
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+def method_label(full_method: str) -> str:
+    """``Embed`` for this service's methods, ``grpc.health.v1.Health/Check`` for the others."""
+    if full_method.startswith(OWN_PREFIX):
+        return full_method[len(OWN_PREFIX) :]
+    return full_method.lstrip("/")
+
+
+def is_health(full_method: str) -> bool:
+    return full_method.startswith(HEALTH_PREFIX)
+
+
+def is_reflection(full_method: str) -> bool:
+    return full_method.startswith(REFLECTION_PREFIXES)
+
+
+def metadata_value(metadata: Any, key: str) -> str | None:
+    for item in metadata or ():
+        if item[0] == key:
+            value = item[1]
+            return value.decode("ascii", "replace") if isinstance(value, bytes) else value
+    return None
+
+
+def _with_behavior(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and (de)serializers as ``handler`` around a new behavior."""
+    if handler.unary_unary:
+        make = grpc.unary_unary_rpc_method_handler
+    elif handler.unary_stream:
+        make = grpc.unary_stream_rpc_method_handler
+    elif handler.stream_unary:
+        make = grpc.stream_unary_rpc_method_handler
+    else:
+        make = grpc.stream_stream_rpc_method_handler
+    return make(behavior, handler.request_deserializer, handler.response_serializer)
+
+
+def _inner_behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
+    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+
+
+def _streams_responses(handler: grpc.RpcMethodHandler) -> bool:
+    return bool(handler.unary_stream or handler.stream_stream)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for a missing or wrong bearer key, before the handler runs."""
+
+    def __init__(self, keys: ApiKeys, protect_reflection: bool = False) -> None:
+        self.keys = keys
+        self.protect_reflection = protect_reflection
+
+    def exempt(self, full_method: str) -> bool:
+        return is_health(full_method) or (not self.protect_reflection and is_reflection(full_method))
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None or not self.keys.enabled or self.exempt(handler_call_details.method):
+            return handler
+        authorization = metadata_value(handler_call_details.invocation_metadata, "authorization")
+        if self.keys.accepts(authorization):
+            return handler
+        return _refusing(handler, MISSING_KEY_MESSAGE if not authorization else WRONG_KEY_MESSAGE)
+
+
+def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    if _streams_responses(handler):
+
+        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            yield  # pragma: no cover - abort raises
+
+        return _with_behavior(handler, refuse_stream)
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    return _with_behavior(handler, refuse)
+
+
+class InFlight:
+    """Calls being served; a graceful shutdown waits until none is left."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.count += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Whether every call finished within ``timeout`` seconds."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+
+def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if error is None:
+        return "OK"
+    if isinstance(error, (asyncio.CancelledError, GeneratorExit)):
+        return "CANCELLED"
+    return "UNKNOWN"
+
+
+class ObservingInterceptor(grpc.aio.ServerInterceptor):
+    """Request ids, in-flight count, metrics, access log and timing trailers for every call."""
+
+    def __init__(self, in_flight: InFlight, metrics: Metrics | None = None) -> None:
+        self.in_flight = in_flight
+        self.metrics = metrics
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        full_method = handler_call_details.method
+        method = method_label(full_method)
+        # Probes and tooling neither hold up a shutdown nor fill the access log.
+        quiet = is_health(full_method) or is_reflection(full_method)
+        offered_id = metadata_value(handler_call_details.invocation_metadata, REQUEST_ID_KEY)
+        inner = _inner_behavior(handler)
+        if _streams_responses(handler) and inspect.isasyncgenfunction(inner):
+
+            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                with self._observe(method, quiet, clean_request_id(offered_id), context) as call:
+                    async for reply in inner(request, context):
+                        yield reply
+                    call.finish_ok()
+
+            return _with_behavior(handler, stream_behavior)
+
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            request_id = clean_request_id(offered_id or getattr(request, "request_id", None))
+            with self._observe(method, quiet, request_id, context) as call:
+                reply = await inner(request, context)
+                call.finish_ok()
+                return reply
+
+        return _with_behavior(handler, behavior)
+
+    def _observe(
+        self, method: str, quiet: bool, request_id: str, context: grpc.aio.ServicerContext
+    ) -> _ObservedCall:
+        return _ObservedCall(self, method, quiet, request_id, context)
+
+
+class _ObservedCall:
+    """The bookkeeping of one call, as a context manager around the handler."""
+
+    def __init__(
+        self,
+        owner: ObservingInterceptor,
+        method: str,
+        quiet: bool,
+        request_id: str,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self.owner = owner
+        self.method = method
+        self.quiet = quiet
+        self.request_id = request_id
+        self.context = context
+        self._scope = call_scope(request_id)
+
+    def __enter__(self) -> _ObservedCall:
+        self.started = time.perf_counter()
+        self.call = self._scope.__enter__()
+        if not self.quiet:
+            self.owner.in_flight.enter()
+        return self
+
+    def finish_ok(self) -> None:
+        """Before the last reply leaves: the timings go out as trailing metadata."""
+        total_ms = (time.perf_counter() - self.started) * 1000
+        self.context.set_trailing_metadata(
+            (
+                (REQUEST_ID_KEY, self.request_id),
+                (QUEUE_TIME_KEY, f"{self.call.queue_seconds * 1000:.3f}"),
+                (INFERENCE_TIME_KEY, f"{self.call.inference_seconds * 1000:.3f}"),
+                (TOTAL_TIME_KEY, f"{total_ms:.3f}"),
+            )
+        )
+
+    def __exit__(self, exc_type: Any, error: BaseException | None, tb: Any) -> None:
+        seconds = time.perf_counter() - self.started
+        code = _code_name(self.context, error)
+        try:
+            if self.owner.metrics is not None:
+                self.owner.metrics.observe_call(self.method, code, seconds)
+            if not self.quiet:
+                level = logging.WARNING if code in ("UNKNOWN", "INTERNAL") else logging.INFO
+                log.log(level, "%s %s %.1fms", self.method, code, seconds * 1000)
+        finally:
+            self._scope.__exit__(exc_type, error, tb)
+            if not self.quiet:
+                self.owner.in_flight.leave()

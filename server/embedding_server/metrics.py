@@ -1,0 +1,202 @@
+"""Prometheus metrics: one registry per server, the instruments, and the engine observer.
+
+Names (the operators' dashboards and alerts are written against them):
+
+- ``embedding_requests_total{method,code}``: calls by gRPC method (``Embed``...)
+  and status code name (``OK``, ``INVALID_ARGUMENT``...); REST calls as
+  ``method="POST /v1/embeddings"`` and the HTTP status as ``code``.
+- ``embedding_request_seconds{method}``: whole-call latency.
+- ``embedding_queue_seconds{model}``: per embedding job, the wait until a
+  session first took its work (admission queue + batching).
+- ``embedding_inference_seconds{model}``: per batch, one ONNX Runtime run.
+- ``embedding_batch_size{model}``, ``embedding_batch_tokens{model}`` (real
+  tokens), ``embedding_batch_padded_tokens{model}`` (what the session computes).
+- ``embedding_tokens_total{model}``, ``embedding_padded_tokens_total{model}``.
+- ``embedding_queue_depth{model}``: sequences waiting for a session, read at scrape time.
+- ``embedding_in_flight_requests``: calls being served (what shutdown waits for).
+- ``embedding_model_load_seconds{model}``, ``embedding_serving`` (1 when SERVING).
+- the standard ``process_*`` and ``python_*`` collectors.
+
+A private registry (not prometheus_client's global one) keeps one server's
+numbers apart from anything else in the process, tests included.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .auth import ApiKeys
+
+if TYPE_CHECKING:
+    from .engine.embedder import Embedder
+    from .tls import TlsFiles
+
+log = logging.getLogger(__name__)
+
+# Seconds: from sub-millisecond health checks to multi-second large batches.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    """Every instrument of one server process, in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, process_collectors: bool = True) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        if process_collectors:
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        self.requests = Counter(
+            "embedding_requests_total", "Calls by method and status code.", ["method", "code"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "embedding_request_seconds",
+            "Whole-call latency by method.",
+            ["method"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_seconds = Histogram(
+            "embedding_queue_seconds",
+            "Per embedding job: time until a session first took its work.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "embedding_inference_seconds",
+            "Per batch: one ONNX Runtime session run.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "embedding_batch_size", "Sequences per session run.", ["model"], buckets=SIZE_BUCKETS, registry=r
+        )
+        self.batch_tokens = Histogram(
+            "embedding_batch_tokens",
+            "Real (unpadded) tokens per session run.",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.batch_padded_tokens = Histogram(
+            "embedding_batch_padded_tokens",
+            "Padded tokens (sequences x longest) per session run.",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "embedding_tokens_total", "Real tokens run through the model.", ["model"], registry=r
+        )
+        self.padded_tokens = Counter(
+            "embedding_padded_tokens_total", "Padded tokens run through the model.", ["model"], registry=r
+        )
+        self.queue_depth = Gauge(
+            "embedding_queue_depth", "Sequences waiting for a session.", ["model"], registry=r
+        )
+        self.in_flight = Gauge("embedding_in_flight_requests", "Calls being served.", registry=r)
+        self.model_load_seconds = Gauge(
+            "embedding_model_load_seconds", "Time to load a model at start.", ["model"], registry=r
+        )
+        self.serving = Gauge("embedding_serving", "1 while the server is SERVING, else 0.", registry=r)
+
+    # --- the API layers ----------------------------------------------------------------
+
+    def observe_call(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.request_seconds.labels(method).observe(seconds)
+
+    def watch_in_flight(self, count: Callable[[], int]) -> None:
+        self.in_flight.set_function(count)
+
+    # --- the engine (the batcher and the Embedder call these) ----------------------------
+
+    def on_batch(self, model: str, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
+        self.batch_size.labels(model).observe(size)
+        self.batch_tokens.labels(model).observe(real_tokens)
+        self.batch_padded_tokens.labels(model).observe(padded_tokens)
+        self.tokens.labels(model).inc(real_tokens)
+        self.padded_tokens.labels(model).inc(padded_tokens)
+        self.inference_seconds.labels(model).observe(seconds)
+
+    def on_request(self, model: str, queue_seconds: float, inference_seconds: float) -> None:
+        self.queue_seconds.labels(model).observe(queue_seconds)
+
+    def watch_queues(self, embedder: Embedder) -> None:
+        """Queue depth is read from each batcher when Prometheus scrapes."""
+        for name, batcher in embedder.batchers.items():
+            self.queue_depth.labels(name).set_function(lambda b=batcher: b.queue_depth)
+
+    def model_loaded(self, model: str, seconds: float) -> None:
+        self.model_load_seconds.labels(model).set(seconds)
+
+    # --- exposition ------------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def metrics_route(metrics: Metrics, api_keys: ApiKeys) -> Route:
+    """``GET /metrics`` for the REST port. Like every REST route but /health, it needs the key when
+    auth is on (Prometheus: ``authorization: {credentials_file: ...}``); ``--metrics-port`` serves
+    the same numbers without auth, for a port only the scraper can reach."""
+
+    async def scrape(request: Request) -> Response:
+        if api_keys.enabled and not api_keys.accepts(request.headers.get("authorization")):
+            body = {
+                "error": {
+                    "message": "missing or invalid API key: send the header 'Authorization: Bearer <key>'",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "invalid_api_key",
+                }
+            }
+            return JSONResponse(body, status_code=401, headers={"www-authenticate": "Bearer"})
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
+    return Route("/metrics", scrape, methods=["GET"])
+
+
+class MetricsHttpServer:
+    """``/metrics`` on its own port (``--metrics-port``), in a daemon thread, optionally over TLS."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int, tls: TlsFiles | None = None) -> None:
+        self._httpd, self._thread = start_http_server(
+            port,
+            host,
+            registry=metrics.registry,
+            certfile=tls.cert_path if tls else None,
+            keyfile=tls.key_path if tls else None,
+            client_cafile=tls.client_ca_path if tls else None,
+            client_auth_required=bool(tls and tls.client_ca_path),
+        )
+        self.port = int(self._httpd.server_port)
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
