@@ -1,0 +1,297 @@
+"""``embedding-client``: embed a corpus, take a quick look at a text, list the models.
+
+    embedding-client corpus docs.jsonl vectors.npy --target ipv4:10.0.0.1:50051,10.0.0.2:50051
+    embedding-client embed "some text" --target localhost:50051
+    embedding-client models
+
+Connection flags work on every command; ``--target`` and ``--api-key`` also
+come from ``EMBEDDING_TARGET`` and ``EMBEDDING_API_KEY``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from .channel import count_addresses
+from .client import DEFAULT_TARGET, DEFAULT_WINDOW, EmbeddingClient
+from .corpus import CorpusJob, run_corpus
+from .corpus_input import CorpusInputError
+from .corpus_output import SUFFIXES, CorpusOutputError
+from .enums import TASK_NAMES, output_name, parse_outputs, parse_task, task_name
+from .errors import EmbeddingError
+from .requests import DEFAULT_BATCH_SIZE
+from .results import Embeddings
+
+#: Streams for a target whose replicas a resolver finds (dns:///...): enough
+#: for a few replicas; round_robin spreads the calls.
+RESOLVER_STREAMS = 4
+
+
+def _task(text: str) -> int:
+    try:
+        return int(parse_task(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def _connection_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument(
+        "--target",
+        default=os.environ.get("EMBEDDING_TARGET", DEFAULT_TARGET),
+        help="gRPC target: HOST:PORT, ipv4:A:P,B:P (replicas), dns:///HOST:PORT "
+        f"(default $EMBEDDING_TARGET or {DEFAULT_TARGET})",
+    )
+    g.add_argument(
+        "--api-key",
+        default=os.environ.get("EMBEDDING_API_KEY"),
+        help="bearer token (default $EMBEDDING_API_KEY)",
+    )
+    g.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --ca-cert)")
+    g.add_argument("--ca-cert", help="PEM file of the CA that signed the server's certificate")
+    g.add_argument("--client-cert", help="PEM client certificate chain (mTLS)")
+    g.add_argument("--client-key", help="PEM client key (mTLS)")
+    g.add_argument("--server-name", help="the name to verify in the server's certificate")
+    g.add_argument("--timeout", type=float, default=60.0, help="seconds per unary call (default 60)")
+    return p
+
+
+def _embedding_flags() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("embedding")
+    g.add_argument("--model", default="", help="model name (default: the server's default model)")
+    g.add_argument("--task", type=_task, default=0, help=f"task: {', '.join(TASK_NAMES)}")
+    g.add_argument("--dimensions", type=int, default=0, help="Matryoshka size; 0: full (default)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedding-client", description="Client for embedding-service (gRPC)."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    connection, embedding = _connection_flags(), _embedding_flags()
+
+    corpus = commands.add_parser(
+        "corpus",
+        parents=[connection, embedding],
+        help="embed a JSON Lines corpus into .jsonl or .npy (resumable)",
+        description='Embed INPUT (JSON Lines of {"id": ..., "text": ...}) through StreamEmbed into '
+        'OUTPUT: .jsonl ({"id": ..., "embedding": [...]} per line) or .npy (float32 rows), both in '
+        "input order. Rows go to OUTPUT.partial as they come; rerun the same command after an "
+        "interruption to go on where it stopped (the result is identical to an uninterrupted run). "
+        "Broken streams are re-established, so a server restart or a dead replica only slows it down.",
+    )
+    corpus.add_argument("input", type=Path, help="JSON Lines input")
+    corpus.add_argument("output", type=Path, help=f"output file ({', '.join(SUFFIXES)})")
+    corpus.add_argument(
+        "--truncate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="cut over-long texts to the model's max tokens (default); --no-truncate fails on them",
+    )
+    corpus.add_argument("--batch-size", type=_positive, default=DEFAULT_BATCH_SIZE, help="texts per request")
+    corpus.add_argument(
+        "--window", type=_positive, default=DEFAULT_WINDOW, help="requests in flight per stream"
+    )
+    corpus.add_argument(
+        "--streams",
+        type=_positive,
+        default=None,
+        help="concurrent StreamEmbed calls (default: one per listed address, "
+        f"{RESOLVER_STREAMS} for a dns:/// target)",
+    )
+    corpus.add_argument(
+        "--retry-timeout",
+        type=float,
+        default=300.0,
+        help="give up after this many seconds of failures without a single reply (default 300)",
+    )
+    corpus.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    embed = commands.add_parser(
+        "embed", parents=[connection, embedding], help="embed a few texts and show the vectors"
+    )
+    embed.add_argument("texts", nargs="+", help="texts to embed")
+    embed.add_argument(
+        "--output",
+        dest="outputs",
+        action="append",
+        choices=["dense", "sparse", "colbert", "binary"],
+        help="output kind, repeatable (default dense)",
+    )
+    embed.add_argument("--truncate", action="store_true", help="cut over-long texts to the max tokens")
+    embed.add_argument("--json", action="store_true", help="full vectors as JSON Lines")
+
+    models = commands.add_parser("models", parents=[connection], help="list the served models")
+    models.add_argument("--json", action="store_true", help="as JSON")
+    return parser
+
+
+def make_client(args: argparse.Namespace) -> EmbeddingClient:
+    from .retry import StreamRetry
+
+    retry = StreamRetry(timeout=getattr(args, "retry_timeout", 120.0))
+    return EmbeddingClient(
+        args.target,
+        api_key=args.api_key,
+        tls=args.tls,
+        root_certificates=args.ca_cert,
+        client_certificate=args.client_cert,
+        client_key=args.client_key,
+        server_name=args.server_name,
+        timeout=args.timeout,
+        stream_retry=retry,
+    )
+
+
+def cmd_corpus(client: EmbeddingClient, args: argparse.Namespace) -> int:
+    if args.output.suffix not in SUFFIXES:
+        print(f"embedding-client: {args.output}: use one of {', '.join(SUFFIXES)}", file=sys.stderr)
+        return 2
+    streams = args.streams or count_addresses(args.target) or RESOLVER_STREAMS
+    job = CorpusJob(
+        input=args.input,
+        output=args.output,
+        model=args.model,
+        task=args.task,
+        dimensions=args.dimensions,
+        truncate=args.truncate,
+        batch_size=args.batch_size,
+        window=args.window,
+        streams=streams,
+        progress=not args.no_progress,
+    )
+    summary = run_corpus(client, job)
+    if summary.embedded or summary.records:
+        print(
+            f"{args.output}: {summary.records} records ({summary.skipped} from before), "
+            f"{summary.embedded} embedded in {summary.seconds:.1f}s ({summary.rate:.0f} items/s), "
+            f"model {summary.model or '(default)'}, {summary.reconnects} stream(s) re-established",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_embed(client: EmbeddingClient, args: argparse.Namespace) -> int:
+    outputs = parse_outputs(args.outputs)
+    result = client.embed(
+        args.texts,
+        model=args.model or None,
+        task=args.task,
+        dimensions=args.dimensions or None,
+        outputs=outputs,
+        truncate=args.truncate,
+    )
+    for index, text in enumerate(args.texts):
+        if args.json:
+            print(json.dumps(_as_json(result, index, text)))
+        else:
+            print(_describe(result, index, text))
+    return 0
+
+
+def _as_json(result: Embeddings, index: int, text: str) -> dict[str, object]:
+    item = result[index]
+    row: dict[str, object] = {"text": text, "model": result.model}
+    if item.dense is not None:
+        row["embedding"] = item.dense.tolist()
+    if item.sparse is not None:
+        row["sparse_embedding"] = {str(k): v for k, v in item.sparse.to_dict().items()}
+    if item.colbert is not None:
+        row["colbert_embedding"] = item.colbert.tolist()
+    if item.binary is not None:
+        row["binary_embedding"] = item.binary.tolist()
+    return row
+
+
+def _describe(result: Embeddings, index: int, text: str) -> str:
+    item = result[index]
+    shown = text if len(text) <= 60 else text[:57] + "..."
+    lines = [f"{shown!r}  model={result.model}"]
+    if item.dense is not None:
+        head = ", ".join(f"{v:+.4f}" for v in item.dense[:6])
+        lines.append(f"  dense   d={item.dense.shape[0]} norm={np.linalg.norm(item.dense):.4f} [{head}, ...]")
+    if item.sparse is not None:
+        top = sorted(item.sparse.to_dict().items(), key=lambda kv: -kv[1])[:6]
+        lines.append(f"  sparse  {len(item.sparse.ids)} tokens, top {[(k, round(v, 4)) for k, v in top]}")
+    if item.colbert is not None:
+        lines.append(f"  colbert {item.colbert.shape[0]} x {item.colbert.shape[1]}")
+    if item.binary is not None:
+        lines.append(f"  binary  {item.binary.shape[0]} bytes {item.binary[:8].tobytes().hex()}...")
+    return "\n".join(lines)
+
+
+def cmd_models(client: EmbeddingClient, args: argparse.Namespace) -> int:
+    models = client.list_models()
+    if args.json:
+        rows = [
+            {
+                "name": m.name,
+                "family": m.family,
+                "dimensions": m.dimensions,
+                "max_tokens": m.max_tokens,
+                "tasks": [task_name(t) for t in m.tasks],
+                "outputs": [output_name(o) for o in m.outputs],
+                "matryoshka_dimensions": list(m.matryoshka_dimensions),
+                "is_default": m.is_default,
+            }
+            for m in models
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    header = ("NAME", "FAMILY", "DIMS", "MAX TOKENS", "OUTPUTS", "TASKS")
+    table = [
+        (
+            m.name + (" (default)" if m.is_default else ""),
+            m.family,
+            str(m.dimensions),
+            str(m.max_tokens),
+            ",".join(output_name(o) for o in m.outputs),
+            ",".join(task_name(t) for t in m.tasks) or "-",
+        )
+        for m in models
+    ]
+    widths = [max(len(row[i]) for row in [header, *table]) for i in range(len(header))]
+    for row in [header, *table]:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+COMMANDS = {"corpus": cmd_corpus, "embed": cmd_embed, "models": cmd_models}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        with make_client(args) as client:
+            return COMMANDS[args.command](client, args)
+    except EmbeddingError as exc:
+        print(f"embedding-client: {exc}", file=sys.stderr)
+        return 1
+    except (CorpusInputError, CorpusOutputError, OSError, ValueError) as exc:
+        print(f"embedding-client: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if args.command == "corpus":
+            print("embedding-client: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
