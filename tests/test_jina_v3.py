@@ -235,6 +235,12 @@ def test_binary_is_packed_sign_bits(stub, refs, model, dimensions):
         assert_binary_matches(binary.binary.bits, binary.binary.dimensions, expected)
 
 
+def test_unknown_task_value_is_refused(stub):
+    error = rpc_error(embed, stub, inputs=["cats"], task=9)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "task" in error.details()
+
+
 def test_outputs_the_model_lacks_are_refused(stub):
     for output in (pb.OUTPUT_TYPE_SPARSE, pb.OUTPUT_TYPE_COLBERT):
         error = rpc_error(embed, stub, inputs=["cats"], outputs=[pb.OUTPUT_TYPE_DENSE, output])

@@ -90,14 +90,17 @@ class ReferenceTokenizer:
 def backbone_states(weights: Backbone, ids: list[int], task: int | None = None) -> np.ndarray:
     """Token states [n,H] of one sequence (float64); ``task`` is the adapter index."""
     ids_array = np.asarray(ids)
-    positions = np.arange(len(ids)) + PAD_ID + 1  # no padding: XLM-R positions 2..n+1
+    # XLM-R position ids: 2..n+1 for real tokens. A "<pad>" typed in the text
+    # becomes id 1 and, as in XLM-R, is treated as padding by the position rule.
+    real = ids_array != PAD_ID
+    positions = np.cumsum(real) * real + PAD_ID
     x = weights.tokens[ids_array].astype(np.float64) + weights.positions[positions]
     if weights.token_types is not None:
         x = x + weights.token_types[0]
     if task is not None:
         assert weights.task_deltas is not None
         x = x + x @ weights.task_deltas[task].astype(np.float64)
-    context = x.mean(axis=0, keepdims=True)  # every token of the sequence is real
+    context = x.sum(axis=0, keepdims=True) / max(int(real.sum()), 1)  # attention mask: all ones
     return np.tanh(x @ weights.w_token + context @ weights.w_context + weights.bias)
 
 
@@ -149,10 +152,11 @@ def late_chunk_spans(document: Encoded, prefix: str, chunks: list[str]) -> list[
     ends = [len(prefix) + sum(len(c) + 1 for c in chunks[:i]) + len(chunks[i]) for i in range(len(chunks))]
     last = len(chunks) - 1
     owners = []
+    final = len(document.ids) - 1
     for t, ((_, end), special) in enumerate(zip(document.offsets, document.special, strict=True)):
-        if special:
+        if special and t in (0, final):
             owners.append(0 if t == 0 else last)  # <s> joins the first span, </s> the last
-        else:
+        else:  # ordinary tokens, and special tokens typed in the text, by their offsets
             owners.append(next((i for i, e in enumerate(ends) if end <= e), last))
     assert owners == sorted(owners), "token owners must not go back"
     spans = []
