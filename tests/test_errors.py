@@ -67,7 +67,7 @@ EMBED_CASES = {
     "late chunking over the window": (
         {"inputs": ["word " * 200, "word " * 200], "late_chunking": True},
         INVALID,
-        "",
+        "inputs: late chunking",
     ),
     "unknown model": ({"inputs": ["a"], "model": "no-such-model"}, grpc.StatusCode.NOT_FOUND, "model"),
 }
