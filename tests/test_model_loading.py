@@ -42,6 +42,7 @@ from tests.support.synthetic import (
 )
 
 TEXT = "The quick brown fox jumps over the lazy dog."
+ST_PROMPTS = {"query": "query: ", "passage": "passage: "}
 
 
 def move_onnx_to_top(directory: Path) -> Path:
@@ -70,6 +71,9 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "st-mean-onnx": make_sentence_transformers(
             root / "st-mean-onnx", pooling="mean", normalize=True, layout="onnx", seed=12
         ),
+        "st-prompts": make_sentence_transformers(
+            root / "st-prompts", pooling="mean", normalize=True, seed=13, prompts=ST_PROMPTS
+        ),
     }
 
 
@@ -81,6 +85,7 @@ FAMILIES = {
     "bge-aapot-top": "bge-m3",
     "st-cls-top": "sentence-transformers",
     "st-mean-onnx": "sentence-transformers",
+    "st-prompts": "sentence-transformers",
 }
 
 
@@ -308,3 +313,20 @@ def test_torch_weights_read_the_real_torch_files():
     state = load_state_dict(BGE_M3_HEADS / "colbert_linear.pt")
     np.testing.assert_array_equal(state["weight"], np.load(BGE_M3_HEADS / "colbert_linear.weight.npy"))
     assert state["weight"].shape == (BGE_M3_HIDDEN, BGE_M3_HIDDEN)
+
+
+def test_sentence_transformers_prompts_map_the_retrieval_tasks(server, dirs):
+    """config_sentence_transformers.json prompts: query/passage for the two retrieval tasks."""
+    models = {m.name: m for m in server.stub().ListModels(pb.ListModelsRequest(), timeout=10).models}
+    assert list(models["st-prompts"].tasks) == [pb.TASK_RETRIEVAL_QUERY, pb.TASK_RETRIEVAL_PASSAGE]
+    ref = SentenceTransformersReference(dirs["st-prompts"])
+    stub = server.stub()
+    vectors = {}
+    for task in (pb.TASK_UNSPECIFIED, pb.TASK_RETRIEVAL_QUERY, pb.TASK_RETRIEVAL_PASSAGE, pb.TASK_SEPARATION):
+        request = pb.EmbedRequest(model="st-prompts", inputs=[TEXT], task=task)
+        vectors[task] = np.array(stub.Embed(request, timeout=30).embeddings[0].dense.values)
+        COSINES.check("loading/st-prompts/dense", vectors[task], ref.dense(TEXT, task=task))
+        tokens = stub.Tokenize(pb.TokenizeRequest(model="st-prompts", inputs=[TEXT], task=task), timeout=10)
+        assert list(tokens.results[0].ids) == ref.tokenizer.ids(ref.prefix(task) + TEXT)
+    assert float(vectors[pb.TASK_RETRIEVAL_QUERY] @ vectors[pb.TASK_RETRIEVAL_PASSAGE]) < 0.999
+    np.testing.assert_allclose(vectors[pb.TASK_SEPARATION], vectors[pb.TASK_UNSPECIFIED], atol=1e-6)

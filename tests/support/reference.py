@@ -215,9 +215,14 @@ class SentenceTransformersReference:
         self.model = model
         self.tokenizer = ReferenceTokenizer(model.path)
 
-    def dense(self, text: str, dimensions: int = 0) -> np.ndarray:
+    def prefix(self, task: int) -> str:
+        """The ``query`` / ``passage`` prompt for the two retrieval tasks, if the model has them."""
+        name = {1: "query", 2: "passage"}.get(task)
+        return (self.model.prompts or {}).get(name, "") if name else ""
+
+    def dense(self, text: str, dimensions: int = 0, task: int = 0) -> np.ndarray:
         """Pooled, normalized only with a Normalize module or with ``dimensions``."""
-        h = backbone_states(self.model.weights, self.tokenizer.ids(text))
+        h = backbone_states(self.model.weights, self.tokenizer.ids(self.prefix(task) + text))
         pooled = h[0] if self.model.pooling == "cls" else h.mean(axis=0)
         if dimensions:
             return normalize(pooled[:dimensions])

@@ -491,12 +491,22 @@ class SentenceTransformersDir:
     weights: Backbone
     pooling: str  # "cls" | "mean"
     normalize: bool
+    prompts: dict[str, str] | None = None
 
 
 def make_sentence_transformers(
-    directory: Path, *, pooling: str = "cls", normalize: bool = False, layout: str = "top", seed: int = 11
+    directory: Path,
+    *,
+    pooling: str = "cls",
+    normalize: bool = False,
+    layout: str = "top",
+    seed: int = 11,
+    prompts: dict[str, str] | None = None,
 ) -> SentenceTransformersDir:
-    """A BERT-like sentence-transformers export: ``token_type_ids`` input, ``last_hidden_state``."""
+    """A BERT-like sentence-transformers export: ``token_type_ids`` input, ``last_hidden_state``.
+
+    ``prompts`` (e.g. ``{"query": "query: "}``) go to config_sentence_transformers.json.
+    """
     weights = make_backbone(ST_HIDDEN, ST_MAX_TOKENS + 2, seed, token_types=True)
     g = GraphBuilder()
     g.op("Identity", g.backbone(weights, token_type_ids="token_type_ids"), name="last_hidden_state")
@@ -532,4 +542,8 @@ def make_sentence_transformers(
             {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
         )
     write_json(directory / "modules.json", modules)
-    return SentenceTransformersDir(directory, weights, pooling, normalize)
+    if prompts is not None:
+        write_json(
+            directory / "config_sentence_transformers.json", {"prompts": prompts, "default_prompt_name": None}
+        )
+    return SentenceTransformersDir(directory, weights, pooling, normalize, prompts)
