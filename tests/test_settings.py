@@ -89,6 +89,11 @@ def test_flags():
     assert parse_settings(["--no-log-json"], {"EMBEDDING_LOG_JSON": "true"}).log_json is False
 
 
+def test_api_keys_are_not_in_the_repr():
+    settings = parse_settings(["--api-key", "s3cret-value"], {})
+    assert "s3cret-value" not in repr(settings)
+
+
 # --- environment variables ------------------------------------------------------------------
 
 
