@@ -25,6 +25,7 @@ from .grpc_api.server import NOT_SERVING, SERVING, build_server, set_health
 from .grpc_api.servicer import EmbeddingServicer
 from .grpc_api.state import Phase, ServingState
 from .metrics import Metrics, MetricsHttpServer, metrics_route
+from .models.files import locate
 from .models.loader import BUILTIN_MODEL, LoadedModel, ModelSpec, load
 from .ports import PortUnavailable, ensure_free, grpc_address
 from .rest.inprocess import InProcessShim
@@ -90,6 +91,17 @@ def tls_files(settings: Settings) -> TlsFiles | None:
         raise StartupError(str(exc)) from None
 
 
+def check_model_paths(settings: Settings) -> None:
+    """The quick checks of every --model (directory, ONNX file, tokenizer) before any port opens."""
+    try:
+        for text in settings.models:
+            spec = ModelSpec.parse(text)
+            if spec.path is not None:
+                locate(spec.path)
+    except (ModelLoadError, ValueError) as exc:
+        raise StartupError(str(exc)) from None
+
+
 def check_ports(settings: Settings) -> None:
     """Every port this process will listen on, tried before anything binds or loads."""
     ports = [
@@ -142,6 +154,7 @@ class EmbeddingApp:
     async def start(self) -> None:
         """Bind, then load and warm up; raises StartupError with a one-line reason."""
         await set_health(self.health, NOT_SERVING)
+        check_model_paths(self.settings)
         check_ports(self.settings)
         address = grpc_address(self.settings.host, self.settings.port)
         try:

@@ -64,6 +64,9 @@ def _port(text: str) -> int:
     return value
 
 
+_port.__name__ = "port"  # argparse says "invalid port value: 'http'"
+
+
 class _OneLineParser(argparse.ArgumentParser):
     """A bad flag value is one line on stderr (no usage dump) and exit status 2."""
 
