@@ -74,6 +74,14 @@ def dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
         "st-prompts": make_sentence_transformers(
             root / "st-prompts", pooling="mean", normalize=True, seed=13, prompts=ST_PROMPTS
         ),
+        "st-default-prompt": make_sentence_transformers(
+            root / "st-default-prompt",
+            pooling="mean",
+            normalize=True,
+            seed=13,
+            prompts=ST_PROMPTS,
+            default_prompt_name="query",
+        ),
     }
 
 
@@ -86,6 +94,7 @@ FAMILIES = {
     "st-cls-top": "sentence-transformers",
     "st-mean-onnx": "sentence-transformers",
     "st-prompts": "sentence-transformers",
+    "st-default-prompt": "sentence-transformers",
 }
 
 
@@ -330,3 +339,25 @@ def test_sentence_transformers_prompts_map_the_retrieval_tasks(server, dirs):
         assert list(tokens.results[0].ids) == ref.tokenizer.ids(ref.prefix(task) + TEXT)
     assert float(vectors[pb.TASK_RETRIEVAL_QUERY] @ vectors[pb.TASK_RETRIEVAL_PASSAGE]) < 0.999
     np.testing.assert_allclose(vectors[pb.TASK_SEPARATION], vectors[pb.TASK_UNSPECIFIED], atol=1e-6)
+
+
+def test_sentence_transformers_default_prompt_applies_without_a_task(server, dirs):
+    """default_prompt_name: sentence-transformers prepends that prompt when no task is asked for."""
+    ref = SentenceTransformersReference(dirs["st-default-prompt"])
+    stub = server.stub()
+    tokens = stub.Tokenize(pb.TokenizeRequest(model="st-default-prompt", inputs=[TEXT]), timeout=10)
+    assert list(tokens.results[0].ids) == ref.tokenizer.ids(ST_PROMPTS["query"] + TEXT)
+    unspecified = stub.Embed(pb.EmbedRequest(model="st-default-prompt", inputs=[TEXT]), timeout=30)
+    passage = stub.Embed(
+        pb.EmbedRequest(model="st-default-prompt", inputs=[TEXT], task=pb.TASK_RETRIEVAL_PASSAGE), timeout=30
+    )
+    COSINES.check(
+        "loading/st-default-prompt/dense",
+        np.array(unspecified.embeddings[0].dense.values),
+        ref.dense(TEXT, task=pb.TASK_RETRIEVAL_QUERY),
+    )
+    COSINES.check(
+        "loading/st-default-prompt/dense",
+        np.array(passage.embeddings[0].dense.values),
+        ref.dense(TEXT, task=pb.TASK_RETRIEVAL_PASSAGE),
+    )

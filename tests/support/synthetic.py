@@ -502,6 +502,7 @@ def make_sentence_transformers(
     layout: str = "top",
     seed: int = 11,
     prompts: dict[str, str] | None = None,
+    default_prompt_name: str | None = None,
 ) -> SentenceTransformersDir:
     """A BERT-like sentence-transformers export: ``token_type_ids`` input, ``last_hidden_state``.
 
@@ -544,6 +545,7 @@ def make_sentence_transformers(
     write_json(directory / "modules.json", modules)
     if prompts is not None:
         write_json(
-            directory / "config_sentence_transformers.json", {"prompts": prompts, "default_prompt_name": None}
+            directory / "config_sentence_transformers.json",
+            {"prompts": prompts, "default_prompt_name": default_prompt_name},
         )
     return SentenceTransformersDir(directory, weights, pooling, normalize, prompts)
