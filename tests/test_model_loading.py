@@ -361,3 +361,15 @@ def test_sentence_transformers_default_prompt_applies_without_a_task(server, dir
         np.array(passage.embeddings[0].dense.values),
         ref.dense(TEXT, task=pb.TASK_RETRIEVAL_PASSAGE),
     )
+
+
+def test_late_chunks_are_normalized_even_without_a_normalize_module(server):
+    """models.md: each chunk vector is normalize(mean of its span), whatever the model's own rule."""
+    stub = server.stub()
+    plain = stub.Embed(pb.EmbedRequest(model="st-cls-top", inputs=[TEXT]), timeout=30)
+    assert abs(np.linalg.norm(plain.embeddings[0].dense.values) - 1) > 1e-3  # no Normalize module
+    chunks = stub.Embed(
+        pb.EmbedRequest(model="st-cls-top", inputs=[TEXT, TEXT], late_chunking=True), timeout=30
+    )
+    norms = [np.linalg.norm(e.dense.values) for e in chunks.embeddings]
+    np.testing.assert_allclose(norms, 1.0, atol=1e-5)

@@ -253,7 +253,9 @@ class ModelBatcher:
         vectors = self.model.postprocess(outputs, padded.input_ids, padded.attention_mask, rows)
         for result, row in zip(vectors, rows, strict=True):
             if result.dense is not None:
-                result.dense = truncate_and_normalize(result.dense, row.dimensions, self.model.normalizes)
+                # Late-chunked vectors are always normalized (models.md), whatever the model's own rule.
+                normalize = self.model.normalizes or row.spans is not None
+                result.dense = truncate_and_normalize(result.dense, row.dimensions, normalize)
         return vectors
 
     def _record(self, batch: list[WorkItem], padded: PaddedBatch, seconds: float) -> None:
