@@ -48,7 +48,7 @@ def build_server(
             ("grpc.max_send_message_length", -1),
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_recv_ping_interval_without_data_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),  # accept 10 s client keepalives
         ],
     )
     server.add_generic_rpc_handlers([embedding_handler(servicer)])
