@@ -155,3 +155,25 @@ def test_probe_answers_serving_on_a_healthy_server(default_server):
     checked = probe(default_server)
     assert checked.returncode == 0, checked
     assert checked.stdout.strip() == f"{default_server.target}: SERVING"
+
+
+def test_a_second_signal_stops_waiting():
+    """An operator's second Ctrl-C (or SIGTERM) cancels the drain instead of waiting out the grace."""
+    server = start_server("--max-batch-size", "1", "--grace-period", "120", rest=True)
+    try:
+        count = max(16, int(8.0 / seconds_per_input(server)))
+        long_call = LongCall(server, count).start()
+        wait_in_flight(server)
+        server.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while server.health() != NOT_SERVING and time.monotonic() < deadline:
+            time.sleep(0.005)
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0
+        assert time.monotonic() - started < 6.0
+        long_call.join(timeout=30)
+    finally:
+        server.stop()
+    assert long_call.error is not None
+    assert "second stop signal" in server.log()
