@@ -253,3 +253,11 @@ def test_openapi_document(http):
     request = document["components"]["schemas"]["EmbeddingsRequest"]
     assert set(request["properties"]) == set(schema.FIELDS)
     assert {"/v1/embeddings", "/embeddings", "/v1/models", "/health"} <= set(document["paths"])
+
+
+def test_rest_calls_are_counted_in_metrics(http):
+    http.post("/v1/embeddings", json={"input": "counted"})
+    http.post("/v1/embeddings", json={"input": "a", "model": "nope"})
+    text = http.get("/metrics").text
+    assert 'embedding_requests_total{code="200",method="POST /v1/embeddings"}' in text
+    assert 'embedding_requests_total{code="404",method="POST /v1/embeddings"}' in text

@@ -166,7 +166,11 @@ class EmbeddingApp:
             raise StartupError(f"--port: cannot listen on {address} (in use or not allowed)") from exc
         if self.settings.rest_port:  # adds the shim's private Unix-socket port: before server.start()
             self.rest = InProcessShim(
-                self.settings, self.server, self.state, routes=[metrics_route(self.metrics, self.api_keys)]
+                self.settings,
+                self.server,
+                self.state,
+                routes=[metrics_route(self.metrics, self.api_keys)],
+                observe=self.metrics.observe_call,
             )
         await self.server.start()
         if self.rest:

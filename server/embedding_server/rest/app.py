@@ -14,7 +14,8 @@ translate back. The shim keeps no state besides the channel.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import time
+from collections.abc import Awaitable, Callable, Sequence
 
 import orjson
 from starlette.applications import Starlette
@@ -31,6 +32,10 @@ from .upstream import Upstream
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+#: ``observe(method, code, seconds)`` per REST call, e.g. ``Metrics.observe_call``.
+Observer = Callable[[str, str, float], None]
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 class JSONResponse(Response):
@@ -135,20 +140,37 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
     )
 
 
+def _observed(method: str, endpoint: Endpoint, observe: Observer | None) -> Endpoint:
+    """``endpoint``, reporting (method, HTTP status, seconds) of each call when ``observe`` is set."""
+    if observe is None:
+        return endpoint
+
+    async def run(request: Request) -> Response:
+        started = time.perf_counter()
+        response = await endpoint(request)
+        observe(method, str(response.status_code), time.perf_counter() - started)
+        return response
+
+    return run
+
+
 def build_app(
     upstream: Upstream,
     api_keys: ApiKeys | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     routes: Sequence[BaseRoute] = (),
+    observe: Observer | None = None,
 ) -> Starlette:
-    """The ASGI app; ``routes`` adds more (e.g. the server's ``/metrics``)."""
+    """The ASGI app; ``routes`` adds more (e.g. the server's ``/metrics``), ``observe`` counts calls."""
     handlers = Handlers(upstream, api_keys or ApiKeys(()), max_body_bytes)
+    embeddings = _observed("POST /v1/embeddings", handlers.embeddings, observe)
+    models = _observed("GET /v1/models", handlers.models, observe)
     return Starlette(
         routes=[
-            Route("/v1/embeddings", handlers.embeddings, methods=["POST"]),
-            Route("/embeddings", handlers.embeddings, methods=["POST"]),
-            Route("/v1/models", handlers.models, methods=["GET"]),
-            Route("/models", handlers.models, methods=["GET"]),
+            Route("/v1/embeddings", embeddings, methods=["POST"]),
+            Route("/embeddings", embeddings, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/models", models, methods=["GET"]),
             Route("/health", handlers.health, methods=["GET"]),
             Route("/openapi.json", handlers.openapi_json, methods=["GET"]),
             *routes,

@@ -26,7 +26,7 @@ from starlette.routing import BaseRoute
 from ..auth import ApiKeys
 from ..grpc_api.state import ServingState
 from ..settings import Settings
-from .app import build_app
+from .app import Observer, build_app
 from .serving import RestServer, TlsFiles, bind
 from .upstream import Upstream
 
@@ -48,10 +48,12 @@ class InProcessShim:
         grpc_server: grpc.aio.Server,
         state: ServingState,
         routes: Sequence[BaseRoute] = (),
+        observe: Observer | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
         self.routes = routes
+        self.observe = observe
         self._dir = Path(tempfile.mkdtemp(prefix="embedding-rest-"))  # mode 0700: this user only
         self.grpc_target = f"unix:{self._dir / 'grpc.sock'}"
         grpc_server.add_insecure_port(self.grpc_target)
@@ -79,6 +81,7 @@ class InProcessShim:
             api_keys,
             max_body_bytes=int(settings.rest_max_body_mb * 1024 * 1024),
             routes=self.routes,
+            observe=self.observe,
         )
         tls = (
             TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
