@@ -10,7 +10,7 @@ the same ``CallContext``, so a StreamEmbed call sums the time of its requests.
 from __future__ import annotations
 
 import contextvars
-import uuid
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ REQUEST_ID_MAX = 128
 
 
 def new_request_id() -> str:
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 128 random bits, like a uuid4, at a fraction of the cost
 
 
 def clean_request_id(offered: str | None) -> str:
@@ -59,6 +59,15 @@ def record_engine_time(queue_seconds: float, inference_seconds: float) -> None:
     call = _current.get()
     if call is not None:
         call.add_engine_time(queue_seconds, inference_seconds)
+
+
+def enter_call(call: CallContext) -> contextvars.Token[CallContext | None]:
+    """Make ``call`` current; give the token to ``leave_call`` (the interceptor's fast path)."""
+    return _current.set(call)
+
+
+def leave_call(token: contextvars.Token[CallContext | None]) -> None:
+    _current.reset(token)
 
 
 @contextmanager

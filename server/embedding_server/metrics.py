@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -124,12 +124,21 @@ class Metrics:
             "embedding_model_load_seconds", "Time to load a model at start.", ["model"], registry=r
         )
         self.serving = Gauge("embedding_serving", "1 while the server is SERVING, else 0.", registry=r)
+        self._request_children: dict[tuple[str, str], Any] = {}
+        self._latency_children: dict[str, Any] = {}
 
     # --- the API layers ----------------------------------------------------------------
 
     def observe_call(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.request_seconds.labels(method).observe(seconds)
+        # labels() validates and locks on every call; the children are cached instead.
+        counter = self._request_children.get((method, code))
+        if counter is None:
+            counter = self._request_children[(method, code)] = self.requests.labels(method, code)
+        histogram = self._latency_children.get(method)
+        if histogram is None:
+            histogram = self._latency_children[method] = self.request_seconds.labels(method)
+        counter.inc()
+        histogram.observe(seconds)
 
     def watch_in_flight(self, count: Callable[[], int]) -> None:
         self.in_flight.set_function(count)
@@ -150,7 +159,7 @@ class Metrics:
     def watch_queues(self, embedder: Embedder) -> None:
         """Queue depth is read from each batcher when Prometheus scrapes."""
         for name, batcher in embedder.batchers.items():
-            self.queue_depth.labels(name).set_function(lambda b=batcher: b.queue_depth)
+            self.queue_depth.labels(name).set_function(lambda b=batcher: _read_depth(b))
 
     def model_loaded(self, model: str, seconds: float) -> None:
         self.model_load_seconds.labels(model).set(seconds)
@@ -159,6 +168,17 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _read_depth(batcher: object) -> float:
+    """The batcher's queue depth, read from the --metrics-port thread while the event loop may be
+    adding a queue (a dict changing size mid-iteration): retry rather than fail the scrape."""
+    for _ in range(5):
+        try:
+            return float(batcher.queue_depth)  # type: ignore[attr-defined]
+        except RuntimeError:
+            continue
+    return float("nan")
 
 
 def metrics_route(metrics: Metrics, api_keys: ApiKeys) -> Route:
