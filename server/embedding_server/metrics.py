@@ -3,8 +3,8 @@
 Names (the operators' dashboards and alerts are written against them):
 
 - ``embedding_requests_total{method,code}``: calls by gRPC method (``Embed``...)
-  and status code name (``OK``, ``INVALID_ARGUMENT``...); REST calls as
-  ``method="POST /v1/embeddings"`` and the HTTP status as ``code``.
+  and status code name (``OK``, ``INVALID_ARGUMENT``...). The REST shim calls
+  the server over gRPC, so its calls are counted here under their gRPC method.
 - ``embedding_request_seconds{method}``: whole-call latency.
 - ``embedding_queue_seconds{model}``: per embedding job, the wait until a
   session first took its work (admission queue + batching).

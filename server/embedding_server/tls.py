@@ -1,4 +1,4 @@
-"""TLS for every listener: gRPC, the REST shim and the metrics port, from one set of PEM files.
+"""TLS for the gRPC port and the metrics port (the REST shim reads the same flags), from PEM files.
 
 ``--tls-cert`` / ``--tls-key`` turn TLS on; ``--tls-client-ca`` also requires
 client certificates signed by that CA (mTLS). The files are read and checked
@@ -12,7 +12,6 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
 
@@ -86,14 +85,3 @@ def grpc_credentials(files: TlsFiles) -> grpc.ServerCredentials:
         root_certificates=files.client_ca,
         require_client_auth=files.mutual,
     )
-
-
-def uvicorn_options(files: TlsFiles | None) -> dict[str, Any]:
-    """Keyword arguments for ``uvicorn.Config`` that serve the same certificate (and mTLS)."""
-    if files is None:
-        return {}
-    options: dict[str, Any] = {"ssl_certfile": files.cert_path, "ssl_keyfile": files.key_path}
-    if files.client_ca_path:
-        options["ssl_ca_certs"] = files.client_ca_path
-        options["ssl_cert_reqs"] = ssl.CERT_REQUIRED
-    return options
