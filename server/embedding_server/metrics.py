@@ -3,8 +3,10 @@
 Names (the operators' dashboards and alerts are written against them):
 
 - ``embedding_requests_total{method,code}``: calls by gRPC method (``Embed``...)
-  and status code name (``OK``, ``INVALID_ARGUMENT``...). The REST shim calls
-  the server over gRPC, so its calls are counted here under their gRPC method.
+  and status code name (``OK``, ``INVALID_ARGUMENT``...); REST calls as
+  ``method="POST /v1/embeddings"`` with the HTTP status as ``code``. The shim
+  calls the server over gRPC, so a REST call also counts once under the gRPC
+  method it made (sum by ``method`` with that in mind).
 - ``embedding_request_seconds{method}``: whole-call latency.
 - ``embedding_queue_seconds{model}``: per embedding job, the wait until a
   session first took its work (admission queue + batching).
