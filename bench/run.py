@@ -113,11 +113,9 @@ async def drive(target: str, texts: list[str], concurrency: int, per_request: in
 
 
 def padding_efficiency(before: str, after: str) -> float:
-    real = metric_sum(after, "embedding_batch_real_tokens_total") - metric_sum(
-        before, "embedding_batch_real_tokens_total"
-    )
-    padded = metric_sum(after, "embedding_batch_padded_tokens_total") - metric_sum(
-        before, "embedding_batch_padded_tokens_total"
+    real = metric_sum(after, "embedding_tokens_total") - metric_sum(before, "embedding_tokens_total")
+    padded = metric_sum(after, "embedding_padded_tokens_total") - metric_sum(
+        before, "embedding_padded_tokens_total"
     )
     return real / padded if padded else float("nan")
 
