@@ -19,6 +19,7 @@ open (probes carry no keys); reflection is open unless ``--auth-reflection``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import time
@@ -257,9 +258,12 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 if log.isEnabledFor(level):
                     log.log(level, "%s %s %.1fms", method, code, seconds * 1000)
         finally:
-            leave_call(token)
             if not quiet:
                 self.in_flight.leave()
+            # A cancelled stream's generator is closed from another Context, where reset() refuses
+            # the token; the count above must drop anyway, or shutdown waits out its grace period.
+            with contextlib.suppress(ValueError):
+                leave_call(token)
 
 
 def _send_trailers(context: grpc.aio.ServicerContext, call: CallContext, started: float) -> None:
