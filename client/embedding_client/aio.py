@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from .channel import ChannelSettings, aio_channel, join_metadata
-from .client import DEFAULT_TARGET, DEFAULT_TIMEOUT, DEFAULT_WINDOW
+from .client import DEFAULT_ROTATE_AFTER, DEFAULT_TARGET, DEFAULT_TIMEOUT, DEFAULT_WINDOW
 from .enums import OutputLike, TaskLike, parse_task
 from .errors import EmbeddingError, from_rpc_error
 from .proto import embedding_pb2 as pb
@@ -173,6 +173,7 @@ class AsyncEmbeddingClient:
         max_ahead: int | None = None,
         on_error: OnError = "raise",
         metadata: Sequence[tuple[str, str]] | None = None,
+        rotate_after: float | None = DEFAULT_ROTATE_AFTER,
     ) -> AsyncStreamRun:
         """``async for`` the result: one :class:`Embeddings` per request, in input order.
 
@@ -201,6 +202,7 @@ class AsyncEmbeddingClient:
             metadata=join_metadata(self._metadata, metadata),
             retry=self.stream_retry,
             on_error=on_error,
+            rotate_after=rotate_after,
         )
 
     async def embed_stream(
@@ -215,6 +217,7 @@ class AsyncEmbeddingClient:
         batch_size: int | None = None,
         window: int = DEFAULT_WINDOW,
         streams: int = 1,
+        rotate_after: float | None = DEFAULT_ROTATE_AFTER,
     ) -> AsyncIterator[Embedding]:
         """One :class:`Embedding` per input, in input order."""
         run = self.embed_stream_batches(
@@ -227,6 +230,7 @@ class AsyncEmbeddingClient:
             batch_size=batch_size,
             window=window,
             streams=streams,
+            rotate_after=rotate_after,
         )
         async with run:
             async for result in run:

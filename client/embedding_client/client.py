@@ -31,6 +31,7 @@ from .stream_sync import OnError, StreamRun
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_WINDOW = 8
+DEFAULT_ROTATE_AFTER = 10.0
 
 
 class EmbeddingClient:
@@ -212,6 +213,7 @@ class EmbeddingClient:
         max_ahead: int | None = None,
         on_error: OnError = "raise",
         metadata: Sequence[tuple[str, str]] | None = None,
+        rotate_after: float | None = DEFAULT_ROTATE_AFTER,
     ) -> StreamRun:
         """Embed any iterable through StreamEmbed; iterate the result for one :class:`Embeddings` per request.
 
@@ -220,7 +222,9 @@ class EmbeddingClient:
         (default ``2 * window * streams``) between the oldest unfinished and
         the newest pulled: memory stays bounded for any input length.
         ``streams`` calls run side by side (use one per replica to spread a
-        corpus over them). A broken stream is re-established and only its
+        corpus over them); with several, each call is replaced by a fresh one
+        after ``rotate_after`` seconds so round_robin keeps them spread over
+        the live replicas (None: never). A broken stream is re-established and only its
         unanswered requests are re-sent. A failed request raises at its
         position (``on_error="raise"``) or comes back with ``.error`` set
         (``"yield"``). With ``late_chunking`` every item is one document: a
@@ -242,6 +246,7 @@ class EmbeddingClient:
             metadata=join_metadata(self._metadata, metadata),
             retry=self.stream_retry,
             on_error=on_error,
+            rotate_after=rotate_after,
         )
 
     def embed_stream(
@@ -256,6 +261,7 @@ class EmbeddingClient:
         batch_size: int | None = None,
         window: int = DEFAULT_WINDOW,
         streams: int = 1,
+        rotate_after: float | None = DEFAULT_ROTATE_AFTER,
     ) -> Iterator[Embedding]:
         """One :class:`Embedding` per input, in input order, for an iterable of any length.
 
@@ -271,6 +277,7 @@ class EmbeddingClient:
             batch_size=batch_size,
             window=window,
             streams=streams,
+            rotate_after=rotate_after,
         )
         with run:
             for result in run:

@@ -57,13 +57,24 @@ class Action:
 
 
 @dataclass
+class CallState:
+    """What the task or thread reading a call reports to its stream slot."""
+
+    finished: bool = False
+    detached: bool = False  # the slot moved on to a new call; the reader handles the end
+    error: BaseException | None = None
+    requeued: int = 0
+
+
+@dataclass
 class StreamStats:
     """Counters for callers, tests and progress displays."""
 
     requests_sent: int = 0
     requests_resent: int = 0
     attempts: int = 0
-    broken_attempts: int = 0
+    broken_attempts: int = 0  # calls that ended with requests unanswered
+    rotations: int = 0  # calls closed on purpose after ``rotate_after`` seconds
     peak_ahead: int = 0  # most batches between handed-out and pulled, ever
     peak_outstanding: int = 0  # most batches sent and unanswered on all attempts together
     inputs_pulled: int = 0
@@ -73,6 +84,7 @@ class StreamStats:
 class Ledger:
     window: int
     max_ahead: int
+    rotate_after: float | None = None
     clock: Callable[[], float] = time.monotonic
     stats: StreamStats = field(default_factory=StreamStats)
 
@@ -89,6 +101,8 @@ class Ledger:
         self.failure: BaseException | None = None
         self.outstanding: dict[int, int] = {}  # attempt -> batches sent and unanswered
         self.sending: set[int] = set()  # attempts that still take new sends
+        self.rotated: set[int] = set()  # attempts that stopped sending because of their age
+        self.opened_at: dict[int, float] = {}
         self.failing_since: float | None = None
         self._attempt_ids = itertools.count()
         self._inputs = 0
@@ -99,6 +113,7 @@ class Ledger:
         attempt = next(self._attempt_ids)
         self.outstanding[attempt] = 0
         self.sending.add(attempt)
+        self.opened_at[attempt] = self.clock()
         self.stats.attempts += 1
         return attempt
 
@@ -109,7 +124,9 @@ class Ledger:
     def end_attempt(self, attempt: int) -> int:
         """The attempt's call is over: its unanswered batches go back to the send queue."""
         self.sending.discard(attempt)
+        self.rotated.discard(attempt)
         self.outstanding.pop(attempt, None)
+        self.opened_at.pop(attempt, None)
         requeued = 0
         for batch in self.pending.values():
             if batch.attempt == attempt:
@@ -125,9 +142,16 @@ class Ledger:
     def next_action(self, attempt: int) -> Action:
         if self.failure is not None or attempt not in self.sending:
             return Action(Step.END)
+        now = self.clock()
+        if self.rotate_after is not None and now - self.opened_at[attempt] > self.rotate_after:
+            # Long-lived calls stay on one replica; a fresh call lets round_robin rebalance
+            # (replicas that started late, came back, or were added).
+            self.sending.discard(attempt)
+            self.rotated.add(attempt)
+            self.stats.rotations += 1
+            return Action(Step.END)
         if self.outstanding[attempt] >= self.window:
             return Action(Step.WAIT)
-        now = self.clock()
         delay = None
         while self.unsent:
             seq = self.unsent[0][0]

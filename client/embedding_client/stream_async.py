@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 
 from .errors import EmbeddingError, UnavailableError, error_for, from_rpc_error, from_status
-from .ledger import Batch, Ledger, Step, StreamStats
+from .ledger import Batch, CallState, Ledger, Step, StreamStats
 from .proto import embedding_pb2_grpc
 from .requests import EmbedOptions
 from .results import Embeddings, decode_embeddings
@@ -37,6 +37,7 @@ class AsyncStreamRun:
         metadata: tuple[tuple[str, str], ...],
         retry: StreamRetry,
         on_error: OnError = "raise",
+        rotate_after: float | None = None,
     ) -> None:
         if streams < 1:
             raise ValueError(f"streams: must be >= 1, got {streams}")
@@ -47,10 +48,15 @@ class AsyncStreamRun:
         self._retry = retry
         self._on_error = on_error
         self._streams = streams
-        self.ledger = Ledger(window=window, max_ahead=max_ahead or 2 * window * streams)
+        self.ledger = Ledger(
+            window=window,
+            max_ahead=max_ahead or 2 * window * streams,
+            rotate_after=rotate_after if streams > 1 else None,
+        )
         self._changed = asyncio.Condition()
         self._input_lock = asyncio.Lock()
         self._workers: list[asyncio.Task[None]] = []
+        self._readers: set[asyncio.Future[None]] = set()
         self._closing = False
         self._started = False
 
@@ -86,9 +92,10 @@ class AsyncStreamRun:
     async def aclose(self) -> None:
         self._closing = True
         self.ledger.fail(error_for(grpc.StatusCode.CANCELLED, "stream closed by the caller"))
-        for worker in self._workers:
-            worker.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        tasks = [*self._workers, *self._readers]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def __aenter__(self) -> AsyncStreamRun:
         return self
@@ -110,9 +117,10 @@ class AsyncStreamRun:
         async with self._changed:
             self._changed.notify_all()
 
-    # --- one stream -----------------------------------------------------------
+    # --- one stream slot ----------------------------------------------------
 
     async def _worker(self) -> None:
+        """Keeps one call sending; see ``stream_sync.StreamRun._worker``."""
         failures = 0
         while True:
             async with self._changed:
@@ -120,52 +128,69 @@ class AsyncStreamRun:
                 if self._closing or self._over():
                     return
                 attempt = self.ledger.open_attempt()
-            error = await self._run_attempt(attempt)
+            state = CallState()
+            reader = asyncio.ensure_future(self._run_call(attempt, state))
+            self._readers = {r for r in self._readers if not r.done()} | {reader}
             async with self._changed:
-                requeued = self.ledger.end_attempt(attempt)
-                self._changed.notify_all()
+                await self._changed.wait_for(
+                    lambda: state.finished or self._closing or attempt not in self.ledger.sending  # noqa: B023
+                )
                 if self._closing or self.ledger.failure is not None:
                     return
-                if error is None and not requeued:
+                if not state.finished:
+                    state.detached = True
+                    if attempt in self.ledger.rotated:
+                        continue
+                    delay = self._retry.delay(failures)
+                    failures += 1
+                elif state.error is None and not state.requeued:
                     failures = 0
                     continue
-                if error is not None and not stream_error_is_retryable(error.code, error.message):
-                    self.ledger.fail(error)
-                    self._changed.notify_all()
-                    return
-                failing_for = self.ledger.note_failure()
-                if failing_for > self._retry.timeout:
-                    cause = error or UnavailableError("stream ended with requests unanswered")
-                    self.ledger.fail(
-                        error_for(
-                            cause.code,
-                            f"gave up after {failing_for:.0f}s of failed attempts: {cause.message}",
-                        )
-                    )
-                    self._changed.notify_all()
-                    return
-            await asyncio.sleep(self._retry.delay(failures))
-            failures += 1
+                else:
+                    if not self._may_retry(state.error):
+                        return
+                    delay = self._retry.delay(failures)
+                    failures += 1
+            await asyncio.sleep(delay)
 
-    async def _run_attempt(self, attempt: int) -> EmbeddingError | None:
+    def _may_retry(self, error: EmbeddingError | None) -> bool:
+        if error is not None and not stream_error_is_retryable(error.code, error.message):
+            self.ledger.fail(error)
+            return False
+        failing_for = self.ledger.note_failure()
+        if failing_for > self._retry.timeout:
+            cause = error or UnavailableError("stream ended with requests unanswered")
+            message = f"gave up after {failing_for:.0f}s of failed attempts: {cause.message}"
+            self.ledger.fail(error_for(cause.code, message))
+            return False
+        return True
+
+    async def _run_call(self, attempt: int, state: CallState) -> None:
+        """One call from start to end: a writer task sends, this task reads."""
         call = self._stub.StreamEmbed(metadata=self._metadata)
         writer = asyncio.ensure_future(self._write(call, attempt))
+        error = None
         try:
             while True:
                 reply = await call.read()
                 if reply is grpc.aio.EOF:
                     break
                 await self._on_reply(attempt, reply)
-            await writer  # surfaces an error of the input iterator
-            return None
+            await writer
         except grpc.RpcError as exc:
-            return from_rpc_error(exc)
+            error = from_rpc_error(exc)
         finally:
             if not writer.done():
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
             if not call.done():
                 call.cancel()
+            state.requeued = self.ledger.end_attempt(attempt)
+            state.error = error
+            state.finished = True
+            if state.detached and (error is not None or state.requeued) and not self._closing:
+                self._may_retry(error)
+            await self._notify()
 
     async def _on_reply(self, attempt: int, reply: Any) -> None:
         batch = self.ledger.lookup(attempt, reply.request_id)

@@ -1,11 +1,13 @@
 """StreamEmbed with threads: ``streams`` concurrent calls fed from one input, results in order.
 
-One worker thread per stream runs a call, reads its replies and, when the
-call breaks, re-establishes it after a backoff; grpc pulls each call's
-requests from a generator (in grpc's own thread) that takes resends first,
-then new batches from the shared input, as the ledger allows. The caller's
-thread only waits for the next result in sequence. With ``round_robin`` each
-new call goes to a ready replica, so a dead replica's work moves to the others.
+Each stream slot has a worker thread that keeps one call sending and opens
+the next one when the call breaks (after a backoff), when its server drains,
+or when it reaches ``rotate_after`` seconds (so that ``round_robin`` can move
+it to another replica). Each call's replies are read by a thread of its own,
+which lets a retiring call finish its tail while its successor already sends.
+grpc pulls a call's requests from a generator (in grpc's own thread) that
+takes resends first, then new batches from the shared input, as the ledger
+allows. The caller's thread only waits for the next result in sequence.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Literal
 import grpc
 
 from .errors import EmbeddingError, UnavailableError, error_for, from_rpc_error, from_status
-from .ledger import Batch, Ledger, Step, StreamStats
+from .ledger import Batch, CallState, Ledger, Step, StreamStats
 from .proto import embedding_pb2_grpc
 from .requests import EmbedOptions
 from .results import Embeddings, decode_embeddings
@@ -45,6 +47,7 @@ class StreamRun:
         metadata: tuple[tuple[str, str], ...],
         retry: StreamRetry,
         on_error: OnError = "raise",
+        rotate_after: float | None = None,
     ) -> None:
         if streams < 1:
             raise ValueError(f"streams: must be >= 1, got {streams}")
@@ -55,11 +58,16 @@ class StreamRun:
         self._retry = retry
         self._on_error = on_error
         self._streams = streams
-        self.ledger = Ledger(window=window, max_ahead=max_ahead or 2 * window * streams)
+        self.ledger = Ledger(
+            window=window,
+            max_ahead=max_ahead or 2 * window * streams,
+            rotate_after=rotate_after if streams > 1 else None,
+        )
         self._cond = threading.Condition()
         self._input_lock = threading.Lock()
         self._calls: set[grpc.Future] = set()
         self._threads: list[threading.Thread] = []
+        self._readers: list[threading.Thread] = []
         self._closing = False
         self._started = False
 
@@ -100,7 +108,7 @@ class StreamRun:
             self._cond.notify_all()
         for call in calls:
             call.cancel()
-        for thread in self._threads:
+        for thread in [*self._threads, *self._readers]:
             if thread is not threading.current_thread():
                 thread.join(timeout=10)
 
@@ -119,9 +127,14 @@ class StreamRun:
             self._threads.append(thread)
             thread.start()
 
-    # --- one stream -----------------------------------------------------------
+    # --- one stream slot ----------------------------------------------------
 
     def _worker(self) -> None:
+        """Keeps one call sending: opens it, and opens the next when it breaks, drains or rotates.
+
+        A call that stops sending (rotated, or its server is draining) is left
+        to its reader thread to finish, so the next call overlaps its tail.
+        """
         failures = 0
         while True:
             with self._cond:
@@ -130,51 +143,75 @@ class StreamRun:
                 if self._closing or self._over():
                     return
                 attempt = self.ledger.open_attempt()
-            error = self._run_attempt(attempt)
+            state = self._start_call(attempt)
             with self._cond:
-                requeued = self.ledger.end_attempt(attempt)
-                self._cond.notify_all()
+                while not (state.finished or self._closing or attempt not in self.ledger.sending):
+                    self._cond.wait()
                 if self._closing or self.ledger.failure is not None:
                     return
-                if error is None and not requeued:
+                if not state.finished:
+                    state.detached = True  # its reader finishes it; a new call starts now
+                    if attempt in self.ledger.rotated:
+                        continue
+                    delay = self._retry.delay(failures)  # draining: give health checks time to see it
+                    failures += 1
+                elif state.error is None and not state.requeued:
                     failures = 0
                     continue
-                if error is not None and not stream_error_is_retryable(error.code, error.message):
-                    self.ledger.fail(error)
-                    self._cond.notify_all()
-                    return
-                failing_for = self.ledger.note_failure()
-                if failing_for > self._retry.timeout:
-                    cause = error or UnavailableError("stream ended with requests unanswered")
-                    self.ledger.fail(
-                        error_for(
-                            cause.code,
-                            f"gave up after {failing_for:.0f}s of failed attempts: {cause.message}",
-                        )
-                    )
-                    self._cond.notify_all()
-                    return
-                wake = time.monotonic() + self._retry.delay(failures)
-                failures += 1
+                else:
+                    if not self._may_retry(state.error):
+                        return
+                    delay = self._retry.delay(failures)
+                    failures += 1
+                wake = time.monotonic() + delay
                 while not self._closing and (left := wake - time.monotonic()) > 0:
                     self._cond.wait(left)
 
-    def _run_attempt(self, attempt: int) -> EmbeddingError | None:
-        """Run one call to its end; the error that ended it, or None if it ended cleanly."""
+    def _may_retry(self, error: EmbeddingError | None) -> bool:
+        """Whether a broken call may be re-established; else the run fails. Call with the lock held."""
+        if error is not None and not stream_error_is_retryable(error.code, error.message):
+            self.ledger.fail(error)
+            self._cond.notify_all()
+            return False
+        failing_for = self.ledger.note_failure()
+        if failing_for > self._retry.timeout:
+            cause = error or UnavailableError("stream ended with requests unanswered")
+            message = f"gave up after {failing_for:.0f}s of failed attempts: {cause.message}"
+            self.ledger.fail(error_for(cause.code, message))
+            self._cond.notify_all()
+            return False
+        return True
+
+    def _start_call(self, attempt: int) -> CallState:
         call = self._stub.StreamEmbed(self._requests(attempt), metadata=self._metadata)
+        state = CallState()
         with self._cond:
             if self._closing:
                 call.cancel()
             self._calls.add(call)
+        reader = threading.Thread(target=self._read, args=(attempt, call, state), daemon=True)
+        with self._cond:
+            self._readers = [t for t in self._readers if t.is_alive()]
+            self._readers.append(reader)
+        reader.start()
+        return state
+
+    def _read(self, attempt: int, call, state: CallState) -> None:
+        """Read one call's replies to its end (runs in its own thread)."""
+        error = None
         try:
             for reply in call:
                 self._on_reply(attempt, reply)
-            return None
         except grpc.RpcError as exc:
-            return from_rpc_error(exc)
-        finally:
-            with self._cond:
-                self._calls.discard(call)
+            error = from_rpc_error(exc)
+        with self._cond:
+            self._calls.discard(call)
+            state.requeued = self.ledger.end_attempt(attempt)
+            state.error = error
+            state.finished = True
+            if state.detached and (error is not None or state.requeued) and not self._closing:
+                self._may_retry(error)  # its batches went back to the queue; other calls send them
+            self._cond.notify_all()
 
     def _on_reply(self, attempt: int, reply) -> None:
         with self._cond:
