@@ -261,3 +261,14 @@ def test_rest_calls_are_counted_in_metrics(http):
     text = http.get("/metrics").text
     assert 'embedding_requests_total{code="200",method="POST /v1/embeddings"}' in text
     assert 'embedding_requests_total{code="404",method="POST /v1/embeddings"}' in text
+
+
+def test_late_chunking_equals_grpc(default_server, http):
+    chunks = ["Berlin is the capital of Germany.", "It has about 3.8 million people.", "The city is green."]
+    body = http.post("/v1/embeddings", json={"input": chunks, "late_chunking": True})
+    assert body.status_code == 200, body.text
+    rest = np.array([item["embedding"] for item in body.json()["data"]], dtype=np.float32)
+    expected, _ = grpc_vectors(default_server, chunks, late_chunking=True)
+    assert_same_vectors(rest, expected)
+    plain, _ = grpc_vectors(default_server, chunks)
+    assert np.abs(rest - plain).max() > 1e-3  # late chunking did change the vectors

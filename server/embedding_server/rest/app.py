@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Sequence
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
@@ -100,6 +100,8 @@ class Handlers:
             return JSONResponse(translate.to_embeddings_response(reply, parsed))
         except RestError as error:
             return error_response(error)
+        except ClientDisconnect:  # gone while sending the body: nobody to answer
+            return Response(status_code=400)
 
     async def models(self, request: Request) -> Response:
         try:
