@@ -193,3 +193,20 @@ def test_rest_port_serves_metrics_too(default_server):
     assert reply.status_code == 200
     names = {f.name for f in text_string_to_metric_families(reply.text)}
     assert {"embedding_requests", "embedding_queue_depth", "embedding_model_load_seconds"} <= names
+
+
+def test_a_cancelled_stream_leaves_the_in_flight_count(observed):
+    """A client that stops reading, then walks away mid-stream: the call ends CANCELLED and leaves
+    the in-flight count, so it cannot hold up a later drain. (The case where asyncio closes the
+    reply generator from another context is exercised by test_client_stream.py.)"""
+    requests = (pb.EmbedRequest(request_id=str(i), inputs=[f"text number {i}"] * 8) for i in range(3000))
+    call = observed.stub().StreamEmbed(requests, timeout=60)
+    next(call)  # the stream is up and counted; now stop reading
+    time.sleep(1.0)  # replies pile up until HTTP/2 flow control holds the server's writes
+    assert value(scrape(observed), "embedding_in_flight_requests") == 1
+    call.cancel()
+    deadline = time.monotonic() + 10
+    while value(scrape(observed), "embedding_in_flight_requests") != 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert value(scrape(observed), "embedding_in_flight_requests") == 0
+    assert value(scrape(observed), "embedding_requests_total", method="StreamEmbed", code="CANCELLED") >= 1
