@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
+from .cpus import available_cpus
+
 ENV_PREFIX = "EMBEDDING_"
 
 
@@ -221,4 +223,4 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
 def threads_per_session(settings: Settings) -> int:
     if settings.threads_per_session:
         return settings.threads_per_session
-    return max(1, (os.cpu_count() or 1) // settings.sessions)
+    return max(1, available_cpus() // settings.sessions)

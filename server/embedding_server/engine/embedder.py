@@ -7,11 +7,11 @@ every loaded model and its batcher.
 from __future__ import annotations
 
 import asyncio
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from ..call_context import record_engine_time
+from ..cpus import available_cpus
 from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
 from ..models.loader import LoadedModel
@@ -28,7 +28,7 @@ WARMUP_TEXT = "warm up"
 class EngineSettings:
     max_inputs: int = DEFAULT_MAX_INPUTS
     batch: BatchSettings = field(default_factory=BatchSettings)
-    tokenizer_threads: int = max(1, min(4, os.cpu_count() or 1))
+    tokenizer_threads: int = max(1, min(4, available_cpus()))
 
 
 class Embedder:

@@ -47,12 +47,11 @@ class SentenceTransformersModel(EmbeddingModel):
         )
         st_config = self.files.config("config_sentence_transformers.json") or {}
         prompts = st_config.get("prompts") if isinstance(st_config, dict) else None
-        self._prompts = {
-            task: str(prompts[key]) for key, task in PROMPT_TASKS.items() if isinstance(prompts, dict) and key in prompts
-        }
+        prompts = prompts if isinstance(prompts, dict) else {}
+        self._prompts = {task: str(prompts[key]) for key, task in PROMPT_TASKS.items() if key in prompts}
         # sentence-transformers applies default_prompt_name when no prompt is asked for.
         default_name = st_config.get("default_prompt_name") if isinstance(st_config, dict) else None
-        self._default_prompt = str(prompts[default_name]) if isinstance(prompts, dict) and default_name in prompts else ""
+        self._default_prompt = str(prompts.get(default_name, "")) if default_name else ""
 
     def _read_pooling(self) -> list[Callable[[np.ndarray, np.ndarray], np.ndarray]]:
         config = self.files.config("1_Pooling/config.json")
