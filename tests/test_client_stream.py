@@ -211,3 +211,18 @@ async def test_async_stream_bounded_input_and_errors(default_server, texts):
                 async for batch in broken:
                     seen += batch.count
     assert seen == 6 and error.value.offset == 6
+
+
+def test_a_failing_input_raises_after_every_text_before_it(default_server, texts, expected):
+    def source() -> Iterator[str]:
+        yield from texts[:23]
+        raise OSError("disk gone")
+
+    got = []
+    with EmbeddingClient(default_server.target) as c, pytest.raises(OSError, match="disk gone"):
+        for item in c.embed_stream(source(), batch_size=5, window=2):
+            got.append(item.dense)
+    assert len(got) == 23  # including the partial batch 20..22
+    np.testing.assert_allclose(np.stack(got), expected[:23], atol=1e-6)
+    with EmbeddingClient(default_server.target) as c, pytest.raises(TypeError, match=r"inputs\[7\]"):
+        list(c.embed_stream([*texts[:7], b"bytes"], batch_size=5))

@@ -18,7 +18,14 @@ from .enums import OutputLike, TaskLike, parse_task
 from .errors import EmbeddingError, from_rpc_error
 from .proto import embedding_pb2 as pb
 from .proto import embedding_pb2_grpc
-from .requests import DEFAULT_BATCH_SIZE, EmbedOptions, as_text_list, batches
+from .requests import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_MAX_BATCH_CHARS,
+    Batcher,
+    EmbedOptions,
+    as_text_list,
+    batches,
+)
 from .results import (
     Embedding,
     Embeddings,
@@ -239,18 +246,24 @@ class AsyncEmbeddingClient:
 
 
 async def _async_batches(texts: AsyncIterable[str], size: int) -> AsyncIterator[list[str]]:
-    batch: list[str] = []
-    position = 0
-    async for text in texts:
-        if not isinstance(text, str):
-            raise TypeError(f"inputs[{position}]: expected str, got {type(text).__name__}")
-        position += 1
-        batch.append(text)
-        if len(batch) >= size:
+    """``requests.batches`` for an async iterable."""
+    batcher = Batcher(size, DEFAULT_MAX_BATCH_CHARS)
+    failure: Exception | None = None
+    iterator = aiter(texts)
+    while True:
+        try:
+            complete = batcher.add(await anext(iterator))
+        except StopAsyncIteration:
+            break
+        except Exception as exc:
+            failure = exc
+            break
+        for batch in complete:
             yield batch
-            batch = []
-    if batch:
-        yield batch
+    if batcher.batch:
+        yield batcher.batch
+    if failure is not None:
+        raise failure
 
 
 async def _async_documents(documents: AsyncIterable[Sequence[str]]) -> AsyncIterator[list[str]]:

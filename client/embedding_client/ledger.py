@@ -43,6 +43,7 @@ class Batch:
     attempt: int | None = None  # the attempt it is outstanding on; None: waiting to be sent
     not_before: float = 0.0
     retries: int = 0
+    sent_at: float = 0.0
 
     @property
     def request_id(self) -> str:
@@ -74,6 +75,7 @@ class StreamStats:
     requests_resent: int = 0
     attempts: int = 0
     broken_attempts: int = 0  # calls that ended with requests unanswered
+    stalled_attempts: int = 0  # calls cancelled because a request went unanswered too long
     rotations: int = 0  # calls closed on purpose after ``rotate_after`` seconds
     peak_ahead: int = 0  # most batches between handed-out and pulled, ever
     peak_outstanding: int = 0  # most batches sent and unanswered on all attempts together
@@ -99,6 +101,7 @@ class Ledger:
         self.reserved = 0
         self.exhausted = False
         self.failure: BaseException | None = None
+        self.input_error: BaseException | None = None  # raised after every batch before it is out
         self.outstanding: dict[int, int] = {}  # attempt -> batches sent and unanswered
         self.sending: set[int] = set()  # attempts that still take new sends
         self.rotated: set[int] = set()  # attempts that stopped sending because of their age
@@ -195,12 +198,20 @@ class Ledger:
         heapq.heappush(self.unsent, (batch.seq, batch.seq))
         return None
 
+    def input_failed(self, error: BaseException) -> None:
+        """The input iterator raised after ``reserve``: it ends here, and its error follows the last batch."""
+        self.reserved -= 1
+        self.exhausted = True
+        if self.input_error is None:
+            self.input_error = error
+
     def unreserve(self) -> None:
         """A PULL that was not carried out (the attempt ended first)."""
         self.reserved -= 1
 
     def _mark_sent(self, batch: Batch, attempt: int) -> None:
         batch.attempt = attempt
+        batch.sent_at = self.clock()
         self.outstanding[attempt] += 1
         self.stats.requests_sent += 1
         self.stats.peak_outstanding = max(self.stats.peak_outstanding, sum(self.outstanding.values()))
@@ -244,6 +255,11 @@ class Ledger:
         if self.failing_since is None:
             self.failing_since = now
         return now - self.failing_since
+
+    def stalled(self, limit: float) -> set[int]:
+        """Attempts with a request sent more than ``limit`` seconds ago and still unanswered."""
+        cutoff = self.clock() - limit
+        return {b.attempt for b in self.pending.values() if b.attempt is not None and b.sent_at < cutoff}
 
     def fail(self, error: BaseException) -> None:
         if self.failure is None:

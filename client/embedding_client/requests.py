@@ -76,21 +76,54 @@ def batches(
 ) -> Iterator[list[str]]:
     """Consecutive texts in lists of at most ``batch_size`` (and about ``max_chars``), lazily.
 
-    Pulls one text at a time, so a generator of any length is never held whole.
+    Pulls one text at a time, so a generator of any length is never held whole;
+    a full batch goes out at once, without waiting for the next text. If the
+    input raises, the texts before the failure still come out first.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
-    if isinstance(texts, str):
-        texts = [texts]
-    batch: list[str] = []
-    chars = 0
-    for position, text in enumerate(texts):
+    batcher = Batcher(batch_size, max_chars)
+    failure: Exception | None = None
+    iterator = iter([texts] if isinstance(texts, str) else texts)
+    while True:
+        try:
+            complete = batcher.add(next(iterator))
+        except StopIteration:
+            break
+        except Exception as exc:  # the input failed (or held a non-string)
+            failure = exc
+            break
+        yield from complete
+    if batcher.batch:
+        yield batcher.batch
+    if failure is not None:
+        raise failure
+
+
+class Batcher:
+    """Groups texts into requests; shared by the sync and the async input paths."""
+
+    def __init__(self, batch_size: int, max_chars: int) -> None:
+        self.batch_size = batch_size
+        self.max_chars = max_chars
+        self.batch: list[str] = []
+        self.chars = 0
+        self.position = 0
+
+    def add(self, text: object) -> list[list[str]]:
+        """The batches that are complete once ``text`` is added (none, one or two)."""
         if not isinstance(text, str):
-            raise TypeError(f"inputs[{position}]: expected str, got {type(text).__name__}")
-        if batch and (len(batch) >= batch_size or chars + len(text) > max_chars):
-            yield batch
-            batch, chars = [], 0
-        batch.append(text)
-        chars += len(text)
-    if batch:
-        yield batch
+            raise TypeError(f"inputs[{self.position}]: expected str, got {type(text).__name__}")
+        self.position += 1
+        done = []
+        if self.batch and self.chars + len(text) > self.max_chars:
+            done.append(self._take())
+        self.batch.append(text)
+        self.chars += len(text)
+        if len(self.batch) >= self.batch_size:
+            done.append(self._take())
+        return done
+
+    def _take(self) -> list[str]:
+        batch, self.batch, self.chars = self.batch, [], 0
+        return batch

@@ -50,6 +50,10 @@ class StreamRetry:
     max_backoff: float = 5.0
     multiplier: float = 2.0
     timeout: float = 120.0
+    #: A call with a request unanswered this long is taken for stuck (a hung
+    #: server, a half-open connection keepalive has not caught yet): it is
+    #: cancelled and its requests go to a new call.
+    stall_timeout: float = 300.0
 
     def delay(self, failures: int) -> float:
         """Jittered exponential backoff for the ``failures``-th consecutive failure (0-based)."""

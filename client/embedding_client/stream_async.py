@@ -19,7 +19,7 @@ from .proto import embedding_pb2_grpc
 from .requests import EmbedOptions
 from .results import Embeddings, decode_embeddings
 from .retry import RETRYABLE_REPLY_CODES, StreamRetry, stream_error_is_retryable
-from .stream_sync import OnError
+from .stream_sync import WATCHDOG_PERIOD, OnError
 
 
 class AsyncStreamRun:
@@ -57,6 +57,8 @@ class AsyncStreamRun:
         self._input_lock = asyncio.Lock()
         self._workers: list[asyncio.Task[None]] = []
         self._readers: set[asyncio.Future[None]] = set()
+        self._calls: dict[int, Any] = {}  # by attempt
+        self._stalled: set[int] = set()
         self._closing = False
         self._started = False
 
@@ -69,11 +71,16 @@ class AsyncStreamRun:
         try:
             while True:
                 async with self._changed:
-                    await self._changed.wait_for(self._ready_or_over)
+                    while not self._ready_or_over():
+                        with contextlib.suppress(asyncio.TimeoutError):
+                            await asyncio.wait_for(self._changed.wait(), WATCHDOG_PERIOD)
+                        self._cancel_stalled()
                     ready = self.ledger.pop_ready()
                     if not ready:
                         if self.ledger.failure is not None:
                             raise self.ledger.failure
+                        if self.ledger.input_error is not None:
+                            raise self.ledger.input_error
                         return
                     self._changed.notify_all()
                 for result in ready:
@@ -88,6 +95,15 @@ class AsyncStreamRun:
 
     def _over(self) -> bool:
         return self.ledger.failure is not None or self.ledger.finished
+
+    def _cancel_stalled(self) -> None:
+        """Watchdog: cancel calls stuck on a request; their readers resend (see stream_sync)."""
+        for attempt in self.ledger.stalled(self._retry.stall_timeout):
+            call = self._calls.get(attempt)
+            if call is not None and attempt not in self._stalled:
+                self._stalled.add(attempt)
+                self.ledger.stats.stalled_attempts += 1
+                call.cancel()
 
     async def aclose(self) -> None:
         self._closing = True
@@ -168,6 +184,7 @@ class AsyncStreamRun:
     async def _run_call(self, attempt: int, state: CallState) -> None:
         """One call from start to end: a writer task sends, this task reads."""
         call = self._stub.StreamEmbed(metadata=self._metadata)
+        self._calls[attempt] = call
         writer = asyncio.ensure_future(self._write(call, attempt))
         error = None
         try:
@@ -179,7 +196,12 @@ class AsyncStreamRun:
             await writer
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
+        except asyncio.CancelledError:
+            if attempt not in self._stalled or self._closing:
+                raise
+            error = error_for(grpc.StatusCode.CANCELLED, "stalled call cancelled")
         finally:
+            self._calls.pop(attempt, None)
             if not writer.done():
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
@@ -245,8 +267,7 @@ class AsyncStreamRun:
                 else:
                     texts = next(self._input, None)
             except BaseException as exc:
-                self.ledger.unreserve()
-                self.ledger.fail(exc)
+                self.ledger.input_failed(exc)
                 await self._notify()
                 return None
             batch = self.ledger.register(attempt, texts)

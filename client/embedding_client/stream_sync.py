@@ -27,6 +27,7 @@ from .results import Embeddings, decode_embeddings
 from .retry import RETRYABLE_REPLY_CODES, StreamRetry, stream_error_is_retryable
 
 OnError = Literal["raise", "yield"]
+WATCHDOG_PERIOD = 1.0  # seconds between checks for stalled calls while the caller waits
 
 
 class StreamRun:
@@ -65,9 +66,10 @@ class StreamRun:
         )
         self._cond = threading.Condition()
         self._input_lock = threading.Lock()
-        self._calls: set[grpc.Future] = set()
+        self._calls: dict[int, grpc.Future] = {}  # by attempt
         self._threads: list[threading.Thread] = []
         self._readers: list[threading.Thread] = []
+        self._stalled: set[int] = set()
         self._closing = False
         self._started = False
 
@@ -83,11 +85,14 @@ class StreamRun:
             while True:
                 with self._cond:
                     while not (self.ledger.next_emit in self.ledger.done or self._over()):
-                        self._cond.wait()
+                        self._cond.wait(WATCHDOG_PERIOD)
+                        self._cancel_stalled()
                     ready = self.ledger.pop_ready()
                     if not ready:
                         if self.ledger.failure is not None:
                             raise self.ledger.failure
+                        if self.ledger.input_error is not None:
+                            raise self.ledger.input_error
                         return
                     self._cond.notify_all()  # room in the window
                 for result in ready:
@@ -100,11 +105,20 @@ class StreamRun:
     def _over(self) -> bool:
         return self.ledger.failure is not None or self.ledger.finished
 
+    def _cancel_stalled(self) -> None:
+        """Watchdog (caller's thread, lock held): cancel calls stuck on a request; readers resend."""
+        for attempt in self.ledger.stalled(self._retry.stall_timeout):
+            call = self._calls.get(attempt)
+            if call is not None and attempt not in self._stalled:
+                self._stalled.add(attempt)
+                self.ledger.stats.stalled_attempts += 1
+                call.cancel()  # the reader sees CANCELLED, which is retried
+
     def close(self) -> None:
         with self._cond:
             self._closing = True
             self.ledger.fail(error_for(grpc.StatusCode.CANCELLED, "stream closed by the caller"))
-            calls = list(self._calls)
+            calls = list(self._calls.values())
             self._cond.notify_all()
         for call in calls:
             call.cancel()
@@ -188,7 +202,7 @@ class StreamRun:
         with self._cond:
             if self._closing:
                 call.cancel()
-            self._calls.add(call)
+            self._calls[attempt] = call
         reader = threading.Thread(target=self._read, args=(attempt, call, state), daemon=True)
         with self._cond:
             self._readers = [t for t in self._readers if t.is_alive()]
@@ -205,7 +219,7 @@ class StreamRun:
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
         with self._cond:
-            self._calls.discard(call)
+            self._calls.pop(attempt, None)
             state.requeued = self.ledger.end_attempt(attempt)
             state.error = error
             state.finished = True
@@ -271,8 +285,7 @@ class StreamRun:
                 texts = next(self._input, None)
             except BaseException as exc:  # the caller's iterator failed: hand its error to the caller
                 with self._cond:
-                    self.ledger.unreserve()
-                    self.ledger.fail(exc)
+                    self.ledger.input_failed(exc)
                     self._cond.notify_all()
                 return None
             with self._cond:
