@@ -8,13 +8,15 @@ load (concurrent clients x inputs per request, mixed 5-60 word texts) it runs
 alternating rounds of gRPC ``Embed`` (grpc.aio) and ``POST /v1/embeddings``
 (httpx, keep-alive, one connection per client) and prints inputs/s of each
 and REST/gRPC. REST is measured with ``encoding_format`` ``base64`` (what the
-``openai`` client sends) and ``float``. Both clients decode the replies to
-float32 arrays, as a caller would. ``--standalone`` adds ``embedding-rest``
-as a separate process in front of the same server.
+``openai`` client sends) and ``float``, and once more with a minimal HTTP/1.1
+client ("light"). Every client decodes the replies to float32 arrays, as a
+caller would. ``--standalone`` adds ``embedding-rest`` as a separate process
+in front of the same server.
 
-The clients run on the server's machine and take CPU from it; the Python
-HTTP client (httpx) costs more per request than grpc's C core, so the ratio
-is a lower bound for the shim itself.
+The clients run on the server's machine and take CPU from it. httpx costs
+the client process much more CPU per request than grpc's C core, which on a
+2-core machine shows up as lower REST throughput when requests are tiny; the
+light client's column is the shim's own cost, without that.
 """
 
 from __future__ import annotations
@@ -52,18 +54,74 @@ def grpc_caller(stub: embedding_pb2_grpc.EmbeddingServiceStub) -> Call:
     return call
 
 
+def decode(content: bytes, encoding: str) -> int:
+    data = orjson.loads(content)["data"]
+    if encoding == "base64":
+        vectors = [np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4") for item in data]
+    else:
+        vectors = [np.asarray(item["embedding"], dtype=np.float32) for item in data]
+    return len(vectors)
+
+
 def rest_caller(client: httpx.AsyncClient, encoding: str) -> Call:
     async def call(texts: list[str]) -> int:
         response = await client.post(
             "/v1/embeddings", content=orjson.dumps({"input": texts, "encoding_format": encoding})
         )
         response.raise_for_status()
-        data = orjson.loads(response.content)["data"]
-        if encoding == "base64":
-            vectors = [np.frombuffer(base64.b64decode(item["embedding"]), dtype="<f4") for item in data]
-        else:
-            vectors = [np.asarray(item["embedding"], dtype=np.float32) for item in data]
-        return len(vectors)
+        return decode(response.content, encoding)
+
+    return call
+
+
+class LightHttp:
+    """A minimal HTTP/1.1 keep-alive client (asyncio streams, one connection per caller in flight).
+
+    It costs the benchmark process far less CPU per request than httpx, so on
+    a small machine its column shows the shim's own cost apart from the client's.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def post(self, path: str, body: bytes) -> bytes:
+        if self.idle:
+            try:
+                return await self._post(*self.idle.pop(), path, body)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass  # the server closed an idle keep-alive connection (uvicorn: after 5 s)
+        return await self._post(*await asyncio.open_connection("127.0.0.1", self.port), path, body)
+
+    async def _post(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes
+    ) -> bytes:
+        head = f"POST {path} HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\n"
+        writer.write(f"{head}content-length: {len(body)}\r\n\r\n".encode() + body)
+        headers = await reader.readuntil(b"\r\n\r\n")
+        status = int(headers.split(b" ", 2)[1])
+        length = next(
+            int(line.split(b":", 1)[1])
+            for line in headers.split(b"\r\n")
+            if line.lower().startswith(b"content-length:")
+        )
+        content = await reader.readexactly(length)
+        self.idle.append((reader, writer))
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {content[:200]!r}")
+        return content
+
+    def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+
+
+def light_caller(client: LightHttp, encoding: str) -> Call:
+    async def call(texts: list[str]) -> int:
+        content = await client.post(
+            "/v1/embeddings", orjson.dumps({"input": texts, "encoding_format": encoding})
+        )
+        return decode(content, encoding)
 
     return call
 
@@ -79,7 +137,8 @@ async def drive(call: Call, texts: list[str], concurrency: int, per_request: int
         while time.monotonic() < stop_at:
             batch = [texts[(position + i) % len(texts)] for i in range(per_request)]
             position += per_request * concurrency
-            done += await call(batch)
+            embedded = await call(batch)  # not `done += await ...`: that reads `done` before awaiting
+            done += embedded
 
     started = time.monotonic()
     await asyncio.gather(*(client(i * per_request) for i in range(concurrency)))
@@ -139,7 +198,10 @@ async def main(args: argparse.Namespace) -> None:
             standalone, standalone_url = start_standalone(server.target)
         print(f"cores: {os.cpu_count()}, default model, {args.rounds} alternating rounds of {args.seconds}s")
         print("inputs/s (mean over rounds); ratio = median over rounds of REST / gRPC")
-        header = f"{'load':>14} {'gRPC':>7} {'REST b64':>9} {'ratio':>6} {'REST float':>11} {'ratio':>6}"
+        header = (
+            f"{'load':>14} {'gRPC':>7} {'REST b64':>9} {'ratio':>6} {'REST float':>11} {'ratio':>6} "
+            f"{'light b64':>10} {'ratio':>6}"
+        )
         if standalone:
             header += f" {'standalone b64':>15} {'ratio':>6}"
         print(header)
@@ -149,6 +211,7 @@ async def main(args: argparse.Namespace) -> None:
             low, high = TEXTS[kind or "mixed"]
             texts = sentences(4096, low, high, seed=1)
             limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+            light = LightHttp(server.rest_port)
             async with (
                 grpc.aio.insecure_channel(server.target) as channel,
                 httpx.AsyncClient(base_url=rest_url, limits=limits, timeout=120) as http,
@@ -160,13 +223,15 @@ async def main(args: argparse.Namespace) -> None:
                     "grpc": grpc_caller(embedding_pb2_grpc.EmbeddingServiceStub(channel)),
                     "b64": rest_caller(http, "base64"),
                     "float": rest_caller(http, "float"),
+                    "light": light_caller(light, "base64"),
                 }
                 if standalone:
                     callers["standalone"] = rest_caller(side, "base64")
                 rate, ratio = await measure(callers, texts, concurrency, per_request, args)
+                light.close()
             line = (
                 f"{load:>14} {rate['grpc']:>7.0f} {rate['b64']:>9.0f} {ratio['b64']:>6.2f} "
-                f"{rate['float']:>11.0f} {ratio['float']:>6.2f}"
+                f"{rate['float']:>11.0f} {ratio['float']:>6.2f} {rate['light']:>10.0f} {ratio['light']:>6.2f}"
             )
             if standalone:
                 line += f" {rate['standalone']:>15.0f} {ratio['standalone']:>6.2f}"
