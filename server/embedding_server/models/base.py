@@ -17,6 +17,7 @@ import numpy as np
 from ..errors import InvalidArgument
 from .files import ModelFiles
 from .late_chunking import chunk_spans, join_chunks
+from .pooling import span_means
 from .tokenization import TextTokenizer, TokenizedText
 from .types import ModelDescription, Output, SequenceVectors, Task
 
@@ -127,12 +128,6 @@ class EmbeddingModel(ABC):
         """[B,T,H] float32 token states, for late chunking; None if the graph has none."""
         return None
 
-    def late_chunk_vectors(self, states: np.ndarray, rows: list[RowRequest]) -> list[SequenceVectors]:
-        """Mean of each chunk's token states (models.md, "Late chunking")."""
-        from .pooling import span_means
-
-        return [SequenceVectors(dense=span_means(states[b], row.spans or [])) for b, row in enumerate(rows)]
-
 
 def signature_of(session: Any) -> SessionSignature:
     """Read a session's input/output names and shapes (models.md: check at load)."""
@@ -141,6 +136,16 @@ def signature_of(session: Any) -> SessionSignature:
         outputs={o.name: list(o.shape) for o in session.get_outputs()},
         output_types={o.name: o.type for o in session.get_outputs()},
     )
+
+
+def pooled_or_chunked(
+    states: np.ndarray, pooled: np.ndarray, rows: list[RowRequest]
+) -> list[SequenceVectors]:
+    """Each row's dense vectors: its chunks' mean states when late-chunked, else its pooled row."""
+    return [
+        SequenceVectors(dense=span_means(states[b], row.spans) if row.spans else pooled[b : b + 1])
+        for b, row in enumerate(rows)
+    ]
 
 
 def as_float32(array: np.ndarray) -> np.ndarray:

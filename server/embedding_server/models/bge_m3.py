@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ModelLoadError
-from .base import EmbeddingModel, RowRequest, as_float32
+from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_chunked
 from .family import BGE_M3
 from .limits import xlm_roberta_max_tokens
 from .pooling import normalize
@@ -115,17 +115,12 @@ class BgeM3Model(EmbeddingModel):
     ) -> list[SequenceVectors]:
         states = self.token_states(outputs)
         dense = as_float32(outputs["dense_vecs"]) if self._exported_heads else states[:, 0]  # CLS
-        results = []
-        for b, row in enumerate(rows):
-            if row.spans:
-                results.append(self.late_chunk_vectors(states[b : b + 1], [row])[0])
-                continue
-            vectors = SequenceVectors(dense=dense[b : b + 1])
-            if Output.SPARSE in row.outputs:
+        results = pooled_or_chunked(states, dense, rows)
+        for b, (row, vectors) in enumerate(zip(rows, results, strict=True)):
+            if Output.SPARSE in row.outputs:  # never with late chunking (validation refuses it)
                 vectors.sparse = self._sparse(outputs, states, input_ids[b], b, row.length)
             if Output.COLBERT in row.outputs:
                 vectors.colbert = self._colbert(outputs, states, b, row.length)
-            results.append(vectors)
         return results
 
     def _sparse(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidArgument, ModelLoadError
-from .base import EmbeddingModel, RowRequest, as_float32
+from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_chunked
 from .family import JINA_V3
 from .limits import xlm_roberta_max_tokens
 from .pooling import mean_pool
@@ -100,10 +100,4 @@ class JinaV3Model(EmbeddingModel):
         rows: list[RowRequest],
     ) -> list[SequenceVectors]:
         states = self.token_states(outputs)
-        pooled = mean_pool(states, attention_mask)
-        return [
-            self.late_chunk_vectors(states[b : b + 1], [row])[0]
-            if row.spans
-            else SequenceVectors(pooled[b : b + 1])
-            for b, row in enumerate(rows)
-        ]
+        return pooled_or_chunked(states, mean_pool(states, attention_mask), rows)

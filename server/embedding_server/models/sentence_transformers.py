@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import ModelLoadError
-from .base import EmbeddingModel, RowRequest, as_float32
+from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_chunked
 from .family import SENTENCE_TRANSFORMERS
 from .limits import sentence_transformers_max_tokens
 from .pooling import cls_pool, max_pool, mean_pool, mean_sqrt_len_pool
@@ -111,9 +111,4 @@ class SentenceTransformersModel(EmbeddingModel):
     ) -> list[SequenceVectors]:
         states = self.token_states(outputs)
         pooled = np.concatenate([pool(states, attention_mask) for pool in self._poolers], axis=-1)
-        return [
-            self.late_chunk_vectors(states[b : b + 1], [row])[0]
-            if row.spans
-            else SequenceVectors(pooled[b : b + 1])
-            for b, row in enumerate(rows)
-        ]
+        return pooled_or_chunked(states, pooled, rows)
