@@ -21,33 +21,16 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import sentences
 
 LAYOUTS = {
     "one-session x1": dict(sessions=1, concurrent=1, shared=True),
     "shared xN": dict(sessions=None, concurrent=None, shared=True),
     "separate xN": dict(sessions=None, concurrent=None, shared=False),
 }
-
-
-def workload(count: int = 512) -> list[str]:
-    words = [
-        "the",
-        "quick",
-        "brown",
-        "fox",
-        "jumps",
-        "over",
-        "a",
-        "lazy",
-        "dog",
-        "near",
-        "seven",
-        "wizards",
-        "who",
-        "judge",
-        "boxing",
-    ]
-    return [" ".join(words[(i + k) % len(words)] for k in range(5 + (i * 13) % 56)) for i in range(count)]
 
 
 def measure(sessions: int, concurrent: int, shared: bool, seconds: float) -> dict[str, float]:
@@ -60,7 +43,7 @@ def measure(sessions: int, concurrent: int, shared: bool, seconds: float) -> dic
     layout = "shared" if shared else "separate"
     loaded = load(ModelSpec(BUILTIN_MODEL, None), sessions=sessions, threads=threads, layout=layout)
     pool, model = loaded.sessions, loaded.model
-    encoded = sorted((t.ids for t in model.tokenize(workload(), 0, True)), key=len)
+    encoded = sorted((t.ids for t in model.tokenize(sentences(512, 5, 60, seed=4), 0, True)), key=len)
     batches = []
     for start in range(0, len(encoded), 16):
         rows = encoded[start : start + 16]
