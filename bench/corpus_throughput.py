@@ -12,7 +12,7 @@ Three numbers, measured in alternating rounds on the same texts (medians):
   session and pooled. Global length sorting pads less than any server can,
   which only sees the requests in flight: this is an upper bound.
 - client: ``EmbeddingClient.embed_stream_batches`` over a real
-  ``embedding-server`` process (StreamEmbed, 64 texts per request, 8 in
+  ``embedding-server`` process (StreamEmbed, 64 texts per request, 32 in
   flight), dense float32 arrays in input order handed to the caller.
 - cli: ``embedding-client corpus`` from a JSON Lines file into ``.npy``, as
   reported by the command (reading, counting and writing included).
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=64, help="texts per StreamEmbed request")
-    parser.add_argument("--window", type=int, default=8, help="requests in flight")
+    parser.add_argument("--window", type=int, default=32, help="requests in flight")
     parser.add_argument("--server-args", default="", help="extra embedding-server flags")
     args = parser.parse_args()
 

@@ -268,3 +268,25 @@ def test_service_config_names_the_retry_policy_and_balancing():
     assert {n["method"] for n in method["name"]} == {"Embed", "ListModels", "Tokenize"}  # not StreamEmbed
     assert method["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]
     assert config["healthCheckConfig"] == {"serviceName": "embedding.v1.EmbeddingService"}
+
+
+def test_the_client_needs_nothing_from_the_server_side():
+    """A microservice installs only the base dependencies: the client must import without the rest."""
+    import subprocess
+    import sys
+
+    guard = (
+        "import builtins\n"
+        "real = builtins.__import__\n"
+        "SERVER = {'embedding_server', 'onnxruntime', 'tokenizers', 'starlette', 'uvicorn',\n"
+        "          'prometheus_client', 'grpc_health', 'grpc_reflection', 'orjson', 'httpx'}\n"
+        "def guarded(name, *args, **kwargs):\n"
+        "    if name.split('.')[0] in SERVER:\n"
+        "        raise ImportError('server-side module imported: ' + name)\n"
+        "    return real(name, *args, **kwargs)\n"
+        "builtins.__import__ = guarded\n"
+        "import embedding_client, embedding_client.aio, embedding_client.cli, embedding_client.corpus\n"
+        "embedding_client.cli.build_parser()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", guard], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -125,8 +125,10 @@ def test_an_interrupted_run_resumes_to_an_identical_file(default_server, corpus,
     partial = Path(f"{resumed}.partial")
     kill_mid_run(["corpus", str(source), str(resumed), *flags], partial, len(reference) // 3)
     assert not resumed.exists() and 0 < partial.stat().st_size < len(reference)
-    with open(partial, "ab") as torn:  # as if killed in the middle of writing a row
-        torn.write(reference[len(reference) // 2 : len(reference) // 2 + 777])
+    size = partial.stat().st_size
+    assert reference.startswith(partial.read_bytes())  # what it wrote so far is the same bytes
+    with open(partial, "ab") as torn:  # as if killed in the middle of a write: a prefix of what follows
+        torn.write(reference[size : size + 777])
 
     changed = run_cli("corpus", str(source), str(resumed), *flags, "--dimensions", "32")
     assert changed.returncode == 1 and "other settings" in changed.stderr  # never mixes two runs' vectors

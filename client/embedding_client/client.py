@@ -30,7 +30,7 @@ from .stream_sync import OnError, StreamRun
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT = 60.0
-DEFAULT_WINDOW = 8
+DEFAULT_WINDOW = 32  # = the server's default --stream-window; more in flight, better length batching
 DEFAULT_ROTATE_AFTER = 10.0
 
 
