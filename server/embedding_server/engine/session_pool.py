@@ -31,6 +31,11 @@ def session_options(threads: int) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: ORT's warnings are noise for operators
+    # ORT's intra-op threads busy-wait between ops by default. In a server they
+    # share the cores with the tokenizer threads and the event loop, and the
+    # spinning starves them: measured on 2 cores with another process busy,
+    # single-sequence runs went 2.3x faster and batches of 32 no slower with it off.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
