@@ -13,9 +13,12 @@ Three numbers, measured in alternating rounds on the same texts (medians):
   which only sees the requests in flight: this is an upper bound.
 - client: ``EmbeddingClient.embed_stream_batches`` over a real
   ``embedding-server`` process (StreamEmbed, 64 texts per request, 32 in
-  flight), dense float32 arrays in input order handed to the caller.
+  flight), dense float32 arrays in input order handed to the caller;
+  requests of consecutive texts, then (client+sort) with ``length_sort=4096``
+  (requests of similar-length texts, results still in input order).
 - cli: ``embedding-client corpus`` from a JSON Lines file into ``.npy``, as
-  reported by the command (reading, counting and writing included).
+  reported by the command (reading, counting and writing included; it sorts
+  by length by default).
 
 Client and server share the machine's cores, as the in-process run has them
 all to itself: the ratios are a lower bound for a client on another machine.
@@ -93,9 +96,9 @@ def timed(work) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
-def client_run(target: str, texts: list[str], batch_size: int, window: int) -> np.ndarray:
+def client_run(target: str, texts: list[str], batch_size: int, window: int, sort: int | None) -> np.ndarray:
     with EmbeddingClient(target) as client:
-        run = client.embed_stream_batches(texts, batch_size=batch_size, window=window)
+        run = client.embed_stream_batches(texts, batch_size=batch_size, window=window, length_sort=sort)
         return np.concatenate([batch.dense for batch in run])  # type: ignore[misc]
 
 
@@ -127,32 +130,37 @@ def main() -> None:
     embed_in_process(loaded, texts[:256])  # warm-up
     server = start_server(*shlex.split(args.server_args), rest=False)
     try:
-        client_run(server.target, texts[:256], args.batch_size, args.window)  # warm-up
-        ceiling, client, cli = [], [], []
+        client_run(server.target, texts[:256], args.batch_size, args.window, None)  # warm-up
+        ceiling, client, client_sorted, cli = [], [], [], []
         reference = None
+        target, size, window = server.target, args.batch_size, args.window
         for round_ in range(args.rounds):
             seconds, reference = timed(lambda: embed_in_process(loaded, texts))
             ceiling.append(len(texts) / seconds)
-            seconds, streamed = timed(lambda: client_run(server.target, texts, args.batch_size, args.window))
+            seconds, streamed = timed(lambda: client_run(target, texts, size, window, None))
             client.append(len(texts) / seconds)
+            seconds, by_length = timed(lambda: client_run(target, texts, size, window, 4096))
+            client_sorted.append(len(texts) / seconds)
             cli.append(cli_run(server.target, corpus, workdir / "out.npy"))
             print(
                 f"round {round_ + 1}: ceiling {ceiling[-1]:.0f}/s  client {client[-1]:.0f}/s  "
-                f"cli {cli[-1]:.0f}/s",
+                f"client+sort {client_sorted[-1]:.0f}/s  cli {cli[-1]:.0f}/s",
                 flush=True,
             )
         # Same vectors, or the comparison means nothing.
         np.testing.assert_allclose(streamed, reference, atol=1e-4)  # type: ignore[arg-type]
+        np.testing.assert_allclose(by_length, reference, atol=1e-4)  # type: ignore[arg-type]
         np.testing.assert_allclose(np.load(workdir / "out.npy"), reference, atol=1e-4)  # type: ignore[arg-type]
     finally:
         server.stop()
 
-    c, s, k = statistics.median(ceiling), statistics.median(client), statistics.median(cli)
+    c, s, o, k = (statistics.median(v) for v in (ceiling, client, client_sorted, cli))
     print()
     print(f"corpus: {len(texts)} texts of 5-60 words, {threads} cores, model all-minilm-l6-v2")
-    print(f"in-process ceiling            {c:8.0f} texts/s")
-    print(f"client embed_stream (gRPC)    {s:8.0f} texts/s   ratio {s / c:.2f}")
-    print(f"embedding-client corpus .npy  {k:8.0f} texts/s   ratio {k / c:.2f}")
+    print(f"in-process ceiling                 {c:8.0f} texts/s")
+    print(f"client embed_stream (gRPC)         {s:8.0f} texts/s   ratio {s / c:.2f}")
+    print(f"client embed_stream, length_sort   {o:8.0f} texts/s   ratio {o / c:.2f}")
+    print(f"embedding-client corpus .npy       {k:8.0f} texts/s   ratio {k / c:.2f}")
 
 
 if __name__ == "__main__":

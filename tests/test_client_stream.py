@@ -226,3 +226,34 @@ def test_a_failing_input_raises_after_every_text_before_it(default_server, texts
     np.testing.assert_allclose(np.stack(got), expected[:23], atol=1e-6)
     with EmbeddingClient(default_server.target) as c, pytest.raises(TypeError, match=r"inputs\[7\]"):
         list(c.embed_stream([*texts[:7], b"bytes"], batch_size=5))
+
+
+def test_length_sorted_requests_come_back_in_input_order(default_server, texts, expected):
+    with EmbeddingClient(default_server.target) as c:
+        blocks = list(c.embed_stream_batches(iter(texts), batch_size=7, length_sort=50, streams=2))
+        items = list(c.embed_stream(texts[:60], batch_size=4, length_sort=16))
+    assert [(b.offset, b.count) for b in blocks] == [(i, min(50, 240 - i)) for i in range(0, 240, 50)]
+    np.testing.assert_allclose(np.concatenate([b.dense for b in blocks]), expected, atol=1e-6)
+    np.testing.assert_allclose(np.stack([i.dense for i in items]), expected[:60], atol=1e-6)
+    assert [i.index for i in items] == list(range(60))
+
+
+def test_a_bad_input_in_a_sorted_block_is_reported_at_its_real_position(default_server, texts):
+    broken = list(texts[:40])
+    broken[27] = ""  # the shortest text: sorted first in its block
+    with EmbeddingClient(default_server.target) as c, pytest.raises(InvalidArgumentError) as error:
+        list(c.embed_stream_batches(broken, batch_size=5, length_sort=20))
+    named = int(error.value.message.split("inputs[")[1].split("]")[0])
+    assert error.value.indices[named] == 27
+    assert "(input #27 of the call)" in str(error.value)
+
+
+async def test_async_length_sorted_stream(default_server, texts, expected):
+    async def source() -> AsyncIterator[str]:
+        for text in texts:
+            yield text
+
+    async with AsyncEmbeddingClient(default_server.target) as c:
+        items = [item async for item in c.embed_stream(source(), batch_size=6, length_sort=64, streams=2)]
+    assert [item.index for item in items] == list(range(len(texts)))
+    np.testing.assert_allclose(np.stack([item.dense for item in items]), expected, atol=1e-6)

@@ -117,6 +117,7 @@ def kill_mid_run(args: list[str], partial: Path, min_bytes: int) -> None:
 def test_an_interrupted_run_resumes_to_an_identical_file(default_server, corpus, tmp_path, suffix):
     source, _ = corpus
     flags = ["--target", default_server.target, "--batch-size", "8", "--window", "2", "--no-progress"]
+    flags += ["--length-sort", "40"]  # sorted blocks of 40 rows: written a block at a time
     whole = tmp_path / f"whole{suffix}"
     assert run_cli("corpus", str(source), str(whole), *flags).returncode == 0
     reference = whole.read_bytes()
@@ -148,8 +149,9 @@ def test_corpus_survives_a_server_restart(corpus, expected, tmp_path):
     first = wait_serving(launch(port))
     second = None
     output = tmp_path / "restart.npy"
+    small_requests = ["--batch-size", "8", "--length-sort", "32"]
     process = subprocess.Popen(
-        cli("corpus", str(source), str(output), "--target", f"127.0.0.1:{port}", "--batch-size", "8"),
+        cli("corpus", str(source), str(output), "--target", f"127.0.0.1:{port}", *small_requests),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -7,15 +7,23 @@ Same methods and results as :class:`~embedding_client.EmbeddingClient`, on a
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from pathlib import Path
 
 import grpc
 
 from .channel import ChannelSettings, aio_channel, join_metadata
-from .client import DEFAULT_ROTATE_AFTER, DEFAULT_TARGET, DEFAULT_TIMEOUT, DEFAULT_WINDOW
+from .client import (
+    DEFAULT_ROTATE_AFTER,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    DEFAULT_WINDOW,
+    _check_length_sort,
+)
 from .enums import OutputLike, TaskLike, parse_task
 from .errors import EmbeddingError, from_rpc_error
+from .length_sort import AsyncSortedRun, BlockPlan, async_sorted_requests, sorted_requests
 from .proto import embedding_pb2 as pb
 from .proto import embedding_pb2_grpc
 from .requests import (
@@ -132,7 +140,9 @@ class AsyncEmbeddingClient:
             reply = await self.stub.Embed(options.request(texts), timeout=timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             error: EmbeddingError = from_rpc_error(exc)
-            error.offset = offset
+            if offset is not None:
+                error.offset = offset
+                error.indices = list(range(offset, offset + len(texts)))
             raise error from exc
         return decode_embeddings(reply, len(texts), options.outputs, offset or 0)
 
@@ -181,7 +191,8 @@ class AsyncEmbeddingClient:
         on_error: OnError = "raise",
         metadata: Sequence[tuple[str, str]] | None = None,
         rotate_after: float | None = DEFAULT_ROTATE_AFTER,
-    ) -> AsyncStreamRun:
+        length_sort: int | None = None,
+    ) -> AsyncStreamRun | AsyncSortedRun:
         """``async for`` the result: one :class:`Embeddings` per request, in input order.
 
         Accepts sync and async iterables; see EmbeddingClient.embed_stream_batches.
@@ -190,7 +201,15 @@ class AsyncEmbeddingClient:
         options = EmbedOptions.build(model or self.model, task, dimensions, outputs, late_chunking, truncate)
         size = batch_size or self.batch_size
         source: AsyncIterable[list[str]] | Iterable[list[str]]
-        if late_chunking:
+        plans: deque[BlockPlan] = deque()
+        if length_sort:
+            _check_length_sort(late_chunking, on_error)
+            if isinstance(texts, AsyncIterable):
+                blocks = _async_batches(texts, length_sort, max_chars=2**62)  # type: ignore[arg-type]
+                source = async_sorted_requests(blocks, size, plans)
+            else:
+                source = sorted_requests(texts, size, length_sort, plans)  # type: ignore[arg-type]
+        elif late_chunking:
             if isinstance(texts, AsyncIterable):
                 source = _async_documents(texts)  # type: ignore[arg-type]
             else:
@@ -199,7 +218,7 @@ class AsyncEmbeddingClient:
             source = _async_batches(texts, size)
         else:
             source = batches(texts, size)  # type: ignore[arg-type]
-        return AsyncStreamRun(
+        run = AsyncStreamRun(
             self.stub,
             options,
             source,
@@ -211,6 +230,7 @@ class AsyncEmbeddingClient:
             on_error=on_error,
             rotate_after=rotate_after,
         )
+        return AsyncSortedRun(run, plans) if length_sort else run
 
     async def embed_stream(
         self,
@@ -225,6 +245,7 @@ class AsyncEmbeddingClient:
         window: int = DEFAULT_WINDOW,
         streams: int = 1,
         rotate_after: float | None = DEFAULT_ROTATE_AFTER,
+        length_sort: int | None = None,
     ) -> AsyncIterator[Embedding]:
         """One :class:`Embedding` per input, in input order."""
         run = self.embed_stream_batches(
@@ -238,6 +259,7 @@ class AsyncEmbeddingClient:
             window=window,
             streams=streams,
             rotate_after=rotate_after,
+            length_sort=length_sort,
         )
         async with run:
             async for result in run:
@@ -245,9 +267,11 @@ class AsyncEmbeddingClient:
                     yield item
 
 
-async def _async_batches(texts: AsyncIterable[str], size: int) -> AsyncIterator[list[str]]:
+async def _async_batches(
+    texts: AsyncIterable[str], size: int, max_chars: int = DEFAULT_MAX_BATCH_CHARS
+) -> AsyncIterator[list[str]]:
     """``requests.batches`` for an async iterable."""
-    batcher = Batcher(size, DEFAULT_MAX_BATCH_CHARS)
+    batcher = Batcher(size, max_chars)
     failure: Exception | None = None
     iterator = aiter(texts)
     while True:

@@ -32,6 +32,9 @@ from .results import Embeddings
 #: Streams for a target whose replicas a resolver finds (dns:///...): enough
 #: for a few replicas; round_robin spreads the calls.
 RESOLVER_STREAMS = 4
+#: Records sorted by length at a time (about 8% more throughput on mixed 5-60
+#: word texts, see bench/corpus_throughput.py); a few MiB of text at most.
+DEFAULT_LENGTH_SORT = 4096
 
 
 def _task(text: str) -> int:
@@ -117,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"{RESOLVER_STREAMS} for a dns:/// target)",
     )
     corpus.add_argument(
+        "--length-sort",
+        type=int,
+        default=DEFAULT_LENGTH_SORT,
+        metavar="N",
+        help="read N records ahead and send them sorted by length, so the server pads less "
+        f"(default {DEFAULT_LENGTH_SORT}; 0: in file order). The output is in input order either way",
+    )
+    corpus.add_argument(
         "--retry-timeout",
         type=float,
         default=300.0,
@@ -175,6 +186,7 @@ def cmd_corpus(client: EmbeddingClient, args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         window=args.window,
         streams=streams,
+        length_sort=max(0, args.length_sort),
         progress=not args.no_progress,
     )
     summary = run_corpus(client, job)

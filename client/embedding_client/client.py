@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import queue
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import grpc
 from .channel import ChannelSettings, join_metadata, sync_channel
 from .enums import OutputLike, TaskLike, parse_task
 from .errors import EmbeddingError, from_rpc_error
+from .length_sort import BlockPlan, SortedRun, sorted_requests
 from .proto import embedding_pb2 as pb
 from .proto import embedding_pb2_grpc
 from .requests import DEFAULT_BATCH_SIZE, EmbedOptions, as_text_list, batches
@@ -155,7 +157,7 @@ class EmbeddingClient:
                 try:
                     reply = future.result()
                 except grpc.RpcError as exc:
-                    raise _at(from_rpc_error(exc), index * size) from exc
+                    raise _at(from_rpc_error(exc), index * size, len(parts[index])) from exc
                 count = len(parts[index])
                 results[index] = decode_embeddings(reply, count, options.outputs, index * size)
                 following = next(upcoming, None)
@@ -214,7 +216,8 @@ class EmbeddingClient:
         on_error: OnError = "raise",
         metadata: Sequence[tuple[str, str]] | None = None,
         rotate_after: float | None = DEFAULT_ROTATE_AFTER,
-    ) -> StreamRun:
+        length_sort: int | None = None,
+    ) -> StreamRun | SortedRun:
         """Embed any iterable through StreamEmbed; iterate the result for one :class:`Embeddings` per request.
 
         The input is pulled lazily, ``batch_size`` texts per request, with at
@@ -229,14 +232,24 @@ class EmbeddingClient:
         position (``on_error="raise"``) or comes back with ``.error`` set
         (``"yield"``). With ``late_chunking`` every item is one document: a
         list of its chunks, sent as one request.
+
+        ``length_sort=N`` reads N texts ahead, sorts them by length and cuts
+        them into requests of similar texts, so the server pads less (more
+        throughput on mixed-length corpora); each result is then a block of
+        N inputs, still in input order (see ``length_sort.py``).
         """
         options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
+        size = batch_size or self.batch_size
         source: Iterable[list[str]]
-        if late_chunking:
+        plans: deque[BlockPlan] = deque()
+        if length_sort:
+            _check_length_sort(late_chunking, on_error)
+            source = sorted_requests(texts, size, length_sort, plans)  # type: ignore[arg-type]
+        elif late_chunking:
             source = (as_text_list(document) for document in texts)
         else:
-            source = batches(texts, batch_size or self.batch_size)  # type: ignore[arg-type]
-        return StreamRun(
+            source = batches(texts, size)  # type: ignore[arg-type]
+        run = StreamRun(
             self.stub,
             options,
             source,
@@ -248,6 +261,7 @@ class EmbeddingClient:
             on_error=on_error,
             rotate_after=rotate_after,
         )
+        return SortedRun(run, plans) if length_sort else run
 
     def embed_stream(
         self,
@@ -262,6 +276,7 @@ class EmbeddingClient:
         window: int = DEFAULT_WINDOW,
         streams: int = 1,
         rotate_after: float | None = DEFAULT_ROTATE_AFTER,
+        length_sort: int | None = None,
     ) -> Iterator[Embedding]:
         """One :class:`Embedding` per input, in input order, for an iterable of any length.
 
@@ -278,6 +293,7 @@ class EmbeddingClient:
             window=window,
             streams=streams,
             rotate_after=rotate_after,
+            length_sort=length_sort,
         )
         with run:
             for result in run:
@@ -297,6 +313,14 @@ class EmbeddingClient:
         return EmbedOptions.build(model or self.model, task, dimensions, outputs, late_chunking, truncate)
 
 
-def _at(error: EmbeddingError, offset: int) -> EmbeddingError:
+def _check_length_sort(late_chunking: bool, on_error: str) -> None:
+    if late_chunking:
+        raise ValueError("length_sort: late-chunking documents are sent whole, not sorted")
+    if on_error != "raise":
+        raise ValueError('length_sort: needs on_error="raise" (a block comes out whole or not at all)')
+
+
+def _at(error: EmbeddingError, offset: int, count: int) -> EmbeddingError:
     error.offset = offset
+    error.indices = list(range(offset, offset + count))
     return error

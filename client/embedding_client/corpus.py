@@ -35,6 +35,7 @@ class CorpusJob:
     batch_size: int = 64
     window: int = 8
     streams: int = 1
+    length_sort: int = 0  # 0: requests of consecutive records
     progress: bool = True
 
     def settings(self, records: int) -> dict[str, Any]:
@@ -92,6 +93,7 @@ def run_corpus(
             batch_size=job.batch_size,
             window=job.window,
             streams=job.streams,
+            length_sort=job.length_sort or None,
         )
         embedded = 0
         with (
@@ -102,6 +104,7 @@ def run_corpus(
                 unit=" items",
                 dynamic_ncols=True,
                 smoothing=0.1,
+                mininterval=0.5,
                 disable=not job.progress,
                 desc="embedding",
             ) as bar,

@@ -8,9 +8,12 @@ inspecting ``grpc.RpcError.code()``. The same classes serve unary calls
 
 from __future__ import annotations
 
+import re
+
 import grpc
 from google.rpc import status_pb2
 
+_INPUT_INDEX = re.compile(r"\binputs\[(\d+)\]")
 _BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -18,11 +21,15 @@ class EmbeddingError(Exception):
     """A call to the embedding service failed.
 
     ``code`` is the :class:`grpc.StatusCode`, ``message`` the server's text.
-    ``request_id`` and ``offset`` are set for a StreamEmbed request: its id and
-    the position of its first input in the stream, to find the bad input.
+    For one request of a split or streamed call, ``offset`` is the position
+    of its first input in the whole call and ``indices[k]`` the position of
+    its ``inputs[k]`` (with ``length_sort`` a request holds inputs from all
+    over a block: then only ``indices`` is set); ``request_id`` is its
+    StreamEmbed id.
     """
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    indices: list[int] | None = None
 
     def __init__(
         self,
@@ -40,17 +47,33 @@ class EmbeddingError(Exception):
         super().__init__(message)
 
     def __str__(self) -> str:
-        where = f" (in the request starting at input #{self.offset})" if self.offset is not None else ""
-        return f"{self.code.name}: {self.message}{where}"
+        return f"{self.code.name}: {self.message}{self._where()}"
+
+    def _where(self) -> str:
+        """Where in the whole call the failed input is, when the call was split or streamed."""
+        named = _INPUT_INDEX.search(self.message)
+        if named and self.indices is not None and int(named.group(1)) < len(self.indices):
+            return f" (input #{self.indices[int(named.group(1))]} of the call)"
+        if self.offset is not None:
+            return f" (in the request starting at input #{self.offset})"
+        return ""
 
     def __reduce__(self):  # picklable across processes, keyword-only fields included
-        return (_rebuild, (type(self), self.message, self.code.name, self.request_id, self.offset))
+        state = (type(self), self.message, self.code.name, self.request_id, self.offset, self.indices)
+        return (_rebuild, state)
 
 
 def _rebuild(
-    cls: type[EmbeddingError], message: str, code: str, request_id: str | None, offset: int | None
+    cls: type[EmbeddingError],
+    message: str,
+    code: str,
+    request_id: str | None,
+    offset: int | None,
+    indices: list[int] | None,
 ) -> EmbeddingError:
-    return cls(message, grpc.StatusCode[code], request_id=request_id, offset=offset)
+    error = cls(message, grpc.StatusCode[code], request_id=request_id, offset=offset)
+    error.indices = indices
+    return error
 
 
 class InvalidArgumentError(EmbeddingError):

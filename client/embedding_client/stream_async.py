@@ -220,6 +220,7 @@ class AsyncStreamRun:
             return
         if reply.HasField("error") and reply.error.code != 0:
             error = from_status(reply.error, request_id=reply.request_id, offset=batch.offset)
+            error.indices = list(range(batch.offset, batch.offset + len(batch.texts)))
             await self._on_reply_error(attempt, batch, error)
             return
         try:

@@ -234,6 +234,7 @@ class StreamRun:
             return  # not ours to answer (cannot happen with a correct server): drop, no duplicates
         if reply.HasField("error") and reply.error.code != 0:
             error = from_status(reply.error, request_id=reply.request_id, offset=batch.offset)
+            error.indices = list(range(batch.offset, batch.offset + len(batch.texts)))
             self._on_reply_error(attempt, batch, error)
             return
         try:
