@@ -3,11 +3,12 @@
 A server batches the texts it has in flight by length; the padding it cannot
 avoid is what a block of mixed lengths forces on it. Reading ``block`` texts
 ahead, sorting them by length and cutting the sorted block into requests
-makes neighbouring requests alike, so the server pads less (about 0.93 instead
-of 0.88 real/padded tokens for mixed 5-60 word texts, ~8% more throughput).
+makes neighbouring requests alike, so the server pads less (0.89-0.94 instead
+of 0.85-0.88 real/padded tokens for mixed 5-60 word texts, 10-15% more
+throughput; see bench/corpus_throughput.py).
 
 The requests of a block go through the ordinary stream (which keeps *their*
-order); :func:`restore` collects a block's results and permutes the rows back,
+order); :class:`Restorer` collects a block's results and permutes the rows back,
 so the caller still gets every input in input order, one Embeddings per block.
 """
 
