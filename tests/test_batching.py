@@ -79,8 +79,9 @@ async def test_concurrent_requests_share_session_runs(builtin):
     results = await asyncio.gather(first, *rest)
     await embedder.close()
     assert len(results) == 64
-    assert len(sessions.runs) <= 4, [r.batch_size for r in sessions.runs]  # 64 requests, a handful of runs
-    assert max(r.batch_size for r in sessions.runs) >= 32
+    # 64 requests of 5..42 tokens, a handful of runs (split by length: see the padding-waste rule)
+    assert len(sessions.runs) <= 8, [r.batch_size for r in sessions.runs]
+    assert max(r.batch_size for r in sessions.runs) >= 16
 
 
 async def test_batched_vectors_equal_lone_vectors(builtin):
@@ -209,3 +210,21 @@ async def test_token_bound_refuses_a_flood(builtin):
     sessions.release()
     await asyncio.gather(blocker, queued)
     await embedder.close()
+
+
+def test_padding_waste_rule_keeps_lengths_apart():
+    """A neighbour whose padding would cost more than a run of its own waits for its own batch."""
+    from embedding_server.engine.batch_selection import select_batch
+    from embedding_server.engine.work import WorkItem
+    from embedding_server.models.base import RowRequest
+
+    def item(length: int) -> WorkItem:
+        return WorkItem(np.zeros(length, np.int64), RowRequest(length, frozenset()), 0, 0, None, None)  # type: ignore[arg-type]
+
+    waiting = [item(10), *(item(n) for n in (11, 12, 60, 61, 62, 12))]
+    chosen = select_batch(waiting, max_tokens=10_000, max_size=100, max_waste=16)
+    assert sorted(i.length for i in chosen) == [10, 11, 12, 12]  # the 60s are left for a run of their own
+    everything = select_batch(waiting, max_tokens=10_000, max_size=100, max_waste=0)
+    assert len(everything) == len(waiting)  # 0: no limit
+    rest = [i for i in waiting if i not in chosen]
+    assert sorted(i.length for i in select_batch(rest, 10_000, 100, 16)) == [60, 61, 62]

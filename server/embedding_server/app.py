@@ -29,7 +29,7 @@ from .models.files import locate
 from .models.loader import BUILTIN_MODEL, LoadedModel, ModelSpec, load
 from .ports import PortUnavailable, ensure_free, grpc_address
 from .rest.inprocess import InProcessShim
-from .settings import Settings, threads_per_session
+from .settings import Settings, session_count, threads_per_session
 from .tls import TlsConfigError, TlsFiles, grpc_credentials, load_tls
 
 log = logging.getLogger("embedding_server")
@@ -47,6 +47,7 @@ def engine_settings(settings: Settings) -> EngineSettings:
         batch=BatchSettings(
             max_batch_tokens=settings.max_batch_tokens,
             max_batch_size=settings.max_batch_size,
+            max_padding_waste=settings.max_padding_waste,
             max_wait_ms=settings.max_batch_wait_ms,
             max_queue_requests=settings.max_queue_requests,
             max_queue_tokens=settings.max_queue_tokens,
@@ -64,7 +65,9 @@ def load_models(settings: Settings, metrics: Metrics | None = None) -> list[Load
     loaded = []
     for spec in specs:
         started = time.monotonic()
-        loaded.append(load(spec, sessions=settings.sessions, threads=threads, layout=settings.session_layout))
+        loaded.append(
+            load(spec, sessions=session_count(settings), threads=threads, layout=settings.session_layout)
+        )
         log.info(
             "loaded model %s (%s) in %.1fs", spec.name, loaded[-1].model.family, time.monotonic() - started
         )

@@ -38,6 +38,7 @@ class BatchSettings:
 
     max_batch_tokens: int = 16384  # padded tokens (longest x count) per session run
     max_batch_size: int = 128  # sequences per session run
+    max_padding_waste: int = 16  # padding tokens one more sequence may add to a run (0: no limit)
     max_wait_ms: float = 0.0  # extra wait for a batch to fill when a slot is free
     max_queue_requests: int = 1024  # requests admitted and not yet answered
     max_queue_tokens: int = 4_000_000  # tokens admitted and not yet run
@@ -186,8 +187,12 @@ class ModelBatcher:
             )
             if key is None:
                 continue
+            settings = self.settings
             batch = select_batch(
-                self._waiting[key], self.settings.max_batch_tokens, self.settings.max_batch_size
+                self._waiting[key],
+                settings.max_batch_tokens,
+                settings.max_batch_size,
+                settings.max_padding_waste,
             )
             chosen = set(map(id, batch))
             self._waiting[key] = [item for item in self._waiting[key] if id(item) not in chosen]
