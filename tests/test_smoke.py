@@ -1,7 +1,6 @@
 """The default model answers Embed through a real server process."""
 
 import numpy as np
-
 from embedding_client.proto import embedding_pb2 as pb
 
 

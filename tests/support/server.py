@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from embedding_client.proto import embedding_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 
 def free_port() -> int:
@@ -85,7 +84,9 @@ def start_server(
     port = free_port()
     rest_port = free_port() if rest else 0
     log_path = Path(tempfile.mkstemp(prefix="embedding-server-", suffix=".log")[1])
-    command = server_command(["--host", "127.0.0.1", "--port", str(port), "--rest-port", str(rest_port), *args])
+    command = server_command(
+        ["--host", "127.0.0.1", "--port", str(port), "--rest-port", str(rest_port), *args]
+    )
     environment = {**os.environ, **(env or {})}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
