@@ -13,9 +13,11 @@ translate back. The shim keeps no state besides the channel.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
 
 import orjson
 from starlette.applications import Starlette
@@ -28,6 +30,8 @@ from ..auth import ApiKeys
 from . import openapi, schema, translate
 from .errors import RestError
 from .upstream import Upstream
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +100,9 @@ class Handlers:
                 raise RestError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
             parsed = schema.parse_body(decoded)
             message, output_fields = translate.to_embed_request(parsed)
-            reply = await self.upstream.embed(message, authorization, output_fields)
+            reply = await cancel_on_disconnect(
+                request, self.upstream.embed(message, authorization, output_fields)
+            )
             return JSONResponse(translate.to_embeddings_response(reply, parsed))
         except RestError as error:
             return error_response(error)
@@ -117,6 +123,30 @@ class Handlers:
 
     async def openapi_json(self, request: Request) -> Response:
         return Response(self.openapi, media_type="application/json")
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Returns when the HTTP client goes away (the body is read already, so nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def cancel_on_disconnect(request: Request, call: Awaitable[T]) -> T:
+    """Await ``call``, but cancel it (and so its queued gRPC work) if the HTTP client hangs up.
+
+    Without this an abandoned request still takes its turn on the model,
+    which under overload is exactly the work nobody wants.
+    """
+    work = asyncio.ensure_future(call)
+    gone = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not work.done():
+        work.cancel()
+        raise ClientDisconnect()
+    return work.result()
 
 
 def _too_large(size: int, limit: int) -> RestError:
