@@ -100,10 +100,11 @@ class Handlers:
                 raise RestError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
             parsed = schema.parse_body(decoded)
             message, output_fields = translate.to_embed_request(parsed)
-            reply = await cancel_on_disconnect(
-                request, self.upstream.embed(message, authorization, output_fields)
+            request_id = request.headers.get("x-request-id")
+            reply, headers = await cancel_on_disconnect(
+                request, self.upstream.embed(message, authorization, output_fields, request_id)
             )
-            return JSONResponse(translate.to_embeddings_response(reply, parsed))
+            return JSONResponse(translate.to_embeddings_response(reply, parsed), headers=headers)
         except RestError as error:
             return error_response(error)
         except ClientDisconnect:  # gone while sending the body: nobody to answer

@@ -26,6 +26,10 @@ CHANNEL_OPTIONS = [
 ]
 
 
+#: Per-call trailers the shim hands on as HTTP headers, as TEI does with its x-* headers.
+FORWARDED_TRAILERS = ("x-request-id", "x-queue-time-ms", "x-inference-time-ms", "x-total-time-ms")
+
+
 def _is_metadata_safe(value: str) -> bool:
     return value.isascii() and value.isprintable()
 
@@ -63,12 +67,23 @@ class Upstream:
         return ()
 
     async def embed(
-        self, request: pb.EmbedRequest, authorization: str | None, output_fields: list[str]
-    ) -> pb.EmbedResponse:
+        self,
+        request: pb.EmbedRequest,
+        authorization: str | None,
+        output_fields: list[str],
+        request_id: str | None = None,
+    ) -> tuple[pb.EmbedResponse, dict[str, str]]:
+        """The reply, and the call's trailers worth passing on as HTTP headers (request id, timings)."""
+        metadata = self.metadata(authorization)
+        if request_id and _is_metadata_safe(request_id):
+            metadata = (*metadata, ("x-request-id", request_id))
+        call = self.stub.Embed(request, metadata=metadata)
         try:
-            return await self.stub.Embed(request, metadata=self.metadata(authorization))
+            reply = await call
         except grpc.aio.AioRpcError as error:
             raise from_grpc(error.code(), error.details() or "", output_fields) from None
+        trailers = await call.trailing_metadata() or ()
+        return reply, {key: value for key, value in trailers if key in FORWARDED_TRAILERS}
 
     async def list_models(self, authorization: str | None) -> pb.ListModelsResponse:
         try:

@@ -1,4 +1,4 @@
-"""A REST client that hangs up cancels its gRPC call: abandoned work does not keep the model busy."""
+"""What the shim passes through: call timings and request ids out, a client hang-up in."""
 
 from __future__ import annotations
 
@@ -38,3 +38,23 @@ def test_hanging_up_cancels_the_grpc_call(default_server):
     # and the server still answers
     with urllib.request.urlopen(f"{default_server.rest_url}/health", timeout=10) as response:
         assert response.status == 200
+
+
+def post(rest_url: str, body: dict, headers: dict[str, str] | None = None):
+    request = urllib.request.Request(
+        f"{rest_url}/v1/embeddings",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
+    return urllib.request.urlopen(request, timeout=30)
+
+
+def test_request_id_and_timings_come_back_as_headers(default_server):
+    with post(default_server.rest_url, {"input": "hello"}, {"x-request-id": "trace-42"}) as response:
+        assert response.headers["x-request-id"] == "trace-42"
+        total = float(response.headers["x-total-time-ms"])
+        inference = float(response.headers["x-inference-time-ms"])
+        queue = float(response.headers["x-queue-time-ms"])
+        assert 0 < inference <= total and 0 <= queue <= total
+    with post(default_server.rest_url, {"input": "hello"}) as response:
+        assert response.headers["x-request-id"]  # one is made up when the client sends none
