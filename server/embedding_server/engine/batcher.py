@@ -19,6 +19,7 @@ import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -30,6 +31,16 @@ from ..models.types import SequenceVectors, Task
 from .batch_selection import select_batch
 from .requests import StageTimings
 from .work import PaddedBatch, WorkItem, pad
+
+
+class EngineObserver(Protocol):
+    """What the engine reports as it works (implemented by metrics.Metrics)."""
+
+    def on_batch(
+        self, model: str, size: int, real_tokens: int, padded_tokens: int, seconds: float
+    ) -> None: ...
+
+    def on_request(self, model: str, queue_seconds: float, inference_seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -60,12 +71,14 @@ class BatchStats:
 class ModelBatcher:
     """Queues, batches and runs the work of one model on its session pool."""
 
-    def __init__(self, loaded: LoadedModel, settings: BatchSettings, observer: object | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, settings: BatchSettings, observer: EngineObserver | None = None
+    ) -> None:
         self.model = loaded.model
         self.sessions = loaded.sessions
         self.settings = settings
         self.stats = BatchStats()
-        self.observer = observer  # metrics hooks: on_batch(size, tokens, seconds), on_queue(depth)
+        self.observer = observer
         self._waiting: dict[int, list[WorkItem]] = defaultdict(list)
         self._queued_tokens = 0
         self._admitted_requests = 0
@@ -272,7 +285,7 @@ class ModelBatcher:
         if self.observer is not None:
             self.observer.on_batch(
                 self.model.name, len(batch), padded.real_tokens, padded.padded_tokens, seconds
-            )  # type: ignore[attr-defined]
+            )
 
 
 def _stage_timings(items: list[WorkItem]) -> StageTimings:

@@ -16,7 +16,7 @@ from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
 from ..models.loader import LoadedModel
 from ..models.types import ModelDescription, SequenceVectors, Task
-from .batcher import BatchSettings, ModelBatcher
+from .batcher import BatchSettings, EngineObserver, ModelBatcher
 from .requests import EmbedJob, EmbedResult, TokenizedResult
 from .validation import check_dimensions, check_inputs, check_late_chunking, parse_outputs, parse_task
 
@@ -35,7 +35,7 @@ class Embedder:
     """Every served model, by name, with its batcher."""
 
     def __init__(
-        self, models: list[LoadedModel], settings: EngineSettings, observer: object | None = None
+        self, models: list[LoadedModel], settings: EngineSettings, observer: EngineObserver | None = None
     ) -> None:
         if not models:
             raise ValueError("at least one model is needed")
@@ -105,7 +105,7 @@ class Embedder:
 
         vectors, timings = await self._batchers[model.name].embed_timed(sequences, task, job.deadline)
         record_engine_time(timings.queue_seconds, timings.inference_seconds)  # the call's trailers
-        if self.observer is not None and hasattr(self.observer, "on_request"):
+        if self.observer is not None:
             self.observer.on_request(model.name, timings.queue_seconds, timings.inference_seconds)
         if job.late_chunking:
             vectors = [SequenceVectors(dense=chunk[None, :]) for chunk in vectors[0].dense]  # type: ignore[union-attr]
