@@ -33,6 +33,7 @@ from .requests import (
     EmbedOptions,
     as_text_list,
     batches,
+    request_parts,
 )
 from .results import (
     Embedding,
@@ -114,9 +115,7 @@ class AsyncEmbeddingClient:
     ) -> Embeddings:
         """Embed texts; a long list goes as several concurrent requests, reassembled in order."""
         options = EmbedOptions.build(model or self.model, task, dimensions, outputs, late_chunking, truncate)
-        items = as_text_list(texts)
-        size = len(items) if late_chunking else (batch_size or self.batch_size)
-        parts = [items[i : i + size] for i in range(0, len(items), size)] or [[]]
+        parts = request_parts(texts, late_chunking, batch_size or self.batch_size)
         deadline = self.timeout if timeout is None else timeout
         if len(parts) == 1:
             return await self._embed_part(options, parts[0], None, deadline)
@@ -124,7 +123,7 @@ class AsyncEmbeddingClient:
 
         async def part(index: int) -> Embeddings:
             async with limit:
-                return await self._embed_part(options, parts[index], index * size, deadline)
+                return await self._embed_part(options, parts[index], index * len(parts[0]), deadline)
 
         tasks = [asyncio.ensure_future(part(i)) for i in range(len(parts))]
         try:

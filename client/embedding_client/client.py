@@ -16,7 +16,7 @@ from .errors import EmbeddingError, from_rpc_error
 from .length_sort import BlockPlan, SortedRun, sorted_requests
 from .proto import embedding_pb2 as pb
 from .proto import embedding_pb2_grpc
-from .requests import DEFAULT_BATCH_SIZE, EmbedOptions, as_text_list, batches
+from .requests import DEFAULT_BATCH_SIZE, EmbedOptions, as_text_list, batches, request_parts
 from .results import (
     Embedding,
     Embeddings,
@@ -117,13 +117,11 @@ class EmbeddingClient:
         (``error.offset`` is the first input of the failed request).
         """
         options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
-        items = as_text_list(texts)
-        size = len(items) if late_chunking else (batch_size or self.batch_size)
-        parts = [items[i : i + size] for i in range(0, len(items), size)] or [[]]
+        parts = request_parts(texts, late_chunking, batch_size or self.batch_size)
         deadline = self.timeout if timeout is None else timeout
         if len(parts) == 1:
             return self._embed_one(options, parts[0], deadline)
-        return concatenate(self._embed_many(options, parts, size, deadline))
+        return concatenate(self._embed_many(options, parts, len(parts[0]), deadline))
 
     def _embed_one(self, options: EmbedOptions, texts: list[str], timeout: float | None) -> Embeddings:
         try:

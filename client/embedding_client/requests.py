@@ -69,6 +69,13 @@ def as_text_list(texts: str | Iterable[str]) -> list[str]:
     return items
 
 
+def request_parts(texts: str | Iterable[str], late_chunking: bool, batch_size: int) -> list[list[str]]:
+    """The inputs of each request of one ``embed`` call, in order (a late-chunked document stays whole)."""
+    items = as_text_list(texts)
+    size = len(items) if late_chunking else batch_size
+    return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
+
+
 def batches(
     texts: Iterable[str],
     batch_size: int = DEFAULT_BATCH_SIZE,
