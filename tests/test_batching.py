@@ -63,6 +63,27 @@ async def started(embedder: Embedder, sessions: CountingSessions) -> Embedder:
     return embedder
 
 
+async def blocked_run(embedder: Embedder, sessions: CountingSessions, text: str) -> asyncio.Task:
+    """Hold the sessions, start one request and wait until its run is stuck at the gate."""
+    sessions.hold()
+    blocker = asyncio.create_task(embedder.embed(EmbedJob(inputs=[text])))
+    await asyncio.to_thread(sessions.entered.acquire)
+    return blocker
+
+
+async def run_queued_behind_a_blocked_run(
+    embedder: Embedder, sessions: CountingSessions, first: str, texts: list[str]
+) -> list:
+    """One request per text, all queued while the first run is held, then everything released."""
+    blocker = await blocked_run(embedder, sessions, first)
+    jobs = [asyncio.create_task(embedder.embed(EmbedJob(inputs=[t]))) for t in texts]
+    await asyncio.sleep(0.2)  # let them all reach the queue
+    sessions.release()
+    results = await asyncio.gather(blocker, *jobs)
+    await embedder.close()
+    return results
+
+
 def dense(result) -> np.ndarray:
     return np.concatenate([v.dense for v in result.vectors])
 
@@ -70,14 +91,10 @@ def dense(result) -> np.ndarray:
 async def test_concurrent_requests_share_session_runs(builtin):
     embedder, sessions = make_embedder(builtin)
     await started(embedder, sessions)
-    sessions.hold()  # the first run blocks: everything after it queues up
-    first = asyncio.create_task(embedder.embed(EmbedJob(inputs=[sentence(0)])))
-    await asyncio.to_thread(sessions.entered.acquire)
-    rest = [asyncio.create_task(embedder.embed(EmbedJob(inputs=[sentence(i)]))) for i in range(1, 64)]
-    await asyncio.sleep(0.2)  # let all 63 reach the queue
-    sessions.release()
-    results = await asyncio.gather(first, *rest)
-    await embedder.close()
+    # the first run blocks: the other 63 queue up behind it
+    results = await run_queued_behind_a_blocked_run(
+        embedder, sessions, sentence(0), [sentence(i) for i in range(1, 64)]
+    )
     assert len(results) == 64
     # 64 requests of 5..42 tokens, a handful of runs (split by length: see the padding-waste rule)
     assert len(sessions.runs) <= 8, [r.batch_size for r in sessions.runs]
@@ -116,14 +133,7 @@ async def test_large_request_is_split_and_reassembled_in_order(builtin):
 async def test_token_budget_bounds_padded_cost(builtin):
     embedder, sessions = make_embedder(builtin, max_batch_tokens=200, max_batch_size=1000)
     await started(embedder, sessions)
-    sessions.hold()
-    first = asyncio.create_task(embedder.embed(EmbedJob(inputs=["warm"])))
-    await asyncio.to_thread(sessions.entered.acquire)
-    jobs = [asyncio.create_task(embedder.embed(EmbedJob(inputs=[sentence(i)]))) for i in range(40)]
-    await asyncio.sleep(0.2)
-    sessions.release()
-    await asyncio.gather(first, *jobs)
-    await embedder.close()
+    await run_queued_behind_a_blocked_run(embedder, sessions, "warm", [sentence(i) for i in range(40)])
     for run in sessions.runs:
         longest = max(len(r) for r in run.rows)
         assert longest * run.batch_size <= 200 or run.batch_size == 1
@@ -132,14 +142,7 @@ async def test_token_budget_bounds_padded_cost(builtin):
 async def test_length_sorted_batches_pad_little(builtin):
     embedder, sessions = make_embedder(builtin, max_batch_tokens=2048, max_batch_size=16)
     await started(embedder, sessions)
-    sessions.hold()
-    first = asyncio.create_task(embedder.embed(EmbedJob(inputs=["warm"])))
-    await asyncio.to_thread(sessions.entered.acquire)
-    jobs = [asyncio.create_task(embedder.embed(EmbedJob(inputs=[sentence(i)]))) for i in range(96)]
-    await asyncio.sleep(0.2)
-    sessions.release()
-    await asyncio.gather(first, *jobs)
-    await embedder.close()
+    await run_queued_behind_a_blocked_run(embedder, sessions, "warm", [sentence(i) for i in range(96)])
     real = sum(len(row) for run in sessions.runs[1:] for row in run.rows)
     padded = sum(max(len(row) for row in run.rows) * run.batch_size for run in sessions.runs[1:])
     assert real / padded >= 0.8  # arrival order is length-shuffled; FIFO batches would pad ~0.5
@@ -148,9 +151,7 @@ async def test_length_sorted_batches_pad_little(builtin):
 async def test_deadline_passed_in_queue_never_reaches_the_model(builtin):
     embedder, sessions = make_embedder(builtin)
     await started(embedder, sessions)
-    sessions.hold()
-    blocker = asyncio.create_task(embedder.embed(EmbedJob(inputs=["blocker"])))
-    await asyncio.to_thread(sessions.entered.acquire)
+    blocker = await blocked_run(embedder, sessions, "blocker")
     doomed = asyncio.create_task(
         embedder.embed(EmbedJob(inputs=["too late to matter"], deadline=time.monotonic() + 0.1))
     )
@@ -169,9 +170,7 @@ async def test_deadline_passed_in_queue_never_reaches_the_model(builtin):
 async def test_cancelled_caller_work_is_dropped(builtin):
     embedder, sessions = make_embedder(builtin)
     await started(embedder, sessions)
-    sessions.hold()
-    blocker = asyncio.create_task(embedder.embed(EmbedJob(inputs=["blocker"])))
-    await asyncio.to_thread(sessions.entered.acquire)
+    blocker = await blocked_run(embedder, sessions, "blocker")
     abandoned = asyncio.create_task(embedder.embed(EmbedJob(inputs=[sentence(i) for i in range(10)])))
     await asyncio.sleep(0.1)
     abandoned.cancel()
@@ -200,9 +199,7 @@ async def test_overload_is_refused_fast(builtin):
 async def test_token_bound_refuses_a_flood(builtin):
     embedder, sessions = make_embedder(builtin, max_queue_tokens=100)
     await started(embedder, sessions)
-    sessions.hold()
-    blocker = asyncio.create_task(embedder.embed(EmbedJob(inputs=[sentence(5)])))
-    await asyncio.to_thread(sessions.entered.acquire)
+    blocker = await blocked_run(embedder, sessions, sentence(5))
     queued = asyncio.create_task(embedder.embed(EmbedJob(inputs=[sentence(i) for i in range(3)])))
     await asyncio.sleep(0.05)
     with pytest.raises(Overloaded, match="tokens queued"):
