@@ -1,8 +1,8 @@
 """The gRPC contract: lint-clean, generated code fresh, and every public name exactly as specified.
 
-CONTRACT below is the block of the project's contract (spec/contract.md),
-verbatim but for comment alignment. It is parsed and compared with the descriptor of the generated
-code, so a renamed, renumbered or retyped field fails here.
+The block of the project's contract (docs/contract.md, the repository's copy of the spec) is
+parsed and compared with the descriptor of the generated code, so a renamed, renumbered or
+retyped field fails here.
 """
 
 from __future__ import annotations
@@ -24,85 +24,16 @@ ROOT = Path(__file__).resolve().parent.parent
 PROTO = ROOT / "protos" / "embedding" / "v1" / "embedding.proto"
 BUF = ROOT / ".tools" / "node_modules" / ".bin" / "buf"
 PACKAGE = "embedding.v1"
+CONTRACT_DOC = ROOT / "docs" / "contract.md"
 NOT_PROTO = shutil.ignore_patterns("*.py", "__pycache__")
 
-CONTRACT = """
-service EmbeddingService {
-  rpc Embed(EmbedRequest) returns (EmbedResponse);
-  rpc StreamEmbed(stream EmbedRequest) returns (stream EmbedResponse);
-  rpc ListModels(ListModelsRequest) returns (ListModelsResponse);
-  rpc Tokenize(TokenizeRequest) returns (TokenizeResponse);
-}
+def contract_block() -> str:
+    """The first fenced block of docs/contract.md: the service, enums and messages."""
+    text = CONTRACT_DOC.read_text()
+    match = re.search(r"```\n(service EmbeddingService.*?)```", text, re.S)
+    assert match, f"{CONTRACT_DOC}: no fenced block starting with the service"
+    return match.group(1)
 
-enum Task {
-  TASK_UNSPECIFIED = 0;        // the model's default task (jina-v3: retrieval.query)
-  TASK_RETRIEVAL_QUERY = 1;
-  TASK_RETRIEVAL_PASSAGE = 2;
-  TASK_SEPARATION = 3;
-  TASK_CLASSIFICATION = 4;
-  TASK_TEXT_MATCHING = 5;
-}
-
-enum OutputType {
-  OUTPUT_TYPE_UNSPECIFIED = 0; // treated as DENSE
-  OUTPUT_TYPE_DENSE = 1;       // float vector, L2-normalized
-  OUTPUT_TYPE_SPARSE = 2;      // lexical weights (token id -> weight)
-  OUTPUT_TYPE_COLBERT = 3;     // one normalized vector per token
-  OUTPUT_TYPE_BINARY = 4;      // sign bits of the dense vector, packed
-}
-
-message EmbedRequest {
-  string request_id = 1;            // echoed back; correlates StreamEmbed replies
-  string model = 2;                 // empty: the server's default model
-  repeated string inputs = 3;       // texts; with late_chunking, the chunks of one document
-  Task task = 4;
-  uint32 dimensions = 5;            // 0: full size; else Matryoshka truncate, then normalize
-  bool late_chunking = 6;
-  repeated OutputType outputs = 7;  // empty: [DENSE]
-  bool truncate = 8;                // false: an over-long input is an error; true: cut to max tokens
-}
-
-message EmbedResponse {
-  string request_id = 1;
-  string model = 2;
-  repeated Embedding embeddings = 3; // by input index, then in the order of `outputs`
-  Usage usage = 4;
-  google.rpc.Status error = 5;       // StreamEmbed only: this request failed, the stream goes on
-}
-
-message Embedding {
-  uint32 index = 1;                  // position in EmbedRequest.inputs
-  oneof vector {
-    DenseVector dense = 2;
-    SparseVector sparse = 3;
-    MultiVector colbert = 4;
-    BinaryVector binary = 5;
-  }
-}
-
-message DenseVector  { repeated float values = 1; }
-message SparseVector { repeated uint32 indices = 1; repeated float values = 2; } // token ids ascending
-message MultiVector  { uint32 dimensions = 1; repeated float values = 2; } // row-major rows x dimensions
-message BinaryVector { bytes bits = 1; uint32 dimensions = 2; } // np.packbits(v > 0), MSB first
-message Usage        { uint32 prompt_tokens = 1; uint32 total_tokens = 2; }
-
-message ListModelsRequest {}
-message ListModelsResponse { repeated ModelInfo models = 1; }
-message ModelInfo {
-  string name = 1;
-  string family = 2;                  // "jina-v3" | "bge-m3" | "sentence-transformers"
-  uint32 dimensions = 3;              // full dense size
-  uint32 max_tokens = 4;
-  repeated Task tasks = 5;
-  repeated OutputType outputs = 6;
-  repeated uint32 matryoshka_dimensions = 7;
-  bool is_default = 8;
-}
-
-message TokenizeRequest  { string model = 1; repeated string inputs = 2; Task task = 3; }
-message TokenizeResponse { repeated TokenizedInput results = 1; }
-message TokenizedInput   { repeated uint32 ids = 1; repeated string tokens = 2; }
-"""
 
 SCALARS = {
     FieldDescriptor.TYPE_STRING: "string",
@@ -218,7 +149,7 @@ def field_type(field: FieldDescriptor) -> str:
 
 @pytest.fixture(scope="module")
 def contract() -> Contract:
-    return parse_contract(CONTRACT)
+    return parse_contract(contract_block())
 
 
 # --- the descriptor against the contract -----------------------------------------------
@@ -226,7 +157,7 @@ def contract() -> Contract:
 
 def test_parser_reads_the_whole_contract(contract):
     assert len(contract.rpcs) == 4
-    assert set(contract.enums) == {"Task", "OutputType"}
+    assert set(contract.enums) == {"Task", "OutputType", "Priority"}
     assert len(contract.messages) == 14
     assert contract.messages["Embedding"]["binary"] == Field("binary", "BinaryVector", 5, False, "vector")
 
@@ -276,7 +207,7 @@ def test_messages(contract):
 
 def test_contract_check_catches_a_renamed_field(contract):
     """The comparison above is not vacuous: a parsed variant with one change is told apart."""
-    changed = parse_contract(CONTRACT.replace("uint32 dimensions = 5;", "uint32 dims = 5;"))
+    changed = parse_contract(contract_block().replace("uint32 dimensions = 5;", "uint32 dims = 5;"))
     assert "dims" in changed.messages["EmbedRequest"]
     assert "dims" not in embedding_pb2.EmbedRequest.DESCRIPTOR.fields_by_name
 

@@ -24,6 +24,12 @@ class OutputType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_TYPE_SPARSE: _ClassVar[OutputType]
     OUTPUT_TYPE_COLBERT: _ClassVar[OutputType]
     OUTPUT_TYPE_BINARY: _ClassVar[OutputType]
+
+class Priority(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PRIORITY_UNSPECIFIED: _ClassVar[Priority]
+    PRIORITY_INTERACTIVE: _ClassVar[Priority]
+    PRIORITY_BATCH: _ClassVar[Priority]
 TASK_UNSPECIFIED: Task
 TASK_RETRIEVAL_QUERY: Task
 TASK_RETRIEVAL_PASSAGE: Task
@@ -35,9 +41,12 @@ OUTPUT_TYPE_DENSE: OutputType
 OUTPUT_TYPE_SPARSE: OutputType
 OUTPUT_TYPE_COLBERT: OutputType
 OUTPUT_TYPE_BINARY: OutputType
+PRIORITY_UNSPECIFIED: Priority
+PRIORITY_INTERACTIVE: Priority
+PRIORITY_BATCH: Priority
 
 class EmbedRequest(_message.Message):
-    __slots__ = ("request_id", "model", "inputs", "task", "dimensions", "late_chunking", "outputs", "truncate")
+    __slots__ = ("request_id", "model", "inputs", "task", "dimensions", "late_chunking", "outputs", "truncate", "priority")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INPUTS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +55,7 @@ class EmbedRequest(_message.Message):
     LATE_CHUNKING_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     model: str
     inputs: _containers.RepeatedScalarFieldContainer[str]
@@ -54,7 +64,8 @@ class EmbedRequest(_message.Message):
     late_chunking: bool
     outputs: _containers.RepeatedScalarFieldContainer[OutputType]
     truncate: bool
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., task: _Optional[_Union[Task, str]] = ..., dimensions: _Optional[int] = ..., late_chunking: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[OutputType, str]]] = ..., truncate: _Optional[bool] = ...) -> None: ...
+    priority: Priority
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., inputs: _Optional[_Iterable[str]] = ..., task: _Optional[_Union[Task, str]] = ..., dimensions: _Optional[int] = ..., late_chunking: _Optional[bool] = ..., outputs: _Optional[_Iterable[_Union[OutputType, str]]] = ..., truncate: _Optional[bool] = ..., priority: _Optional[_Union[Priority, str]] = ...) -> None: ...
 
 class EmbedResponse(_message.Message):
     __slots__ = ("request_id", "model", "embeddings", "usage", "error")
@@ -133,7 +144,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "dimensions", "max_tokens", "tasks", "outputs", "matryoshka_dimensions", "is_default")
+    __slots__ = ("name", "family", "dimensions", "max_tokens", "tasks", "outputs", "matryoshka_dimensions", "is_default", "max_document_tokens", "precision")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +153,8 @@ class ModelInfo(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     MATRYOSHKA_DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    MAX_DOCUMENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PRECISION_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     dimensions: int
@@ -150,7 +163,9 @@ class ModelInfo(_message.Message):
     outputs: _containers.RepeatedScalarFieldContainer[OutputType]
     matryoshka_dimensions: _containers.RepeatedScalarFieldContainer[int]
     is_default: bool
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., dimensions: _Optional[int] = ..., max_tokens: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., outputs: _Optional[_Iterable[_Union[OutputType, str]]] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., is_default: _Optional[bool] = ...) -> None: ...
+    max_document_tokens: int
+    precision: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., dimensions: _Optional[int] = ..., max_tokens: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., outputs: _Optional[_Iterable[_Union[OutputType, str]]] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., is_default: _Optional[bool] = ..., max_document_tokens: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("model", "inputs", "task")

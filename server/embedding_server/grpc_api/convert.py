@@ -70,6 +70,8 @@ def model_info(description: ModelDescription, is_default: bool) -> pb.ModelInfo:
         outputs=[int(o) for o in description.outputs],
         matryoshka_dimensions=list(description.matryoshka_dimensions),
         is_default=is_default,
+        max_document_tokens=description.max_document_tokens,
+        precision=description.precision,
     )
 
 

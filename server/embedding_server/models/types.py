@@ -33,6 +33,14 @@ TASK_NAMES: dict[Task, str] = {
 }
 
 
+class Priority(IntEnum):
+    """Scheduling class; values equal embedding.v1.Priority."""
+
+    UNSPECIFIED = 0  # Embed: interactive; StreamEmbed: batch
+    INTERACTIVE = 1
+    BATCH = 2
+
+
 class Output(IntEnum):
     """Output kinds; values equal embedding.v1.OutputType."""
 
@@ -54,6 +62,8 @@ class ModelDescription:
     tasks: tuple[Task, ...] = ()
     outputs: tuple[Output, ...] = (Output.DENSE, Output.BINARY)
     matryoshka_dimensions: tuple[int, ...] = ()
+    max_document_tokens: int = 0  # the longest late-chunked document accepted; 0: cannot late-chunk
+    precision: str = "fp32"  # the weights as served: "fp32", "fp16" or "int8"
 
 
 @dataclass
