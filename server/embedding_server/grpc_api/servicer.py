@@ -70,7 +70,7 @@ class EmbeddingServicer:
             result = await embedder.embed(convert.to_job(request, _deadline(context)))
             return convert.to_response(request.request_id, result)
         except ServiceError as error:
-            await context.abort(error.code, error.message)
+            await context.abort(convert.status_code(error), error.message)
         raise AssertionError("unreachable")  # context.abort raises
 
     async def ListModels(
@@ -79,7 +79,7 @@ class EmbeddingServicer:
         try:
             embedder = self.state.require()
         except ServiceError as error:
-            await context.abort(error.code, error.message)
+            await context.abort(convert.status_code(error), error.message)
         return pb.ListModelsResponse(
             models=[convert.model_info(d, d.name == embedder.default_model) for d in embedder.descriptions()]
         )
@@ -93,7 +93,7 @@ class EmbeddingServicer:
             results = await embedder.tokenize(request.model, list(request.inputs), int(request.task))
             return convert.tokenized(results)
         except ServiceError as error:
-            await context.abort(error.code, error.message)
+            await context.abort(convert.status_code(error), error.message)
         raise AssertionError("unreachable")
 
     async def StreamEmbed(
