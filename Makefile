@@ -9,10 +9,11 @@ PY := $(VENV)/bin/python
 BUF := .tools/node_modules/.bin/buf
 BUF_VERSION := 1.75.0
 STAMP := $(VENV)/.installed
+NODE_CLIENT := clients/node/node_modules/.installed
 
 .PHONY: setup serve test lint generate bench clean
 
-setup: $(STAMP) $(BUF)
+setup: $(STAMP) $(BUF) $(NODE_CLIENT)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +27,11 @@ $(STAMP): pyproject.toml
 $(BUF):
 	mkdir -p .tools
 	cd .tools && npm install --silent --no-audit --no-fund --prefix . @bufbuild/buf@$(BUF_VERSION)
+
+# The Node client the tests run (generated stubs + Connect-ES), pinned by its lock file.
+$(NODE_CLIENT): clients/node/package-lock.json
+	cd clients/node && npm ci --silent --no-audit --no-fund
+	touch $@
 
 serve: $(STAMP)
 	$(VENV)/bin/embedding-server $(ARGS)
@@ -45,4 +51,4 @@ bench: $(STAMP)
 	$(PY) bench/run.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) .tools
+	rm -rf $(VENV) .tools clients/node/node_modules clients/node/gen
