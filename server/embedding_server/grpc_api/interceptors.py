@@ -30,8 +30,10 @@ import grpc
 
 from ..auth import ApiKeys
 from ..call_context import CallContext, clean_request_id, enter_call, leave_call
+from ..errors import Unauthenticated
 from ..metrics import Metrics
 from .server import SERVICE_NAME
+from .status import REQUEST_ID_KEY, abort
 
 log = logging.getLogger("embedding_server.access")
 
@@ -39,7 +41,6 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 OWN_PREFIX = f"/{SERVICE_NAME}/"
 
-REQUEST_ID_KEY = "x-request-id"
 QUEUE_TIME_KEY = "x-queue-time-ms"
 INFERENCE_TIME_KEY = "x-inference-time-ms"
 TOTAL_TIME_KEY = "x-total-time-ms"
@@ -113,20 +114,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         authorization = metadata_value(handler_call_details.invocation_metadata, "authorization")
         if self.keys.accepts(authorization):
             return handler
-        return _refusing(handler, MISSING_KEY_MESSAGE if not authorization else WRONG_KEY_MESSAGE)
+        if authorization:
+            return _refusing(handler, Unauthenticated(WRONG_KEY_MESSAGE, reason="INVALID_API_KEY"))
+        return _refusing(handler, Unauthenticated(MISSING_KEY_MESSAGE, reason="MISSING_API_KEY"))
 
 
-def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusing(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.RpcMethodHandler:
     if _streams_responses(handler):
 
         async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            await abort(context, error, "auth")
             yield  # pragma: no cover - abort raises
 
         return _with_behavior(handler, refuse_stream)
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, error, "auth")
 
     return _with_behavior(handler, refuse)
 
