@@ -141,13 +141,12 @@ class AsyncEmbeddingClient(ClientCore):
         Use ``async with`` around it to stop the streams at once if you leave early.
         """
         options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
-        arguments = self._stream_arguments(
+        core = self._stream_core(
             options,
             window=window,
             streams=streams,
             max_ahead=max_ahead,
             on_error=on_error,
-            metadata=metadata,
             rotate_after=rotate_after,
             length_sort=length_sort,
         )
@@ -162,7 +161,7 @@ class AsyncEmbeddingClient(ClientCore):
             source = _async_documents(texts)  # type: ignore[arg-type]
         else:
             source = _async_batches(texts, size)
-        run = AsyncStreamRun(self.stub, options, source, **arguments)
+        run = AsyncStreamRun(self.stub, core, source, self._stream_metadata(metadata))
         return AsyncSortedRun(run, plans) if length_sort else run
 
     async def embed_stream(

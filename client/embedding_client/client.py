@@ -199,19 +199,18 @@ class EmbeddingClient(ClientCore):
         N inputs, still in input order (see ``length_sort.py``).
         """
         options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
-        arguments = self._stream_arguments(
+        core = self._stream_core(
             options,
             window=window,
             streams=streams,
             max_ahead=max_ahead,
             on_error=on_error,
-            metadata=metadata,
             rotate_after=rotate_after,
             length_sort=length_sort,
         )
         plans: deque[BlockPlan] = deque()
         source = self._stream_source(texts, batch_size or self.batch_size, late_chunking, length_sort, plans)
-        run = StreamRun(self.stub, options, source, **arguments)
+        run = StreamRun(self.stub, core, source, self._stream_metadata(metadata))
         return SortedRun(run, plans) if length_sort else run
 
     def embed_stream(

@@ -32,6 +32,7 @@ from .proto import embedding_pb2_grpc
 from .requests import DEFAULT_BATCH_SIZE, EmbedOptions, as_text_list, batches, request_parts
 from .results import Embeddings, decode_embeddings
 from .retry import StreamRetry
+from .stream_core import OnError, StreamCore
 
 DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT = 60.0
@@ -225,19 +226,18 @@ class ClientCore:
             return (as_text_list(document) for document in texts)
         return batches(texts, size)  # type: ignore[arg-type]
 
-    def _stream_arguments(
+    def _stream_core(
         self,
         options: EmbedOptions,
         *,
         window: int,
         streams: int,
         max_ahead: int | None,
-        on_error: str,
-        metadata: Sequence[tuple[str, str]] | None,
+        on_error: OnError,
         rotate_after: float | None,
         length_sort: int | None,
-    ) -> dict[str, Any]:
-        """What a stream run (sync or asyncio) is built with, checked once."""
+    ) -> StreamCore:
+        """The decisions of one stream run (sync or asyncio), its options checked once."""
         if length_sort:
             if options.late_chunking:
                 raise ValueError("length_sort: late-chunking documents are sent whole, not sorted")
@@ -245,12 +245,15 @@ class ClientCore:
                 raise ValueError(
                     'length_sort: needs on_error="raise" (a block comes out whole or not at all)'
                 )
-        return {
-            "window": window,
-            "streams": streams,
-            "max_ahead": max_ahead,
-            "metadata": (*self._metadata, *(metadata or ())),
-            "retry": self.stream_retry,
-            "on_error": on_error,
-            "rotate_after": rotate_after,
-        }
+        return StreamCore(
+            options,
+            window=window,
+            streams=streams,
+            max_ahead=max_ahead,
+            retry=self.stream_retry,
+            on_error=on_error,
+            rotate_after=rotate_after,
+        )
+
+    def _stream_metadata(self, metadata: Sequence[tuple[str, str]] | None) -> tuple[tuple[str, str], ...]:
+        return (*self._metadata, *(metadata or ()))

@@ -23,9 +23,7 @@ import grpc
 from .errors import from_rpc_error
 from .ledger import Batch, CallState, Step, StreamStats
 from .proto import embedding_pb2_grpc
-from .requests import EmbedOptions
 from .results import Embeddings
-from .retry import StreamRetry
 from .stream_core import WATCHDOG_PERIOD, OnError, StreamCore
 
 __all__ = ["OnError", "StreamRun"]
@@ -40,26 +38,11 @@ class StreamRun:
     def __init__(
         self,
         stub: embedding_pb2_grpc.EmbeddingServiceStub,
-        options: EmbedOptions,
+        core: StreamCore,
         batches: Iterable[list[str]],
-        *,
-        window: int,
-        streams: int,
-        max_ahead: int | None,
         metadata: tuple[tuple[str, str], ...],
-        retry: StreamRetry,
-        on_error: OnError = "raise",
-        rotate_after: float | None = None,
     ) -> None:
-        self.core = StreamCore(
-            options,
-            window=window,
-            streams=streams,
-            max_ahead=max_ahead,
-            retry=retry,
-            on_error=on_error,
-            rotate_after=rotate_after,
-        )
+        self.core = core
         self.ledger = self.core.ledger
         self._stub = stub
         self._input = iter(batches)
