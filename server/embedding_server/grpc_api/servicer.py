@@ -133,6 +133,10 @@ class EmbeddingServicer:
                 yield reply
                 window.release()
             await reader  # surfaces a read error (e.g. the client's stream broke)
+        except Exception as exc:  # a bug outside any one request: INTERNAL with details, not UNKNOWN
+            if context.cancelled():
+                raise
+            await abort(context, exc, "StreamEmbed")
         finally:
             reader.cancel()
             for task in list(in_flight):
