@@ -25,7 +25,7 @@ import grpc
 
 from .channel import ChannelSettings
 from .enums import OutputLike, TaskLike, parse_task
-from .errors import EmbeddingError, from_rpc_error
+from .errors import EmbeddingError, from_rpc_error, metadata_value
 from .length_sort import BlockPlan, sorted_requests
 from .proto import embedding_pb2 as pb
 from .proto import embedding_pb2_grpc
@@ -38,7 +38,6 @@ DEFAULT_TARGET = "localhost:50051"
 DEFAULT_TIMEOUT = 60.0
 DEFAULT_WINDOW = 32  # = the server's default --stream-window; more in flight, better length batching
 DEFAULT_ROTATE_AFTER = 10.0
-REQUEST_ID_KEY = "x-request-id"
 
 
 class UseClientDefault:
@@ -89,15 +88,6 @@ def check_timeout(timeout: float | None, name: str = "timeout") -> float | None:
     if timeout is not None and (isinstance(timeout, bool) or not timeout > 0):
         raise ValueError(f"{name}: expected seconds > 0, or None for no deadline; got {timeout!r}")
     return timeout
-
-
-def trailer_value(
-    metadata: Iterable[tuple[str, str | bytes]] | None, key: str = REQUEST_ID_KEY
-) -> str | None:
-    for item_key, value in metadata or ():
-        if item_key == key:
-            return value.decode("ascii", "replace") if isinstance(value, bytes) else value
-    return None
 
 
 class ClientCore:
@@ -196,7 +186,7 @@ class ClientCore:
         offset: int = 0,
     ) -> Embeddings:
         result = decode_embeddings(reply, count, options.outputs, offset)
-        request_id = trailer_value(trailers)
+        request_id = metadata_value(trailers)
         result.request_ids = (request_id,) if request_id else ()
         return result
 

@@ -12,6 +12,7 @@ reply (:func:`from_status`), so both paths look alike to the caller.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "embedding.v1"
+REQUEST_ID_KEY = "x-request-id"  # the server's id for a call, sent back as a trailer
 _BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
 
 
@@ -79,9 +81,10 @@ def status_of(error: grpc.RpcError) -> status_pb2.Status:
     return status_pb2.Status(code=(code or grpc.StatusCode.UNKNOWN).value[0], message=message or "")
 
 
-def trailer(error: grpc.RpcError, key: str) -> str | None:
-    """One trailing-metadata value of a failed call (e.g. ``x-request-id``), if it came."""
-    metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+def metadata_value(
+    metadata: Iterable[tuple[str, str | bytes]] | None, key: str = REQUEST_ID_KEY
+) -> str | None:
+    """One metadata value (e.g. the ``x-request-id`` trailer), if it came."""
     for item_key, value in metadata or ():
         if item_key == key:
             return value.decode("ascii", "replace") if isinstance(value, bytes) else value
@@ -271,7 +274,8 @@ def error_for(
 def from_rpc_error(error: grpc.RpcError) -> EmbeddingError:
     """A typed exception for a failed call (sync or asyncio), details read from its trailers."""
     status = status_of(error)
-    return from_status(status, request_id=trailer(error, "x-request-id"))
+    trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    return from_status(status, request_id=metadata_value(trailers))
 
 
 def code_of(value: int) -> grpc.StatusCode:
