@@ -271,5 +271,5 @@ async def test_unexpected_exception_is_internal_everywhere(builtin, caplog):  # 
         assert replies[0].error.code == grpc.StatusCode.INTERNAL.value[0]
         check_error_info(replies[0].error, "INTERNAL")
     assert len(sessions.runs) >= 2
-    logged = [r for r in caplog.records if r.exc_info and "bug-1" in r.getMessage()]
+    logged = [r for r in caplog.records if r.exc_info and getattr(r, "request_id", None) == "bug-1"]
     assert logged and "injected failure" in str(logged[0].exc_info[1])

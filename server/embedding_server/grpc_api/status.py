@@ -40,7 +40,10 @@ def as_service_error(exc: BaseException, what: str) -> ServiceError:
     """``exc`` itself when the engine raised it on purpose; else, logged, an INTERNAL error."""
     if isinstance(exc, ServiceError):
         return exc
-    log.error("%s failed [request_id=%s]", what, current_request_id(), exc_info=exc)
+    # The log setup appends the current request id to every line; ``extra`` makes it explicit here.
+    log.error(
+        "%s failed: %s", what, type(exc).__name__, exc_info=exc, extra={"request_id": current_request_id()}
+    )
     return InternalError(f"internal error: {type(exc).__name__}")
 
 
