@@ -124,6 +124,20 @@ def test_results_carry_the_servers_request_ids(default_server):
     assert split.request_id == split.request_ids[0]
 
 
+def test_stream_results_carry_the_stream_calls_request_id(default_server):
+    with EmbeddingClient(default_server.target) as client:
+        batches = list(client.embed_stream_batches(["a", "b", "c"], batch_size=2))
+    ids = {b.request_id for b in batches}
+    assert len(ids) == 1 and None not in ids  # one call, one id, on every batch
+    assert f"[request_id={ids.pop()}]" in default_server.log()
+
+
+async def test_async_stream_results_carry_request_ids(default_server):
+    async with AsyncEmbeddingClient(default_server.target) as client:
+        batches = [b async for b in client.embed_stream_batches(["a", "b", "c"], batch_size=2)]
+    assert all(b.request_id for b in batches) and len({b.request_id for b in batches}) == 1
+
+
 async def test_async_results_carry_request_ids(default_server):
     async with AsyncEmbeddingClient(default_server.target, batch_size=2) as client:
         result = await client.embed(["a", "b", "c"])

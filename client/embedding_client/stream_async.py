@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from .errors import EmbeddingError, from_rpc_error
+from .errors import EmbeddingError, from_rpc_error, metadata_value
 from .ledger import Batch, CallState, Step, StreamStats
 from .proto import embedding_pb2_grpc
 from .results import Embeddings
@@ -116,9 +116,12 @@ class AsyncStreamRun:
         writer = asyncio.ensure_future(self._write(call, attempt))
         error: EmbeddingError | None = None
         try:
+            request_id = metadata_value(await call.initial_metadata())
             while (reply := await call.read()) is not grpc.aio.EOF:
                 batch = self.core.lookup(attempt, reply)
-                if batch is not None and self.core.settle(attempt, batch, self.core.outcome(batch, reply)):
+                if batch is None:
+                    continue  # not ours to answer: dropped, so no duplicates
+                if self.core.settle(attempt, batch, self.core.outcome(batch, reply, request_id)):
                     await self._notify()
             await writer
         except grpc.RpcError as exc:

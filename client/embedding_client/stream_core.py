@@ -185,16 +185,23 @@ class StreamCore:
         """The batch a reply answers (None: not ours to answer; dropped, so no duplicates)."""
         return self.ledger.lookup(attempt, reply.request_id)
 
-    def outcome(self, batch: Batch, reply: pb.EmbedResponse) -> Embeddings | EmbeddingError:
-        """The reply as a result or as the request's typed error (pure: no lock needed)."""
+    def outcome(
+        self, batch: Batch, reply: pb.EmbedResponse, request_id: str | None = None
+    ) -> Embeddings | EmbeddingError:
+        """The reply as a result or as the request's typed error (pure: no lock needed).
+
+        ``request_id`` is the call's id on the server (its ``x-request-id`` initial metadata).
+        """
         if reply.HasField("error") and reply.error.code != 0:
-            error = from_status(reply.error, offset=batch.offset)
+            error = from_status(reply.error, offset=batch.offset, request_id=request_id)
             error.indices = list(range(batch.offset, batch.offset + len(batch.texts)))
             return error
         try:
-            return decode_embeddings(reply, len(batch.texts), self.options.outputs, batch.offset)
+            result = decode_embeddings(reply, len(batch.texts), self.options.outputs, batch.offset)
         except EmbeddingError as exc:
-            return Embeddings(count=len(batch.texts), offset=batch.offset, error=exc)
+            result = Embeddings(count=len(batch.texts), offset=batch.offset, error=exc)
+        result.request_ids = (request_id,) if request_id else ()
+        return result
 
     def settle(self, attempt: int, batch: Batch, outcome: Embeddings | EmbeddingError) -> bool:
         """Record a reply; a "not now" (queue full, draining) is sent again later. True: notify waiters."""

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 
 import grpc
 
-from .errors import from_rpc_error
+from .errors import from_rpc_error, metadata_value
 from .ledger import Batch, CallState, Step, StreamStats
 from .proto import embedding_pb2_grpc
 from .results import Embeddings
@@ -146,11 +146,12 @@ class StreamRun:
         """Read one call's replies to its end (runs in its own thread)."""
         error = None
         try:
+            request_id = metadata_value(call.initial_metadata())  # type: ignore[attr-defined]
             for reply in call:
                 with self._cond:
                     batch = self.core.lookup(attempt, reply)
                 if batch is not None:
-                    outcome = self.core.outcome(batch, reply)  # decoding outside the lock
+                    outcome = self.core.outcome(batch, reply, request_id)  # decoding outside the lock
                     with self._cond:
                         if self.core.settle(attempt, batch, outcome):
                             self._cond.notify_all()

@@ -7,7 +7,9 @@ line per call, and sends the call's timings as trailing metadata, as TEI does
 in its ``x-*`` headers:
 
 - ``x-request-id``: the client's ``x-request-id`` metadata (or the
-  ``request_id`` field of a unary request) when given, else a fresh one;
+  ``request_id`` field of a unary request) when given, else a fresh one
+  (a StreamEmbed call also sends it as initial metadata, so each reply's
+  results can carry it);
 - ``x-queue-time-ms``, ``x-inference-time-ms``: engine time (summed over the
   requests of a StreamEmbed call); ``x-total-time-ms``: the whole call.
 
@@ -207,6 +209,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 call, token, started = self._begin(quiet, clean_request_id(offered_id))
                 error: BaseException | None = None
                 try:
+                    if not quiet:  # a stream's replies need their call's id before its trailers come
+                        await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
                     async for reply in inner(request, context):
                         yield reply
                     _send_trailers(context, call, started)
