@@ -224,3 +224,14 @@ def test_a_timeout_must_be_positive_or_none(bad):
         EmbeddingClient("localhost:1", timeout=bad)
     with EmbeddingClient("localhost:1") as client, pytest.raises(ValueError, match="timeout"):
         client.embed(["x"], timeout=bad)
+
+
+@pytest.mark.parametrize("message", ["Received message larger than max", "queue full", ""])
+def test_stream_retry_reads_the_reason_not_the_message(message):
+    from embedding_client.errors import error_for
+    from embedding_client.retry import stream_error_is_retryable
+
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not stream_error_is_retryable(error_for(exhausted, message))  # gRPC's size limit: no details
+    assert stream_error_is_retryable(error_for(exhausted, message, details=ErrorDetails(reason="QUEUE_FULL")))
+    assert stream_error_is_retryable(error_for(grpc.StatusCode.UNAVAILABLE, message))
