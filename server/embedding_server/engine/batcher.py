@@ -152,13 +152,15 @@ class ModelBatcher:
             self.stats.rejected += 1
             raise Overloaded(
                 f"server overloaded: {self._admitted_requests} requests in flight for model "
-                f"{self.model.name} (limit {settings.max_queue_requests}); retry with backoff"
+                f"{self.model.name} (limit {settings.max_queue_requests}); retry with backoff",
+                reason="QUEUE_FULL",
             )
         if self._queued_tokens and self._queued_tokens + tokens > settings.max_queue_tokens:
             self.stats.rejected += 1
             raise Overloaded(
                 f"server overloaded: {self._queued_tokens} tokens queued for model {self.model.name} "
-                f"(limit {settings.max_queue_tokens}); retry with backoff"
+                f"(limit {settings.max_queue_tokens}); retry with backoff",
+                reason="QUEUE_FULL",
             )
         self._admitted_requests += 1
 
@@ -223,7 +225,10 @@ class ModelBatcher:
                 elif item.deadline is not None and now >= item.deadline:
                     self.stats.dropped_deadline += 1
                     item.future.set_exception(
-                        DeadlineExpired("deadline exceeded while queued; the model did not run it")
+                        DeadlineExpired(
+                            "deadline exceeded while queued; the model did not run it",
+                            reason="DEADLINE_EXCEEDED_IN_QUEUE",
+                        )
                     )
                 else:
                     live.append(item)

@@ -120,7 +120,9 @@ class EmbeddingModel(ABC):
         if len(document.ids) > self.tokenizer.max_tokens:
             raise InvalidArgument(
                 f"inputs: late chunking needs the whole document in one window; it has "
-                f"{len(document.ids)} tokens and the model's maximum is {self.tokenizer.max_tokens}"
+                f"{len(document.ids)} tokens and the model's maximum is {self.tokenizer.max_tokens}",
+                field="inputs",
+                reason="DOCUMENT_TOO_LONG",
             )
         return document, chunk_spans(document, ends)
 

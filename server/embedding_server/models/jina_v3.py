@@ -71,7 +71,11 @@ class JinaV3Model(EmbeddingModel):
 
     def check_task(self, task: Task) -> None:
         if self.resolve(task) not in self._task_ids:
-            raise InvalidArgument(f"task: {task.name} is not one of this model's adapters {self._adapters}")
+            raise InvalidArgument(
+                f"task: {task.name} is not one of this model's adapters {self._adapters}",
+                field="task",
+                reason="UNSUPPORTED_TASK",
+            )
 
     def prefix(self, task: Task) -> str:
         return self._instructions.get(TASK_NAMES[self.resolve(task)], "")

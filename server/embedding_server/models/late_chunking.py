@@ -41,7 +41,12 @@ def chunk_spans(document: TokenizedText, chunk_ends: list[int]) -> list[tuple[in
             counts[owner] += 1
     for index, count in enumerate(counts):
         if count == 0:
-            raise InvalidArgument(f"inputs[{index}]: chunk has no tokens of its own")
+            raise InvalidArgument(
+                f"inputs[{index}]: chunk has no tokens of its own",
+                field="inputs",
+                index=index,
+                reason="EMPTY_CHUNK",
+            )
     return _contiguous_spans(owners)
 
 
