@@ -74,9 +74,12 @@ def check_late_chunking(job: EmbedJob, model: EmbeddingModel, outputs: tuple[Out
     if not job.late_chunking:
         return
     if not model.supports_late_chunking:
-        raise InvalidArgument(f"late_chunking: model {model.name}'s graph has no token states to chunk")
+        raise InvalidArgument(
+            f"late_chunking: model {model.name}'s graph has no token states to chunk", field="late_chunking"
+        )
     extra = [o for o in outputs if o not in LATE_CHUNKING_OUTPUTS]
     if extra:
         raise InvalidArgument(
-            f"outputs: late_chunking gives dense or binary vectors only, not OUTPUT_TYPE_{extra[0].name}"
+            f"outputs: late_chunking gives dense or binary vectors only, not OUTPUT_TYPE_{extra[0].name}",
+            field="outputs",
         )
