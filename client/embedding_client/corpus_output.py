@@ -7,7 +7,10 @@ from the next record. Rows are the same bytes whether written in one run or
 several, so the finished file is identical to an uninterrupted run's.
 
 - ``.jsonl``: one ``{"id": ..., "embedding": [...]}`` line per record; the
-  rows done are the complete lines.
+  rows done are the complete lines. With late chunking a record is a
+  document and its line is ``{"id": ..., "embeddings": [[...], ...]}``, one
+  vector per chunk in chunk order (late chunking writes .jsonl only: a
+  document's vectors stay together with its id).
 - ``.npy``: the final ``.npy`` header (shape ``[records, d]``, float32,
   exactly what ``np.save`` writes) and then raw rows; the rows done are
   ``(size - header) // (4 * d)``. The header needs the record count, hence
@@ -114,6 +117,10 @@ class CorpusOutput:
 
 
 class JsonlOutput(CorpusOutput):
+    def __init__(self, path: Path, records: int, key: str = "embedding") -> None:
+        super().__init__(path, records)
+        self.key = key  # "embeddings" for late chunking: a row is a document's [chunks, d] matrix
+
     def _recover(self) -> int:
         with open(self.partial, "r+b") as data:
             content_end = _last_newline_end(data)
@@ -124,7 +131,7 @@ class JsonlOutput(CorpusOutput):
     def write(self, ids: Sequence[Any], dense: np.ndarray) -> None:
         assert self._file is not None
         lines = [
-            json.dumps({"id": id_, "embedding": row}, separators=(", ", ": ")).encode() + b"\n"
+            json.dumps({"id": id_, self.key: row}, separators=(", ", ": ")).encode() + b"\n"
             for id_, row in zip(ids, dense.tolist(), strict=True)
         ]
         self._file.write(b"".join(lines))
@@ -195,9 +202,13 @@ def _last_newline_end(data: BinaryIO) -> int:
     return 0
 
 
-def open_output(path: Path, records: int) -> CorpusOutput:
+def open_output(path: Path, records: int, late_chunking: bool = False) -> CorpusOutput:
     if path.suffix == ".jsonl":
-        return JsonlOutput(path, records)
+        return JsonlOutput(path, records, key="embeddings" if late_chunking else "embedding")
+    if late_chunking:
+        raise CorpusOutputError(
+            f"{path}: late chunking writes .jsonl (one line per document: its id and a vector per chunk)"
+        )
     if path.suffix == ".npy":
         return NpyOutput(path, records)
     raise CorpusOutputError(f"{path}: unknown output format; use one of {', '.join(SUFFIXES)}")

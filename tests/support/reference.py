@@ -146,6 +146,63 @@ class JinaV3Reference:
     def document_length(self, chunks: list[str], task: int = 0) -> int:
         return len(self.tokenizer.encode(self.prefix(task) + " ".join(chunks)).ids)
 
+    def long_late_chunks(
+        self, chunks: list[str], task: int, dimensions: int, max_tokens: int, overlap: int
+    ) -> tuple[list[np.ndarray], int]:
+        """models.md "Late chunking beyond the window": the chunk vectors and the number of windows."""
+        prefix = self.prefix(task)
+        document = self.tokenizer.encode(prefix + " ".join(chunks))
+        states = windowed_states(
+            self.model.weights, document.ids, self.adapter_index(task), max_tokens, overlap
+        )
+        spans = late_chunk_spans(document, prefix, chunks)
+        vectors = [normalize(states.rows[a:b].mean(axis=0)[: dimensions or None]) for a, b in spans]
+        return vectors, len(states.windows)
+
+
+@dataclass(frozen=True)
+class WindowedStates:
+    rows: np.ndarray  # [N + 2, H]: H of models.md
+    windows: list[tuple[int, int]]  # [s_k, e_k) over the content tokens
+
+
+def windowed_states(
+    weights: Backbone, ids: list[int], task: int | None, max_tokens: int, overlap: int
+) -> WindowedStates:
+    """Each token's state from the one window that keeps it, each window run on its own.
+
+    Written from the spec's rule per token (not from the server's code):
+    window 0 keeps content [0, e_0) and its <s>; window k > 0 keeps
+    [s_k + O, e_k); the last window gives </s>.
+    """
+    assert ids[0] == BOS_ID and ids[-1] == EOS_ID
+    content = list(ids[1:-1])
+    n = len(content)
+    capacity = max_tokens - 2
+    step_back = min(overlap, capacity // 2)
+    windows = []
+    start = 0
+    while True:
+        end = min(start + capacity, n)
+        windows.append((start, end))
+        if end == n:
+            break
+        start = end - step_back
+    rows: list[np.ndarray | None] = [None] * (n + 2)
+    for k, (start, end) in enumerate(windows):
+        window_ids = [BOS_ID, *content[start:end], EOS_ID]
+        assert len(window_ids) <= max_tokens
+        h = backbone_states(weights, window_ids, task)
+        if k == 0:
+            rows[0] = h[0]
+        if k == len(windows) - 1:
+            rows[n + 1] = h[-1]
+        for t in range(start if k == 0 else start + step_back, end):
+            assert rows[1 + t] is None, f"token {t} kept by two windows"
+            rows[1 + t] = h[1 + (t - start)]
+    assert all(row is not None for row in rows), "a token no window keeps"
+    return WindowedStates(np.stack(rows), windows)  # type: ignore[arg-type]
+
 
 def late_chunk_spans(document: Encoded, prefix: str, chunks: list[str]) -> list[tuple[int, int]]:
     """models.md: each ordinary token goes to the first chunk i with ``end <= e_i``."""
