@@ -29,14 +29,17 @@ from embedding_client.proto import embedding_pb2 as pb
 from embedding_server.models.late_chunking import content_windows, plan_document
 from embedding_server.models.tokenization import TokenizedText
 
+from tests.support import minilm_reference
 from tests.support.reference import (
     COSINES,
     JinaV3Reference,
+    ReferenceTokenizer,
     assert_binary_matches,
     backbone_states,
     cosine,
     late_chunk_spans,
     normalize,
+    windowed_states,
 )
 from tests.support.server import RunningServer, start_server
 from tests.support.synthetic import JINA_HIDDEN, JINA_MAX_TOKENS, WORDS, JinaV3Dir, make_jina_v3
@@ -393,3 +396,37 @@ def test_corpus_cli_late_chunking(server_b, refs, tmp_path: Path):
     plain.write_text(json.dumps({"id": 1, "text": "no chunks here"}) + "\n")
     bad = run_cli("corpus", str(plain), str(tmp_path / "bad.jsonl"), *flags)
     assert bad.returncode == 1 and '"chunks"' in bad.stderr
+
+
+# --- the built-in model (BERT: [CLS] ... [SEP] windows), against the numpy MiniLM --------------------
+
+
+def test_builtin_model_late_chunks_a_three_window_document(default_server):
+    """The real model, default flags: 256-token windows overlapping by 127 tokens.
+
+    The server runs an int8 export and the reference is fp32 numpy, so the
+    check is cosine >= 0.99 and, per chunk, nearer the windowed reference than
+    the chunk embedded alone.
+    """
+    rng = np.random.default_rng(4)
+    vocabulary = "the river city old house garden road train book night morning rain music people".split()
+    tokenizer = ReferenceTokenizer(minilm_reference.model_dir())
+    chunks: list[str] = []
+    while len(tokenizer.encode(" ".join(chunks)).ids) < 420:  # one word, one token: 420-460 tokens
+        chunks.append(" ".join(rng.choice(vocabulary, size=int(rng.integers(8, 40)))) + ".")
+    encoded = tokenizer.encode(" ".join(chunks))
+    assert 2 * 127 + 254 >= len(encoded.ids) - 2 > 127 + 254  # exactly 3 windows
+
+    def run(ids: list[int]) -> np.ndarray:
+        return minilm_reference.hidden_states(np.array([ids]), np.ones((1, len(ids)), np.int64))[0]
+
+    states = windowed_states(run, encoded.ids, 256, DEFAULT_OVERLAP)
+    assert len(states.windows) == 3
+    expected = [normalize(states.rows[a:b].mean(0)) for a, b in late_chunk_spans(encoded, "", chunks)]
+    reply = embed(default_server.stub(), inputs=chunks, late_chunking=True)
+    assert reply.usage.prompt_tokens == len(encoded.ids)
+    rows = dense_rows(reply)
+    alone = minilm_reference.embed(chunks)
+    for row, want, single in zip(rows, expected, alone, strict=True):
+        assert cosine(row, want) >= 0.99
+        assert cosine(row, want) > cosine(row, single)

@@ -12,6 +12,7 @@ special ids and zero weights, ColBERT rows 1..n-1 normalized, and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,8 +153,9 @@ class JinaV3Reference:
         """models.md "Late chunking beyond the window": the chunk vectors and the number of windows."""
         prefix = self.prefix(task)
         document = self.tokenizer.encode(prefix + " ".join(chunks))
+        adapter = self.adapter_index(task)
         states = windowed_states(
-            self.model.weights, document.ids, self.adapter_index(task), max_tokens, overlap
+            lambda ids: backbone_states(self.model.weights, ids, adapter), document.ids, max_tokens, overlap
         )
         spans = late_chunk_spans(document, prefix, chunks)
         vectors = [normalize(states.rows[a:b].mean(axis=0)[: dimensions or None]) for a, b in spans]
@@ -167,15 +169,16 @@ class WindowedStates:
 
 
 def windowed_states(
-    weights: Backbone, ids: list[int], task: int | None, max_tokens: int, overlap: int
+    run: Callable[[list[int]], np.ndarray], ids: list[int], max_tokens: int, overlap: int
 ) -> WindowedStates:
     """Each token's state from the one window that keeps it, each window run on its own.
 
     Written from the spec's rule per token (not from the server's code):
     window 0 keeps content [0, e_0) and its <s>; window k > 0 keeps
-    [s_k + O, e_k); the last window gives </s>.
+    [s_k + O, e_k); the last window gives </s>. ``run`` maps one sequence's
+    ids to its token states; ``ids`` is ``<s> C </s>`` (``[CLS] C [SEP]`` for BERT).
     """
-    assert ids[0] == BOS_ID and ids[-1] == EOS_ID
+    bos, eos = ids[0], ids[-1]
     content = list(ids[1:-1])
     n = len(content)
     capacity = max_tokens - 2
@@ -190,9 +193,9 @@ def windowed_states(
         start = end - step_back
     rows: list[np.ndarray | None] = [None] * (n + 2)
     for k, (start, end) in enumerate(windows):
-        window_ids = [BOS_ID, *content[start:end], EOS_ID]
+        window_ids = [bos, *content[start:end], eos]
         assert len(window_ids) <= max_tokens
-        h = backbone_states(weights, window_ids, task)
+        h = run(window_ids)
         if k == 0:
             rows[0] = h[0]
         if k == len(windows) - 1:
