@@ -398,6 +398,23 @@ def test_corpus_cli_late_chunking(server_b, refs, tmp_path: Path):
     assert bad.returncode == 1 and '"chunks"' in bad.stderr
 
 
+def test_cli_embed_late_chunking_and_models(server_b, refs):
+    ref = refs["small"]
+    chunks = document(seed=23, content_tokens=tokens_for_windows(2, DEFAULT_OVERLAP))
+    flags = ["--target", server_b.target, "--task", "separation"]
+    done = run_cli("embed", *chunks, "--late-chunking", "--json", *flags)
+    assert done.returncode == 0, done.stderr
+    rows = [np.array(json.loads(line)["embedding"]) for line in done.stdout.splitlines()]
+    expected, planned = ref.long_late_chunks(chunks, SEPARATION, 0, SMALL_WINDOW, DEFAULT_OVERLAP)
+    assert planned == 2
+    check_against_reference("small/cli-embed", rows, expected)
+    models = run_cli("models", "--json", "--target", server_b.target)
+    assert models.returncode == 0, models.stderr
+    assert [m["max_document_tokens"] for m in json.loads(models.stdout)] == [DOCUMENT_LIMIT]
+    table = run_cli("models", "--target", server_b.target)
+    assert "MAX DOCUMENT" in table.stdout and str(DOCUMENT_LIMIT) in table.stdout
+
+
 # --- the built-in model (BERT: [CLS] ... [SEP] windows), against the numpy MiniLM --------------------
 
 
