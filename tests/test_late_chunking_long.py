@@ -15,6 +15,7 @@ Server A serves the small-window model and a 64-token one with
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 from collections.abc import Iterator
@@ -26,10 +27,14 @@ import numpy as np
 import pytest
 from embedding_client.corpus import CorpusJob
 from embedding_client.proto import embedding_pb2 as pb
+from embedding_server.engine.embedder import Embedder, EngineSettings
+from embedding_server.engine.requests import EmbedJob
 from embedding_server.models.late_chunking import content_windows, plan_document
+from embedding_server.models.loader import LoadedModel, ModelSpec, load
 from embedding_server.models.tokenization import TokenizedText
 
 from tests.support import minilm_reference
+from tests.support.instrumented import CountingSessions
 from tests.support.reference import (
     COSINES,
     JinaV3Reference,
@@ -299,6 +304,48 @@ def test_stream_embed_runs_long_documents(stub, refs):
         expected, planned = ref.long_late_chunks(chunks, SEPARATION, 0, SMALL_WINDOW, OVERLAP)
         assert planned == int(key)
         check_against_reference("small/stream", dense_rows(replies[key]), expected)
+
+
+async def test_windows_are_sequences_that_batch_with_other_work(models, refs):
+    """In-process, the session runs recorded: each window is its own row, <s> + C[s:e] + </s>,
+    and queued behind a held run the windows share a run with an ordinary input of the same task."""
+    loaded = load(ModelSpec("small", models["small"].path), sessions=1, threads=1)
+    sessions = CountingSessions(loaded.sessions)
+    wrapped = LoadedModel(model=loaded.model, sessions=sessions)  # type: ignore[arg-type]
+    embedder = Embedder([wrapped], EngineSettings(late_chunking_overlap=OVERLAP))
+    for batcher in embedder.batchers.values():
+        batcher.start()
+    ref = refs["small"]
+    chunks = document(seed=29, content_tokens=tokens_for_windows(3))
+    ids = ref.tokenizer.encode(" ".join(chunks)).ids
+    content = ids[1:-1]
+    step = CAPACITY - OVERLAP
+    windows = [(k * step, min(k * step + CAPACITY, len(content))) for k in range(3)]
+    expected_rows = {(ids[0], *content[s:e], ids[-1]) for s, e in windows}
+    try:
+        sessions.hold()
+        blocker = asyncio.create_task(embedder.embed(EmbedJob(inputs=["cats"], task=SEPARATION)))
+        await asyncio.to_thread(sessions.entered.acquire)
+        long_job = asyncio.create_task(
+            embedder.embed(EmbedJob(inputs=chunks, task=SEPARATION, late_chunking=True))
+        )
+        other = asyncio.create_task(embedder.embed(EmbedJob(inputs=["the dog"], task=SEPARATION)))
+        for _ in range(6000):  # poll (up to 60 s) until 3 windows + 1 input wait
+            if embedder.batcher("small").queue_depth == 4:
+                break
+            await asyncio.sleep(0.01)
+        assert embedder.batcher("small").queue_depth == 4
+        sessions.release()
+        result, _, plain = await asyncio.gather(long_job, blocker, other)
+    finally:
+        sessions.release()
+        await embedder.close()
+    shared = [run for run in sessions.runs if expected_rows <= set(run.rows)]
+    assert shared and tuple(ref.token_ids("the dog", SEPARATION)) in shared[0].rows
+    assert result.prompt_tokens == len(ids)
+    expected, _ = ref.long_late_chunks(chunks, SEPARATION, 0, SMALL_WINDOW, OVERLAP)
+    check_against_reference("small/in-process", [v.dense[0] for v in result.vectors], expected)
+    COSINES.check("small/in-process", plain.vectors[0].dense[0], ref.dense("the dog", SEPARATION))
 
 
 # --- limits, ListModels, the default overlap, REST, the corpus CLI (server B) --------------------------
