@@ -437,8 +437,25 @@ def test_corpus_cli_late_chunking(server_b, refs, tmp_path: Path):
     assert "resuming: 1 of 3" in again.stderr
     assert resumed.read_bytes() == output.read_bytes()
 
-    refused = run_cli("corpus", str(source), str(tmp_path / "chunks.npy"), *flags)
-    assert refused.returncode == 1 and ".jsonl" in refused.stderr
+    # .npy: a float32 row per chunk, in input order
+    npy = tmp_path / "chunks.npy"
+    done = run_cli("corpus", str(source), str(npy), *flags)
+    assert done.returncode == 0, done.stderr
+    rows = np.load(npy)
+    everything = np.array([v for line in lines for v in line["embeddings"]], np.float32)
+    assert rows.shape == everything.shape
+    np.testing.assert_array_equal(rows, everything)
+    # killed in the middle of the second document: resumed from the last whole document, same bytes
+    whole = npy.read_bytes()
+    header = len(whole) - rows.nbytes
+    torn = header + 4 * rows.shape[1] * (len(documents[0]) + len(documents[1]) // 2) + 7
+    resumed_npy = tmp_path / "resumed.npy"
+    Path(f"{resumed_npy}.partial").write_bytes(whole[:torn])
+    Path(f"{resumed_npy}.partial.json").write_text(json.dumps(job.settings(3), sort_keys=True))
+    again = run_cli("corpus", str(source), str(resumed_npy), *flags)
+    assert again.returncode == 0, again.stderr
+    assert "resuming: 1 of 3" in again.stderr
+    assert resumed_npy.read_bytes() == whole
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"id": 1, "text": "no chunks here"}) + "\n")
     bad = run_cli("corpus", str(plain), str(tmp_path / "bad.jsonl"), *flags)

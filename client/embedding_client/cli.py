@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help='each INPUT line is one document, {"id": ..., "chunks": ["...", ...]}: every chunk gets a '
         "vector pooled from token states that saw the whole document (documents longer than the "
-        "model's window run as overlapping windows). OUTPUT must be .jsonl: one line per document, "
-        '{"id": ..., "embeddings": [[...], ...]} with a vector per chunk',
+        "model's window run as overlapping windows). OUTPUT .jsonl: one line per document, "
+        '{"id": ..., "embeddings": [[...], ...]} with a vector per chunk; .npy: one float32 row per chunk, '
+        "in input order",
     )
     corpus.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -19,7 +19,14 @@ from typing import Any
 from tqdm import tqdm
 
 from .client import EmbeddingClient
-from .corpus_input import count_records, parse_document, parse_record, read_records
+from .corpus_input import (
+    count_chunks,
+    count_records,
+    parse_document,
+    parse_record,
+    read_records,
+    whole_documents,
+)
 from .corpus_output import open_output, partial_path
 from .enums import task_name
 
@@ -75,9 +82,13 @@ def run_corpus(
         log(f"{job.output} exists and is complete; nothing to do (delete it to embed again)")
         return CorpusSummary(0, 0, 0, 0.0, job.model, 0)
     records = count_records(job.input)
-    output = open_output(job.output, records, job.late_chunking)
+    chunk_rows = job.late_chunking and job.output.suffix == ".npy"  # a row per chunk, not per record
+    output = open_output(job.output, count_chunks(job.input) if chunk_rows else records)
     try:
         done = output.resume(job.settings(records))
+        if chunk_rows:  # rows are chunks: go on from the last whole document
+            done, rows = whole_documents(job.input, done)
+            output.cut_to(rows)
         if done:
             log(f"resuming: {done} of {records} records already in {output.partial}")
         ids: deque[Any] = deque()
@@ -116,11 +127,12 @@ def run_corpus(
             ) as bar,
         ):
             for batch in run:
-                if job.late_chunking:  # one reply per document: one row of [chunks, d]
-                    records_done, rows = 1, batch.dense[None]  # type: ignore[index]
+                if job.late_chunking:  # one reply per document, a vector per chunk
+                    records_done = 1
+                    output.write_document(ids.popleft(), batch.dense)  # type: ignore[arg-type]
                 else:
-                    records_done, rows = batch.count, batch.dense
-                output.write([ids.popleft() for _ in range(records_done)], rows)  # type: ignore[arg-type]
+                    records_done = batch.count
+                    output.write([ids.popleft() for _ in range(records_done)], batch.dense)  # type: ignore[arg-type]
                 embedded += records_done
                 model = batch.model or model
                 bar.update(records_done)

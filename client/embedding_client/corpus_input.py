@@ -104,3 +104,19 @@ def parse_document(path: Path, number: int, raw: bytes) -> Document:
         if not isinstance(chunk, str) or not chunk.strip():
             raise CorpusInputError(path, number, f'"chunks"[{index}] must be a non-blank string')
     return Document(line=number, id=value.get("id"), chunks=chunks)
+
+
+def count_chunks(path: Path) -> int:
+    """All chunks of a late-chunking corpus (parses every line: the rows of a .npy output)."""
+    return sum(len(document.chunks) for document in read_records(path, parse=parse_document))
+
+
+def whole_documents(path: Path, rows: int) -> tuple[int, int]:
+    """Of ``rows`` chunk rows written, the documents wholly written and the rows they fill."""
+    documents = filled = 0
+    for document in read_records(path, parse=parse_document):
+        if filled + len(document.chunks) > rows:
+            break
+        documents += 1
+        filled += len(document.chunks)
+    return documents, filled
