@@ -27,11 +27,13 @@ import numpy as np
 import pytest
 from embedding_client.corpus import CorpusJob
 from embedding_client.proto import embedding_pb2 as pb
+from embedding_server.app import engine_settings
 from embedding_server.engine.embedder import Embedder, EngineSettings
 from embedding_server.engine.requests import EmbedJob
 from embedding_server.models.late_chunking import content_windows, plan_document
 from embedding_server.models.loader import LoadedModel, ModelSpec, load
 from embedding_server.models.tokenization import TokenizedText
+from embedding_server.settings import parse_settings
 
 from tests.support import minilm_reference
 from tests.support.instrumented import CountingSessions
@@ -168,6 +170,18 @@ def test_windows_cover_the_document_and_keep_each_token_once(n, overlap):
         np.testing.assert_array_equal(plan.windows[0].ids, ids)
     for (_, previous_end), (start, _) in itertools.pairwise(windows):
         assert previous_end - start == min(overlap, CAPACITY // 2)
+
+
+def test_flags_reach_the_engine():
+    defaults = engine_settings(parse_settings([], environ={}))
+    assert (defaults.late_chunking_overlap, defaults.max_document_tokens) == (256, 0)
+    flags = engine_settings(
+        parse_settings(["--late-chunking-overlap", "64", "--max-document-tokens", "5000"], {})
+    )
+    assert (flags.late_chunking_overlap, flags.max_document_tokens) == (64, 5000)
+    environ = {"EMBEDDING_LATE_CHUNKING_OVERLAP": "0", "EMBEDDING_MAX_DOCUMENT_TOKENS": "777"}
+    from_env = engine_settings(parse_settings([], environ=environ))
+    assert (from_env.late_chunking_overlap, from_env.max_document_tokens) == (0, 777)
 
 
 # --- vectors against the reference -------------------------------------------------------------
