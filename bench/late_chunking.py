@@ -7,6 +7,7 @@ One idle server; in alternating rounds (medians printed side by side):
   4 x 1 seq     four one-window documents, one call after the other
   4 x 1 conc    four one-window documents sent at once
 
+then a document of the model's max_document_tokens (3 calls),
 and the server's CPU seconds per call (utime + stime of the process), the
 tokens the model ran per document token (the overlap's cost, measured from
 /metrics and computed from the window plan for other overlaps), and peak RSS.
@@ -132,6 +133,19 @@ def main() -> None:
             f"4-window document: {four_tokens} tokens, {int(run_tokens)} tokens run "
             f"(overlap cost {run_tokens / four_tokens:.2f}x); latency vs 4 x one window sequentially: "
             f"{statistics.median(times['4 windows']) / statistics.median(times['4 x 1 seq']):.2f}"
+        )
+        longest = document(stub, info.max_document_tokens - 2, seed=11)
+        took, spent = [], []
+        for _ in range(3):
+            cpu_before, started = cpu_seconds(pid), time.perf_counter()
+            reply = stub.Embed(pb.EmbedRequest(inputs=longest, late_chunking=True), timeout=300)
+            took.append(time.perf_counter() - started)
+            spent.append(cpu_seconds(pid) - cpu_before)
+        windows = len(content_windows(reply.usage.prompt_tokens - 2, capacity, overlap))
+        print(
+            f"longest document ({reply.usage.prompt_tokens} tokens, {windows} windows, "
+            f"{len(longest)} chunks): p50 {statistics.median(took) * 1000:.0f} ms, "
+            f"server CPU {statistics.median(spent) * 1000:.0f} ms"
         )
         print("tokens run / document tokens by overlap (window plan, 4096-token document):")
         for value in (0, 32, 64, 127):
