@@ -108,6 +108,7 @@ class ModelInfo:
     outputs: tuple[Output, ...]
     matryoshka_dimensions: tuple[int, ...]
     is_default: bool
+    max_document_tokens: int = 0  # longest late-chunked document (tokens); 0: cannot late-chunk
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,7 @@ def decode_model(info: pb.ModelInfo) -> ModelInfo:
         outputs=tuple(Output(o) for o in info.outputs if o in Output._value2member_map_),
         matryoshka_dimensions=tuple(info.matryoshka_dimensions),
         is_default=info.is_default,
+        max_document_tokens=info.max_document_tokens,
     )
 
 

@@ -275,10 +275,8 @@ class ModelBatcher:
         rows = [item.row for item in batch]
         vectors = self.model.postprocess(outputs, padded.input_ids, padded.attention_mask, rows)
         for result, row in zip(vectors, rows, strict=True):
-            if result.dense is not None:
-                # Late-chunked vectors are always normalized (models.md), whatever the model's own rule.
-                normalize = self.model.normalizes or row.spans is not None
-                result.dense = truncate_and_normalize(result.dense, row.dimensions, normalize)
+            if result.dense is not None:  # late-chunking windows return token states, pooled by the engine
+                result.dense = truncate_and_normalize(result.dense, row.dimensions, self.model.normalizes)
         return vectors
 
     def _record(self, batch: list[WorkItem], padded: PaddedBatch, seconds: float) -> None:

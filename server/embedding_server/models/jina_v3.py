@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidArgument, ModelLoadError
-from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_chunked
+from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_states
 from .family import JINA_V3
 from .limits import xlm_roberta_max_tokens
 from .pooling import mean_pool
@@ -104,4 +104,4 @@ class JinaV3Model(EmbeddingModel):
         rows: list[RowRequest],
     ) -> list[SequenceVectors]:
         states = self.token_states(outputs)
-        return pooled_or_chunked(states, mean_pool(states, attention_mask), rows)
+        return pooled_or_states(states, mean_pool(states, attention_mask), rows)
