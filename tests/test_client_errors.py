@@ -46,7 +46,7 @@ def test_unary_errors_expose_reason_field_index_and_request_id(default_server):
     error = bad.value
     assert (error.reason, error.field, error.index, error.input_index) == ("INPUT_TOO_LONG", "inputs", 1, 1)
     assert error.request_id and len(error.request_id) == 32  # the server's fresh id for the call
-    assert f"[request_id={error.request_id}]" in default_server.log()  # the same id the logs carry
+    assert default_server.logged(f"[request_id={error.request_id}]")  # the same id the logs carry
     raw = raw_details(default_server, pb.EmbedRequest(inputs=["fine", "word " * 300]))
     assert (raw.reason, raw.field, raw.index) == (error.reason, error.field, error.index)
     assert (missing.value.reason, missing.value.field, missing.value.index) == (
@@ -119,7 +119,7 @@ def test_results_carry_the_servers_request_ids(default_server):
     with EmbeddingClient(default_server.target, batch_size=2) as client:
         one = client.embed(["a"])
         split = client.embed(["a", "b", "c", "d", "e"])
-    assert one.request_id and f"[request_id={one.request_id}]" in default_server.log()
+    assert one.request_id and default_server.logged(f"[request_id={one.request_id}]")
     assert len(split.request_ids) == 3 and len(set(split.request_ids)) == 3
     assert split.request_id == split.request_ids[0]
 
@@ -129,7 +129,7 @@ def test_stream_results_carry_the_stream_calls_request_id(default_server):
         batches = list(client.embed_stream_batches(["a", "b", "c"], batch_size=2))
     ids = {b.request_id for b in batches}
     assert len(ids) == 1 and None not in ids  # one call, one id, on every batch
-    assert f"[request_id={ids.pop()}]" in default_server.log()
+    assert default_server.logged(f"[request_id={ids.pop()}]")
 
 
 async def test_async_stream_results_carry_request_ids(default_server):
@@ -142,7 +142,7 @@ async def test_async_results_carry_request_ids(default_server):
     async with AsyncEmbeddingClient(default_server.target, batch_size=2) as client:
         result = await client.embed(["a", "b", "c"])
     assert len(result.request_ids) == 2 and all(
-        f"[request_id={i}]" in default_server.log() for i in result.request_ids
+        default_server.logged(f"[request_id={i}]") for i in result.request_ids
     )
 
 

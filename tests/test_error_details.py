@@ -113,7 +113,7 @@ EMBED_CASES = {
     ),
     "blank late chunk": ({"inputs": ["a", " "], "late_chunking": True}, "EMPTY_CHUNK", "inputs", 1),
     "late document too long": (
-        {"inputs": ["word " * 200, "word " * 200], "late_chunking": True},
+        {"inputs": ["word " * 2100, "word " * 2100], "late_chunking": True},  # over 16 windows of 256
         "DOCUMENT_TOO_LONG",
         "inputs",
         None,
