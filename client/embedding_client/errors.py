@@ -14,15 +14,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import grpc
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 ERROR_DOMAIN = "embedding.v1"
 REQUEST_ID_KEY = "x-request-id"  # the server's id for a call, sent back as a trailer
 _BY_VALUE: dict[int, grpc.StatusCode] = {code.value[0]: code for code in grpc.StatusCode}
+_M = TypeVar("_M", bound=Message)
 
 
 @dataclass(frozen=True)
@@ -44,28 +47,26 @@ class ErrorDetails:
     def of(cls, status: status_pb2.Status) -> ErrorDetails:
         values: dict[str, Any] = {}
         for packed in status.details:
-            if packed.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                packed.Unpack(info)
+            if (info := _unpack(packed, error_details_pb2.ErrorInfo())) is not None:
                 if info.domain == ERROR_DOMAIN:
                     values["reason"] = info.reason
                     values["field"] = info.metadata.get("field")
                     index = info.metadata.get("index")
                     values["index"] = int(index) if index is not None and index.isdigit() else None
-            elif packed.Is(error_details_pb2.RequestInfo.DESCRIPTOR):
-                request = error_details_pb2.RequestInfo()
-                packed.Unpack(request)
+            elif (request := _unpack(packed, error_details_pb2.RequestInfo())) is not None:
                 values["request_id"] = request.request_id or None
-            elif packed.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                packed.Unpack(retry)
+            elif (retry := _unpack(packed, error_details_pb2.RetryInfo())) is not None:
                 values["retry_after"] = retry.retry_delay.ToNanoseconds() / 1e9
-            elif packed.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                packed.Unpack(bad)
-                if bad.field_violations:
-                    values["field_path"] = bad.field_violations[0].field
+            elif (
+                bad := _unpack(packed, error_details_pb2.BadRequest())
+            ) is not None and bad.field_violations:
+                values["field_path"] = bad.field_violations[0].field
         return cls(**values)
+
+
+def _unpack(packed: any_pb2.Any, message: _M) -> _M | None:
+    """``message`` filled from ``packed`` when that holds one of its type, else None."""
+    return message if packed.Unpack(message) else None
 
 
 def status_of(error: grpc.RpcError) -> status_pb2.Status:
@@ -73,7 +74,12 @@ def status_of(error: grpc.RpcError) -> status_pb2.Status:
     code = error.code() if hasattr(error, "code") else None
     message = error.details() if hasattr(error, "details") else str(error)
     try:
-        status = rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None  # type: ignore[arg-type]
+        # A failed sync call's RpcError is also its grpc.Call (the stubs keep the two apart), and
+        # types-grpcio-status leaves from_call's result untyped.
+        status = cast(
+            "status_pb2.Status | None",
+            rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None,  # type: ignore[arg-type]
+        )
     except ValueError:  # details that disagree with the status line: trust the status line
         status = None
     if status is not None:
@@ -152,13 +158,13 @@ class EmbeddingError(Exception):
             return f" (in the request starting at input #{self.offset})"
         return ""
 
-    def __reduce__(self):  # picklable across processes, keyword-only fields included
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable across processes, keyword-only fields included
         fields = (self.request_id, self.offset, self.reason, self.field, self.index, self.retry_after)
         return (_rebuild, (type(self), self.message, self.code.name, fields, self.indices))
 
 
 def _rebuild(
-    cls: type[EmbeddingError], message: str, code: str, fields: tuple, indices: list[int] | None
+    cls: type[EmbeddingError], message: str, code: str, fields: tuple[Any, ...], indices: list[int] | None
 ) -> EmbeddingError:
     request_id, offset, reason, field, index, retry_after = fields
     error = cls(
@@ -275,7 +281,9 @@ def from_rpc_error(error: grpc.RpcError) -> EmbeddingError:
     """A typed exception for a failed call (sync or asyncio), details read from its trailers."""
     status = status_of(error)
     trailers = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
-    return from_status(status, request_id=metadata_value(trailers))
+    # grpc-stubs types these trailers as _Metadatum objects; at run time they are (key, value) pairs
+    # (namedtuples from a sync call, a grpc.aio.Metadata from an asyncio one).
+    return from_status(status, request_id=metadata_value(trailers))  # type: ignore[arg-type]
 
 
 def code_of(value: int) -> grpc.StatusCode:

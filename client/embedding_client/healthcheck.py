@@ -108,7 +108,10 @@ def check(args: argparse.Namespace) -> int:
     with open_channel(args) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            reply = stub.Check(health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+            # types-grpcio-health-checking declares no methods on HealthStub (its __init__ sets them).
+            reply = stub.Check(  # type: ignore[attr-defined]
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
         except grpc.RpcError as error:
             code = error.code() if hasattr(error, "code") else None
             if code == grpc.StatusCode.NOT_FOUND:

@@ -25,7 +25,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the ledger itself stays free of grpc
+    from .errors import EmbeddingError
 
 
 class Step(Enum):
@@ -63,7 +66,7 @@ class CallState:
 
     finished: bool = False
     detached: bool = False  # the slot moved on to a new call; the reader handles the end
-    error: BaseException | None = None
+    error: EmbeddingError | None = None
     requeued: int = 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 from .enums import Output, OutputLike, Task, TaskLike, parse_outputs, parse_task
 from .proto import embedding_pb2 as pb
@@ -52,10 +53,11 @@ class EmbedOptions:
             request_id=request_id,
             model=self.model,
             inputs=texts,
-            task=int(self.task),
+            # protoc's stubs type enum fields as their wrapper class; the IntEnum values are the same ints
+            task=cast(pb.Task, int(self.task)),
             dimensions=self.dimensions,
             late_chunking=self.late_chunking,
-            outputs=[int(o) for o in self.outputs],
+            outputs=[cast(pb.OutputType, int(o)) for o in self.outputs],
             truncate=self.truncate,
         )
 

@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+import numpy.typing as npt
 
 from .enums import Output, Task
 from .errors import EmbeddingError, InternalError
@@ -91,7 +92,7 @@ class Embeddings:
         for i in range(self.count):
             yield self[i]
 
-    def __array__(self, dtype: object = None, copy: object = None) -> np.ndarray:
+    def __array__(self, dtype: npt.DTypeLike | None = None, copy: object = None) -> np.ndarray:
         """``np.asarray(result)`` is the dense matrix."""
         if self.dense is None:
             raise ValueError("no dense vectors in this result (outputs did not include dense)")
@@ -175,10 +176,10 @@ def concatenate(parts: Sequence[Embeddings]) -> Embeddings:
     return Embeddings(
         model=first.model,
         count=sum(p.count for p in parts),
-        dense=None if first.dense is None else np.concatenate([p.dense for p in parts]),  # type: ignore[misc]
-        sparse=None if first.sparse is None else [v for p in parts for v in p.sparse],  # type: ignore[union-attr]
-        colbert=None if first.colbert is None else [v for p in parts for v in p.colbert],  # type: ignore[union-attr]
-        binary=None if first.binary is None else np.concatenate([p.binary for p in parts]),  # type: ignore[misc]
+        dense=None if first.dense is None else np.concatenate([p.dense for p in parts]),
+        sparse=None if first.sparse is None else [v for p in parts for v in p.sparse or ()],
+        colbert=None if first.colbert is None else [v for p in parts for v in p.colbert or ()],
+        binary=None if first.binary is None else np.concatenate([p.binary for p in parts]),
         prompt_tokens=sum(p.prompt_tokens for p in parts),
         offset=first.offset,
         request_ids=tuple(i for p in parts for i in p.request_ids),

@@ -16,17 +16,27 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 import grpc
 
 from .errors import from_rpc_error, metadata_value
 from .ledger import Batch, CallState, Step, StreamStats
+from .proto import embedding_pb2 as pb
 from .proto import embedding_pb2_grpc
 from .results import Embeddings
 from .stream_core import WATCHDOG_PERIOD, OnError, StreamCore
 
 __all__ = ["OnError", "StreamRun"]
+
+
+class _ReplyCall(Protocol):
+    """What a StreamEmbed call is to its reader: the replies, and the metadata sent before them."""
+
+    def __iter__(self) -> Iterator[pb.EmbedResponse]: ...
+
+    def initial_metadata(self) -> Sequence[tuple[str, str | bytes]]: ...
 
 
 class StreamRun:
@@ -142,11 +152,11 @@ class StreamRun:
         reader.start()
         return state
 
-    def _read(self, attempt: int, call: Iterator, state: CallState) -> None:
+    def _read(self, attempt: int, call: _ReplyCall, state: CallState) -> None:
         """Read one call's replies to its end (runs in its own thread)."""
         error = None
         try:
-            request_id = metadata_value(call.initial_metadata())  # type: ignore[attr-defined]
+            request_id = metadata_value(call.initial_metadata())
             for reply in call:
                 with self._cond:
                     batch = self.core.lookup(attempt, reply)
@@ -161,7 +171,7 @@ class StreamRun:
             self.core.call_ended(attempt, state, error)
             self._cond.notify_all()
 
-    def _requests(self, attempt: int) -> Iterator:
+    def _requests(self, attempt: int) -> Iterator[pb.EmbedRequest]:
         """The requests of one call (runs in grpc's thread); returns to half-close."""
         while True:
             with self._cond:

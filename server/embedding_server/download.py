@@ -60,7 +60,9 @@ def download(
     """Fetch preset ``name`` into ``destination``; returns the directory to pass to --model."""
     preset = PRESETS[name]
     if snapshot is None:
-        from huggingface_hub import snapshot_download as snapshot
+        from huggingface_hub import snapshot_download
+
+        snapshot = snapshot_download
     snapshot(
         repo_id=preset.repo_id,
         revision=revision,

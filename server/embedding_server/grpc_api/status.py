@@ -16,10 +16,11 @@ id and becomes INTERNAL, on every RPC.
 from __future__ import annotations
 
 import logging
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -55,7 +56,9 @@ def to_rpc_status(error: ServiceError, request_id: str | None = None) -> status_
         metadata["field"] = error.field
     if error.index is not None:
         metadata["index"] = str(error.index)
-    details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)]
+    details: list[Message] = [
+        error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=metadata)
+    ]
     if request_id:
         details.append(error_details_pb2.RequestInfo(request_id=request_id))
     if error.code is Code.INVALID_ARGUMENT and error.field_path is not None:
@@ -87,14 +90,21 @@ def to_grpc_status(error: ServiceError, request_id: str | None = None) -> grpc.S
     )
 
 
-async def abort(context: grpc.aio.ServicerContext, exc: BaseException, what: str) -> NoReturn:
+async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, what: str) -> NoReturn:
     """End the call with the status for ``exc`` (an unexpected one is logged and sent as INTERNAL)."""
     await context.abort_with_status(to_grpc_status(as_service_error(exc, what)))
     raise AssertionError("unreachable")  # abort_with_status raises
 
 
 class _Status(
-    NamedTuple("_Status", [("code", grpc.StatusCode), ("details", str), ("trailing_metadata", tuple)]),
+    NamedTuple(
+        "_Status",
+        [
+            ("code", grpc.StatusCode),
+            ("details", str),
+            ("trailing_metadata", tuple[tuple[str, str | bytes], ...]),
+        ],
+    ),
     grpc.Status,
 ):
     """What ``abort_with_status`` takes (grpc_status builds the same, without our trailer)."""

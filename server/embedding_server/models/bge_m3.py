@@ -32,7 +32,8 @@ class Linear:
         self.bias = bias.astype(np.float32)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        return x @ self.weight_t + self.bias
+        out: np.ndarray = x @ self.weight_t + self.bias
+        return out
 
 
 def load_linear(path: str) -> Linear:
@@ -71,7 +72,9 @@ class BgeM3Model(EmbeddingModel):
         return tokenizer
 
     def _describe(self) -> ModelDescription:
-        shape = self.signature.outputs["dense_vecs" if self._exported_heads else self._states]
+        shape = self.signature.outputs[
+            self._states if self._states and not self._exported_heads else "dense_vecs"
+        ]
         config = self.files.config("config.json") or {}
         assert isinstance(config, dict)
         width = shape[-1] if isinstance(shape[-1], int) else int(config.get("hidden_size", 1024))
@@ -114,7 +117,11 @@ class BgeM3Model(EmbeddingModel):
         rows: list[RowRequest],
     ) -> list[SequenceVectors]:
         states = self.token_states(outputs)
-        dense = as_float32(outputs["dense_vecs"]) if self._exported_heads else states[:, 0]  # CLS
+        if self._exported_heads:
+            dense = as_float32(outputs["dense_vecs"])
+        else:
+            assert states is not None  # _configure refuses a graph with neither
+            dense = states[:, 0]  # CLS
         results = pooled_or_states(states, dense, rows)
         for b, (row, vectors) in enumerate(zip(rows, results, strict=True)):
             if Output.SPARSE in row.outputs:  # never with late chunking (validation refuses it)
@@ -129,7 +136,9 @@ class BgeM3Model(EmbeddingModel):
         if self._exported_heads:
             weights = as_float32(outputs["sparse_vecs"][b, :n, 0])
         else:
-            weights = np.maximum(self._sparse_head(states[b, :n])[:, 0], 0.0)  # type: ignore[misc]
+            # _describe offers SPARSE without exported heads only when sparse_linear.pt is loaded
+            assert self._sparse_head is not None and states is not None
+            weights = np.maximum(self._sparse_head(states[b, :n])[:, 0], 0.0)
         return sparse_max_per_id(ids[:n], weights, self._dropped_ids)
 
     def _colbert(
@@ -138,7 +147,9 @@ class BgeM3Model(EmbeddingModel):
         if self._exported_heads:
             vectors = as_float32(outputs["colbert_vecs"][b, : n - 1])
         else:
-            vectors = self._colbert_head(states[b, 1:n])  # type: ignore[misc]  # drops <s>, keeps </s>
+            # _describe offers COLBERT without exported heads only when colbert_linear.pt is loaded
+            assert self._colbert_head is not None and states is not None
+            vectors = self._colbert_head(states[b, 1:n])  # drops <s>, keeps </s>
         return normalize(vectors)
 
 

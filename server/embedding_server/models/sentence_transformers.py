@@ -67,12 +67,24 @@ class SentenceTransformersModel(EmbeddingModel):
     def _load_tokenizer(self) -> TextTokenizer:
         return TextTokenizer(self.files.path("tokenizer.json"), sentence_transformers_max_tokens(self.files))
 
+    def _declared_width(self) -> int:
+        """The token-state width the configs declare, for a graph whose output shape leaves it open."""
+        pooling = self.files.config("1_Pooling/config.json")
+        config = self.files.config("config.json")
+        width = (pooling.get("word_embedding_dimension") if isinstance(pooling, dict) else None) or (
+            config.get("hidden_size") if isinstance(config, dict) else None
+        )
+        if not isinstance(width, int):
+            raise ModelLoadError(
+                f"{self.files.onnx}: the output width is dynamic and neither 1_Pooling/config.json's "
+                "word_embedding_dimension nor config.json's hidden_size gives it"
+            )
+        return width
+
     def _describe(self) -> ModelDescription:
         width = self.signature.outputs[self._output][-1]
         if not isinstance(width, int):
-            pooling = self.files.config("1_Pooling/config.json") or {}
-            config = self.files.config("config.json") or {}
-            width = int(pooling.get("word_embedding_dimension") or config.get("hidden_size"))  # type: ignore[union-attr]
+            width = self._declared_width()
         return ModelDescription(
             name=self.name,
             family=self.family,

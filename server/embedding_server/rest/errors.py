@@ -86,7 +86,7 @@ def from_grpc(status: status_pb2.Status, output_fields: list[str] | None = None)
     status_code, kind, error_code = GRPC_TO_HTTP.get(code, FALLBACK)
     param = _rest_param(details, output_fields or [])
     if param is not None and details.field is not None:
-        message = _relabel(message, details, param)
+        message = _relabel(message, details.field, details.index, param)
     return RestError(
         status_code, message, param=param, code=REASON_CODES.get(details.reason or "", error_code), type=kind
     )
@@ -99,10 +99,10 @@ def _rest_param(details: ErrorDetails, output_fields: list[str]) -> str | None:
     return REST_PARAMS.get(details.field or "", details.field)
 
 
-def _relabel(message: str, details: ErrorDetails, param: str) -> str:
+def _relabel(message: str, field: str, index: int | None, param: str) -> str:
     """``inputs[3]: ...`` → ``input[3]: ...``: the gRPC field path the details name, in REST words."""
-    grpc_path = details.field if details.index is None else f"{details.field}[{details.index}]"
+    grpc_path = field if index is None else f"{field}[{index}]"
     if not message.startswith(f"{grpc_path}:"):
         return message
-    rest_path = param if details.index is None or details.field == "outputs" else f"{param}[{details.index}]"
+    rest_path = param if index is None or field == "outputs" else f"{param}[{index}]"
     return rest_path + message[len(grpc_path) :]

@@ -88,7 +88,10 @@ class Upstream:
 
     async def list_models(self, authorization: str | None) -> pb.ListModelsResponse:
         try:
-            return await self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata(authorization))
+            reply: pb.ListModelsResponse = await self.stub.ListModels(
+                pb.ListModelsRequest(), metadata=self.metadata(authorization)
+            )
+            return reply
         except grpc.aio.AioRpcError as error:
             raise from_grpc(status_of(error)) from None
 
@@ -98,7 +101,11 @@ class Upstream:
     async def _grpc_serving(self) -> bool:
         """Standalone: ask the target's grpc.health.v1 service (no auth needed there)."""
         try:
-            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+            # types-grpcio-health-checking declares no methods on HealthStub (its __init__ sets them).
+            check = self._health.Check  # type: ignore[attr-defined]
+            reply: health_pb2.HealthCheckResponse = await check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
         except grpc.aio.AioRpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
