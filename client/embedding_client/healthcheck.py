@@ -18,59 +18,42 @@ import os
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .envflags import OneLineParser, apply_environment, parse_value, port_number
 
 ENV_PREFIX = "EMBEDDING_HEALTHCHECK_"
 EXIT_SERVING = 0
 EXIT_UNHEALTHY = 1
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _env(environ: Mapping[str, str], flag: str, default: str | None = None) -> str | None:
-    return environ.get(ENV_PREFIX + flag.upper().replace("-", "_"), default)
-
-
 def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
-    port = environ.get("EMBEDDING_PORT", "50051")
-    p = _Parser(
+    p = OneLineParser(
         prog="embedding-healthcheck",
         description="Exit 0 when the embedding server's gRPC health service answers SERVING, else 1. "
         f"Flags can also be set as {ENV_PREFIX}<FLAG>.",
     )
+    p.add_argument("--target", help="gRPC address (default 127.0.0.1:$EMBEDDING_PORT, or :50051)")
     p.add_argument(
-        "--target",
-        default=_env(environ, "target", f"127.0.0.1:{port}"),
-        help="gRPC address (default 127.0.0.1:$EMBEDDING_PORT, or :50051)",
+        "--service", default="", help='health service name: "" (the server) or embedding.v1.EmbeddingService'
     )
-    p.add_argument(
-        "--service",
-        default=_env(environ, "service", ""),
-        help='health service name: "" (the server) or embedding.v1.EmbeddingService',
-    )
-    p.add_argument(
-        "--timeout", type=float, default=float(_env(environ, "timeout", "3") or 3), help="seconds (default 3)"
-    )
-    p.add_argument(
-        "--tls",
-        action="store_true",
-        default=(_env(environ, "tls", "") or "").lower() in ("1", "true", "yes", "on"),
-        help="connect with TLS (system roots unless --tls-ca)",
-    )
-    p.add_argument("--tls-ca", default=_env(environ, "tls-ca"), help="PEM CA bundle to verify the server")
-    p.add_argument("--tls-cert", default=_env(environ, "tls-cert"), help="PEM client certificate (mTLS)")
-    p.add_argument("--tls-key", default=_env(environ, "tls-key"), help="PEM client key (mTLS)")
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    p.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --tls-ca)")
+    p.add_argument("--tls-ca", help="PEM CA bundle to verify the server")
+    p.add_argument("--tls-cert", help="PEM client certificate (mTLS)")
+    p.add_argument("--tls-key", help="PEM client key (mTLS)")
     p.add_argument(
         "--tls-server-name",
-        default=_env(environ, "tls-server-name"),
         help="name to verify in the server certificate, when it differs from the target host",
     )
+    try:  # the server's own port variable, so that the probe needs no flag in its container
+        port = parse_value("EMBEDDING_PORT", environ.get("EMBEDDING_PORT", "50051"), port_number)
+    except ValueError as exc:
+        p.error(str(exc))
+    p.set_defaults(target=f"127.0.0.1:{port}")
+    apply_environment(p, environ, ENV_PREFIX)
     return p
 
 

@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import grpc
+from embedding_client.envflags import OneLineParser, apply_environment, port_number
 
 from ..auth import ApiKeys
 from .app import build_app
@@ -41,7 +42,7 @@ log = logging.getLogger("embedding_rest")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="embedding-rest",
         description="OpenAI-compatible REST shim in front of an embedding-server gRPC target. "
         f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>.",
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     add = p.add_argument
     add("--target", required=False, help="gRPC target of the embedding server, e.g. 10.0.0.5:50051")
     add("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    add("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    add("--port", type=port_number, default=8000, help="port to listen on (default 8000)")
     add("--api-key", dest="api_keys", action="append", default=[], help="require this key; repeatable")
     add("--api-key-file", default=None, help="file with accepted API keys, one per line")
     add("--target-api-key", default=None, help="key sent to the target (default: the client's header)")
@@ -67,38 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
-    """``EMBEDDING_REST_<FLAG>`` as each flag's default; the command line still wins."""
-    for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
-        name = ENV_PREFIX + action.option_strings[0].lstrip("-").upper().replace("-", "_")
-        raw = environ.get(name)
-        if raw is None:
-            continue
-        value: object
-        if isinstance(action, argparse._AppendAction):
-            value = [part.strip() for part in raw.split(",") if part.strip()]
-        elif isinstance(action, argparse.BooleanOptionalAction):
-            value = raw.strip().lower() in ("1", "true", "yes", "on")
-        else:
-            try:
-                value = action.type(raw) if action.type else raw  # type: ignore[operator]
-            except ValueError as exc:
-                parser.error(f"{name}={raw!r}: {exc}")
-            if action.choices and value not in action.choices:
-                parser.error(f"{name}={raw!r}: choose from {', '.join(map(str, action.choices))}")
-        parser.set_defaults(**{action.dest: value})
-
-
 def parse_args(argv: Sequence[str] | None, environ: Mapping[str, str] | None = None) -> argparse.Namespace:
     parser = build_parser()
-    _apply_environment(parser, os.environ if environ is None else environ)
+    apply_environment(parser, os.environ if environ is None else environ, ENV_PREFIX)
     args = parser.parse_args(argv)
     if not args.target:
         parser.error("--target is required (or EMBEDDING_REST_TARGET)")
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port: not a port number: {args.port}")
     if args.max_body_mb <= 0:
         parser.error("--max-body-mb: must be positive")
     if bool(args.tls_cert) != bool(args.tls_key):
