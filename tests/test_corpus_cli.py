@@ -163,7 +163,6 @@ def test_corpus_survives_a_server_restart(corpus, expected, tmp_path):
             time.sleep(0.01)  # about 65 rows written
         first.process.send_signal(signal.SIGKILL)  # the server dies mid-corpus...
         first.process.wait(10)
-        time.sleep(0.5)
         second = launch(port)  # ...and comes back on the same address
         _, stderr = process.communicate(timeout=240)
         assert process.returncode == 0, stderr

@@ -20,7 +20,7 @@ import pytest
 from embedding_client.proto import embedding_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.server import RunningServer, free_port, start_server
+from tests.support.server import RunningServer, free_port, start_server, wait_until
 
 MODEL = "all-minilm-l6-v2"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -201,12 +201,22 @@ def test_a_cancelled_stream_leaves_the_in_flight_count(observed):
     reply generator from another context is exercised by test_client_stream.py.)"""
     requests = (pb.EmbedRequest(request_id=str(i), inputs=[f"text number {i}"] * 8) for i in range(3000))
     call = observed.stub().StreamEmbed(requests, timeout=60)
+    before = scrape(observed)
+    runs = value(before, "embedding_batch_size_count", model=MODEL)
     next(call)  # the stream is up and counted; now stop reading
-    time.sleep(1.0)  # replies pile up until HTTP/2 flow control holds the server's writes
+    # Replies pile up unread: the server has answered 10 more requests (4 runs each at batch size 2).
+    wait_until(
+        lambda: value(scrape(observed), "embedding_batch_size_count", model=MODEL) >= runs + 44,
+        "replies the client does not read",
+    )
     assert value(scrape(observed), "embedding_in_flight_requests") == 1
     call.cancel()
     deadline = time.monotonic() + 10
     while value(scrape(observed), "embedding_in_flight_requests") != 0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert value(scrape(observed), "embedding_in_flight_requests") == 0
-    assert value(scrape(observed), "embedding_requests_total", method="StreamEmbed", code="CANCELLED") >= 1
+    # this very call ended CANCELLED (a delta: the module's server has served other calls)
+    assert (
+        delta(before, scrape(observed), "embedding_requests_total", method="StreamEmbed", code="CANCELLED")
+        == 1
+    )

@@ -7,6 +7,8 @@ import socket
 import time
 import urllib.request
 
+from tests.support.server import wait_until
+
 
 def cancelled_embeds(rest_url: str) -> float:
     with urllib.request.urlopen(f"{rest_url}/metrics", timeout=10) as response:
@@ -30,7 +32,8 @@ def test_hanging_up_cancels_the_grpc_call(default_server):
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        time.sleep(0.5)  # the call is queued or running: ~65k tokens, seconds of work
+        # the call reached the server (~65k tokens: seconds of work) before the client hangs up
+        wait_until(lambda: default_server.metric("embedding_in_flight_requests") >= 1, "the call in flight")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and cancelled_embeds(default_server.rest_url) == before:
         time.sleep(0.1)

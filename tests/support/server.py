@@ -9,13 +9,17 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import httpx
 from embedding_client.proto import embedding_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def free_port() -> int:
@@ -33,6 +37,23 @@ class RunningServer:
     rest_port: int
     log_path: Path
     channels: list[grpc.Channel] = field(default_factory=list)
+    metrics_port: int = 0  # --metrics-port, for a server without the REST shim
+
+    def metrics(self) -> Samples:
+        """The server's own Prometheus samples, from the REST port or else ``metrics_port``."""
+        port = self.rest_port or self.metrics_port
+        assert port, "this server serves no /metrics (no REST port, no --metrics-port)"
+        reply = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+        reply.raise_for_status()
+        return {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(reply.text)
+            for sample in family.samples
+        }
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample (0 when absent), e.g. ``metric("embedding_in_flight_requests")``."""
+        return self.metrics().get((name, tuple(sorted(labels.items()))), 0.0)
 
     @property
     def target(self) -> str:
@@ -78,6 +99,18 @@ class RunningServer:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
+
+
+def wait_until(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
+    """Poll ``condition`` until it is true; AssertionError naming ``what`` after ``timeout`` s.
+
+    For waiting on the server's state (a metric, a log line) instead of sleeping a guessed time.
+    """
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(0.01)
 
 
 def server_command(args: Sequence[str]) -> list[str]:
