@@ -1,7 +1,7 @@
 """Plain types shared by the model families, the engine and the API layers.
 
-Task and Output mirror the protobuf enums by value, so the engine does not
-depend on generated code.
+Output and Priority mirror the protobuf enums by value. Task and jina's task names are the
+client's (embedding_client.enums): one table, which the REST shim and the CLI read too.
 """
 
 from __future__ import annotations
@@ -10,27 +10,22 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 import numpy as np
+from embedding_client.enums import TASK_NAMES as TASKS_BY_NAME
+from embedding_client.enums import Task
+
+__all__ = [
+    "TASK_NAMES",
+    "ModelDescription",
+    "Output",
+    "Priority",
+    "SequenceVectors",
+    "SparseWeights",
+    "Task",
+]
 
 
-class Task(IntEnum):
-    """jina-v3 LoRA tasks; values equal embedding.v1.Task."""
-
-    UNSPECIFIED = 0
-    RETRIEVAL_QUERY = 1
-    RETRIEVAL_PASSAGE = 2
-    SEPARATION = 3
-    CLASSIFICATION = 4
-    TEXT_MATCHING = 5
-
-
-#: jina's own task names (config.json ``lora_adaptations``), also used by the REST shim.
-TASK_NAMES: dict[Task, str] = {
-    Task.RETRIEVAL_QUERY: "retrieval.query",
-    Task.RETRIEVAL_PASSAGE: "retrieval.passage",
-    Task.SEPARATION: "separation",
-    Task.CLASSIFICATION: "classification",
-    Task.TEXT_MATCHING: "text-matching",
-}
+#: jina's own task names (config.json ``lora_adaptations``), by task: the client's one table, inverted.
+TASK_NAMES: dict[Task, str] = {task: name for name, task in TASKS_BY_NAME.items()}
 
 
 class Priority(IntEnum):
