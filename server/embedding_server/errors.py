@@ -118,3 +118,10 @@ class InternalError(ServiceError):
 
 class ModelLoadError(Exception):
     """A model directory cannot be served; the message is one line naming the file."""
+
+
+class StartupError(Exception):
+    """A process cannot start with its settings (a port, a key file, TLS files): one line, exit 1.
+
+    ``embedding-server`` (app.py, the in-process REST shim) and ``embedding-rest`` raise it.
+    """

@@ -26,8 +26,9 @@ from starlette.routing import BaseRoute
 from ..auth import ApiKeys
 from ..grpc_api.state import ServingState
 from ..settings import Settings
+from ..tls import load_tls
 from .app import Observer, build_app
-from .serving import RestServer, TlsFiles, bind
+from .serving import RestServer, bind
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,7 @@ class InProcessShim:
             routes=self.routes,
             observe=self.observe,
         )
-        tls = (
-            TlsFiles(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
-            if settings.tls_cert
-            else None
-        )
+        tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
         try:
             self.server = RestServer(app, sock, tls)
             await self.server.start()

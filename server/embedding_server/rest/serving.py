@@ -13,19 +13,11 @@ import contextlib
 import socket
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import uvicorn
 from starlette.types import ASGIApp
 
-
-@dataclass(frozen=True)
-class TlsFiles:
-    """PEM files for serving HTTPS; ``client_ca`` requires client certificates (mTLS)."""
-
-    cert: str
-    key: str
-    client_ca: str | None = None
+from ..tls import TlsFiles
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -56,6 +48,7 @@ class RestServer:
     """uvicorn serving ``app`` on an already bound socket, as a task."""
 
     def __init__(self, app: ASGIApp, sock: socket.socket, tls: TlsFiles | None = None) -> None:
+        """``tls``: files tls.load_tls has checked; a client CA requires client certificates (mTLS)."""
         self.sock = sock
         config = uvicorn.Config(
             app,
@@ -63,10 +56,10 @@ class RestServer:
             access_log=False,
             log_config=None,  # keep the host's logging setup
             timeout_graceful_shutdown=5,
-            ssl_certfile=tls.cert if tls else None,
-            ssl_keyfile=tls.key if tls else None,
-            ssl_ca_certs=tls.client_ca if tls else None,
-            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.client_ca else ssl.CERT_NONE,
+            ssl_certfile=tls.cert_path if tls else None,
+            ssl_keyfile=tls.key_path if tls else None,
+            ssl_ca_certs=tls.client_ca_path if tls else None,
+            ssl_cert_reqs=ssl.CERT_REQUIRED if tls and tls.mutual else ssl.CERT_NONE,
         )
         config.load()  # TLS files are read here: errors surface before serving
         self.server = _HostedServer(config)

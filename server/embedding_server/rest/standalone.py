@@ -33,8 +33,10 @@ import grpc
 from embedding_client.envflags import OneLineParser, apply_environment, port_number
 
 from ..auth import ApiKeys
+from ..errors import StartupError
+from ..tls import TlsConfigError, load_tls
 from .app import build_app
-from .serving import RestServer, TlsFiles, bind
+from .serving import RestServer, bind
 from .upstream import Upstream
 
 ENV_PREFIX = "EMBEDDING_REST_"
@@ -87,10 +89,6 @@ def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials() if args.target_tls else None
 
 
-class StartupError(Exception):
-    """One line for the operator, exit 1."""
-
-
 def _prepare(args: argparse.Namespace) -> tuple[Upstream, RestServer]:
     try:
         api_keys = ApiKeys.from_sources(args.api_keys, args.api_key_file)
@@ -110,7 +108,11 @@ def _prepare(args: argparse.Namespace) -> tuple[Upstream, RestServer]:
         raise StartupError(
             f"--port: cannot listen on {args.host}:{args.port} ({exc.strerror or exc})"
         ) from exc
-    tls = TlsFiles(args.tls_cert, args.tls_key) if args.tls_cert else None
+    try:
+        tls = load_tls(args.tls_cert, args.tls_key, None)
+    except TlsConfigError as exc:
+        sock.close()
+        raise StartupError(str(exc)) from None
     try:
         return upstream, RestServer(app, sock, tls)
     except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
