@@ -18,7 +18,7 @@ from .errors import EmbeddingError, InternalError
 from .proto import embedding_pb2 as pb
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # our __eq__ compares the arrays; defining it leaves it unhashable
 class SparseVector:
     """Lexical weights of one input: token ``ids`` (ascending, uint32) and their ``weights``."""
 
@@ -32,8 +32,6 @@ class SparseVector:
         if not isinstance(other, SparseVector):
             return NotImplemented
         return np.array_equal(self.ids, other.ids) and np.array_equal(self.weights, other.weights)
-
-    __hash__ = None  # type: ignore[assignment]
 
 
 @dataclass(frozen=True)

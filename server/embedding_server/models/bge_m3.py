@@ -101,10 +101,8 @@ class BgeM3Model(EmbeddingModel):
 
     @property
     def output_names(self) -> list[str]:
-        if self._exported_heads:
-            names = ["dense_vecs", "sparse_vecs", "colbert_vecs"]
-            return names + ([self._states] if self._states else [])
-        return [self._states]  # type: ignore[list-item]
+        heads = ["dense_vecs", "sparse_vecs", "colbert_vecs"] if self._exported_heads else []
+        return heads + ([self._states] if self._states else [])  # no heads: _configure ensured states
 
     def token_states(self, outputs: dict[str, np.ndarray]) -> np.ndarray | None:
         return as_float32(outputs[self._states]) if self._states else None
