@@ -70,3 +70,26 @@ def test_mypy_strict_is_clean() -> None:
         summary = f"{len(pending)} mypy errors in files other branches are editing:\n"
         warnings.warn(summary + "\n".join(pending), stacklevel=1)
     assert not blocking, f"{len(blocking)} mypy errors:\n" + "\n".join(blocking)
+
+
+_IGNORE = re.compile(r"#\s*type:\s*ignore(\[[\w,\s-]+\])?(?P<after>.*)$")
+
+
+def test_every_type_ignore_says_why() -> None:
+    """A ``# type: ignore[code]`` carries a reason: a comment after it or on the line above."""
+    unexplained = []
+    for package in ("server/embedding_server", "client/embedding_client"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            relative = path.relative_to(ROOT).as_posix()
+            if relative.startswith("client/embedding_client/proto/") or _pending(relative):
+                continue
+            lines = path.read_text().splitlines()
+            for number, line in enumerate(lines):
+                match = _IGNORE.search(line)
+                if match is None:
+                    continue
+                reason_after = "#" in match["after"]
+                reason_above = number > 0 and lines[number - 1].strip().startswith("#")
+                if not (reason_after or reason_above):
+                    unexplained.append(f"{relative}:{number + 1}: {line.strip()}")
+    assert not unexplained, "type: ignore without a reason:\n" + "\n".join(unexplained)

@@ -74,11 +74,12 @@ def status_of(error: grpc.RpcError) -> status_pb2.Status:
     code = error.code() if hasattr(error, "code") else None
     message = error.details() if hasattr(error, "details") else str(error)
     try:
-        # A failed sync call's RpcError is also its grpc.Call (the stubs keep the two apart), and
-        # types-grpcio-status leaves from_call's result untyped.
+        # types-grpcio-status leaves from_call's result untyped (hence the cast), and
+        # a failed sync call's RpcError is also its grpc.Call (the stubs keep the two apart):
+        call = cast(grpc.Call, error)
         status = cast(
             "status_pb2.Status | None",
-            rpc_status.from_call(error) if hasattr(error, "trailing_metadata") else None,  # type: ignore[arg-type]
+            rpc_status.from_call(call) if hasattr(error, "trailing_metadata") else None,
         )
     except ValueError:  # details that disagree with the status line: trust the status line
         status = None
