@@ -93,14 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     corpus = commands.add_parser(
         "corpus",
         parents=[connection, embedding],
-        help="embed a JSON Lines corpus into .jsonl or .npy (resumable)",
-        description='Embed INPUT (JSON Lines of {"id": ..., "text": ...}) through StreamEmbed into '
-        'OUTPUT: .jsonl ({"id": ..., "embedding": [...]} per line) or .npy (float32 rows), both in '
-        "input order. Rows go to OUTPUT.partial as they come; rerun the same command after an "
+        help="embed a JSON Lines or Parquet corpus into .jsonl, .npy or .parquet (resumable)",
+        description='Embed INPUT (JSON Lines of {"id": ..., "text": ...}, or .parquet with columns id '
+        "and text) through StreamEmbed into "
+        'OUTPUT: .jsonl ({"id": ..., "embedding": [...]} per line), .npy (float32 rows) or .parquet '
+        "(columns id and embedding, a fixed-size float32 list), all in input order. "
+        "Rows go to OUTPUT.partial as they come; rerun the same command after an "
         "interruption to go on where it stopped (the result is identical to an uninterrupted run). "
         "Broken streams are re-established, so a server restart or a dead replica only slows it down.",
     )
-    corpus.add_argument("input", type=Path, help="JSON Lines input")
+    corpus.add_argument("input", type=Path, help="JSON Lines (.jsonl) or Parquet (.parquet) input")
     corpus.add_argument("output", type=Path, help=f"output file ({', '.join(SUFFIXES)})")
     corpus.add_argument(
         "--truncate",

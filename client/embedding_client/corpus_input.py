@@ -1,4 +1,4 @@
-"""Reading a JSON Lines corpus: one ``{"id": ..., "text": ...}`` object per line.
+"""Reading a JSON Lines corpus: one ``{"id": ..., "text": ...}`` object per line (Parquet: corpus_parquet.py).
 
 Blank lines are skipped (and not counted), so counting and reading agree and a
 resumed run skips exactly the records already written. A malformed line stops
@@ -32,6 +32,10 @@ class Record:
 
 def count_records(path: Path) -> int:
     """Non-blank lines: the number of records, read fast without parsing them."""
+    if path.suffix == ".parquet":
+        from . import corpus_parquet  # pyarrow: only for Parquet
+
+        return corpus_parquet.count_records(path)
     count = 0
     with open(path, "rb") as lines:
         for raw in lines:
@@ -42,6 +46,11 @@ def count_records(path: Path) -> int:
 
 def read_records(path: Path, skip: int = 0) -> Iterator[Record]:
     """The records in file order, after the first ``skip`` (which are not parsed)."""
+    if path.suffix == ".parquet":
+        from . import corpus_parquet
+
+        yield from corpus_parquet.read_records(path, skip)
+        return
     seen = 0
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, start=1):

@@ -12,6 +12,8 @@ several, so the finished file is identical to an uninterrupted run's.
   exactly what ``np.save`` writes) and then raw rows; the rows done are
   ``(size - header) // (4 * d)``. The header needs the record count, hence
   the counting pass over the input; ``d`` comes from the first reply.
+- ``.parquet``: columns ``id`` and ``embedding``; the partial file is an Arrow
+  IPC stream whose complete messages are the rows done (corpus_parquet.py).
 
 A small ``OUTPUT.partial.json`` remembers the settings of the run (model,
 task, dimensions, truncation, record count) so that a resume with different
@@ -28,7 +30,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-SUFFIXES = (".jsonl", ".npy")
+SUFFIXES = (".jsonl", ".npy", ".parquet")
 ROW_DTYPE = np.dtype("<f4")
 
 
@@ -200,4 +202,8 @@ def open_output(path: Path, records: int) -> CorpusOutput:
         return JsonlOutput(path, records)
     if path.suffix == ".npy":
         return NpyOutput(path, records)
+    if path.suffix == ".parquet":
+        from .corpus_parquet import ParquetOutput  # pyarrow: only for Parquet
+
+        return ParquetOutput(path, records)
     raise CorpusOutputError(f"{path}: unknown output format; use one of {', '.join(SUFFIXES)}")
