@@ -28,6 +28,7 @@ def embed_parquet(
 ) -> None:
     ray.data.DataContext.get_current().execution_options.preserve_order = True  # rows in input order
     dataset = ray.data.read_parquet(source)
+    dataset = dataset.repartition(target_num_rows_per_block=batch_size)  # blocks for every actor
     dataset = dataset.map_batches(
         EmbedBatches,
         fn_constructor_kwargs={"target": target, "engine_args": engine_args},

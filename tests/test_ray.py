@@ -178,3 +178,31 @@ def test_bad_rows_and_options_fail_clearly(default_server):
         assert embed(empty).equals(empty)
     finally:
         embed.close()
+
+
+def test_readme_shows_the_example_that_runs():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("`examples/ray_parquet.py` (what")[1].split("```python\n")[1].split("```")[0]
+    assert "map_batches(" in block and block in (ROOT / "examples" / "ray_parquet.py").read_text()
+
+
+def test_late_chunking_gives_one_vector_per_chunk_in_both_modes(default_server):
+    documents = [["The city lies on a river.", "It has three bridges."], ["One chunk only."], ["a", "b", "c"]]
+    stub = default_server.stub()
+    replies = [stub.Embed(pb.EmbedRequest(inputs=doc, late_chunking=True), timeout=60) for doc in documents]
+    expected = [raw_dense(reply) for reply in replies]
+    batch = pa.table({"id": [1, 2, 3], "chunks": documents})
+    for embed in (
+        EmbedBatches(default_server.target, chunks_column="chunks"),
+        EmbedBatches(engine_args=[], chunks_column="chunks"),
+    ):
+        try:
+            table = embed(batch)
+        finally:
+            embed.close()
+        column = table.column("embedding")
+        assert column.type == pa.list_(pa.list_(pa.float32(), 384))
+        for got, want in zip(column.to_pylist(), expected, strict=True):
+            np.testing.assert_allclose(np.array(got, dtype=np.float32), want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"chunks: row 0 of this batch needs a non-empty list"):
+        EmbedBatches(default_server.target, chunks_column="chunks")(pa.table({"chunks": [[]]}))

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -72,7 +71,9 @@ class EmbedBatches:
     :class:`EmbeddingClient`) or ``engine_args`` (in-process mode: the
     ``embedding-server`` flags that pick and tune the models, e.g.
     ``["--model", "jina-v3=/models/jina-embeddings-v3"]``; ``[]`` is the
-    built-in model). The options mirror ``embedding-client corpus``.
+    built-in model). The options mirror ``embedding-client corpus``;
+    ``settings`` holds the connection's TLS and API key
+    (``ChannelSettings(tls=True, api_key=...)``).
     """
 
     def __init__(
@@ -94,12 +95,7 @@ class EmbedBatches:
         length_sort: bool = True,
         priority: int = pb.PRIORITY_BATCH,
         retry_timeout: float = 300.0,
-        api_key: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | str | Path | None = None,
-        client_certificate: bytes | str | Path | None = None,
-        client_key: bytes | str | Path | None = None,
-        server_name: str | None = None,
+        settings: ChannelSettings | None = None,
     ) -> None:
         if (target is None) == (engine_args is None):
             raise ValueError("EmbedBatches: give either target (service mode) or engine_args (in-process)")
@@ -114,17 +110,9 @@ class EmbedBatches:
         self.batch_size = batch_size
         self.backend: ServiceBackend | InProcessBackend
         if target is not None:
-            settings = ChannelSettings(
-                tls=tls,
-                root_certificates=root_certificates,
-                client_certificate=client_certificate,
-                client_key=client_key,
-                server_name=server_name,
-                api_key=api_key,
-            )
             self.backend = ServiceBackend(
                 target,
-                settings,
+                settings or ChannelSettings(),
                 priority=priority,
                 window=window,
                 streams=streams or count_addresses(target) or RESOLVER_STREAMS,
@@ -136,6 +124,8 @@ class EmbedBatches:
 
     def __call__(self, batch: Batch) -> pa.Table:
         table = as_table(batch)
+        if table.num_rows == 0:
+            return table  # nothing to embed (and the width of the vectors is unknown without a reply)
         if self.chunks_column is not None:
             documents = column_values(table, self.chunks_column, list)
             for index, chunks in enumerate(documents):
@@ -148,8 +138,6 @@ class EmbedBatches:
             columns = document_columns(results, self.options.outputs)
         else:
             texts = column_values(table, self.text_column, str)
-            if not texts:
-                return table  # nothing to embed (the output width is unknown without a reply)
             result = concatenate(list(self.backend.run(self.options, texts, self.batch_size)))
             if result.count != len(texts):
                 raise RuntimeError(f"{result.count} vectors for {len(texts)} texts")
