@@ -11,7 +11,8 @@ The same Parquet corpus (``id``, ``text``) goes, in alternating rounds, through:
 - ray service: examples/ray_parquet.py with ``target=`` the same server
   (``--actors`` client actors of 0.25 CPU each, StreamEmbed, batch priority);
 - ray in-process: examples/ray_parquet.py with ``engine_args=[]`` (``--actors``
-  actors of one CPU, each loading the model with the server's engine).
+  actors of one CPU, each loading the model with the server's engine; Ray
+  gets one logical CPU more than the cores for the read and write tasks).
 
 Every number is wall time from start to the last row on disk, so the Ray runs
 pay for starting their actors (and loading the model in-process) each time, as
@@ -54,15 +55,30 @@ def load_example():
     return module
 
 
+def map_workers() -> list[Path]:
+    """The /proc entries of Ray Data's map actors."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if b"MapWorker" in (proc / "cmdline").read_bytes():
+                found.append(proc)
+        except OSError:
+            continue
+    return found
+
+
 class ActorPeak:
-    """The largest VmHWM of any Ray map worker seen while it runs (sampled from /proc)."""
+    """The largest VmHWM of a Ray map actor of this run (sampled from /proc; the actors of an
+    earlier run, which Ray may still be ending, are left out)."""
 
     def __init__(self) -> None:
         self.peak_kb = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._earlier: set[Path] = set()
 
     def __enter__(self) -> ActorPeak:
+        self._earlier = set(map_workers())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -75,10 +91,8 @@ class ActorPeak:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.2):
-            for proc in Path("/proc").iterdir():
+            for proc in set(map_workers()) - self._earlier:
                 try:
-                    if b"MapWorker" not in (proc / "cmdline").read_bytes():
-                        continue
                     status = (proc / "status").read_text()
                 except OSError:
                     continue
@@ -111,7 +125,11 @@ def main() -> None:
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), source, row_group_size=1000)
     example = load_example()
     cpus = os.cpu_count() or 1
-    ray.init(num_cpus=cpus, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False)
+    # One logical CPU more than the cores: in-process actors take a CPU each, and the read and write
+    # tasks need one too (with every CPU held by an actor, the read never starts).
+    ray.init(
+        num_cpus=cpus + 1, object_store_memory=300 * 1024**2, include_dashboard=False, log_to_driver=False
+    )
     server = start_server(rest=False)
     rates: dict[str, list[float]] = {"cli": [], "ray service": [], "ray in-process": []}
     outputs = {name: workdir / name.replace(" ", "-") for name in rates}

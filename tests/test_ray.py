@@ -32,7 +32,6 @@ from tests.test_client_replicas import launch, wait_serving
 
 N = 5000
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 def load_example():
@@ -95,6 +94,7 @@ def check_output(directory: Path, corpus, expected: np.ndarray) -> None:
     assert cosine.min() >= 0.9999, f"row {int(cosine.argmin())}: cosine {cosine.min()}"
 
 
+@pytest.mark.slow
 def test_in_process_mode(cluster, corpus, expected, tmp_path):
     example.embed_parquet(str(corpus[0]), str(tmp_path / "out"), engine_args=[], actors=1)
     check_output(tmp_path / "out", corpus, expected)
@@ -110,6 +110,7 @@ def sequences_embedded(metrics_port: int) -> float:
     return 0.0
 
 
+@pytest.mark.slow
 def test_service_mode_survives_a_server_restart(cluster, corpus, expected, tmp_path):
     port, metrics = free_port(), [free_port(), free_port()]
     first = wait_serving(launch(port, 0, "--metrics-port", str(metrics[0])))
