@@ -13,6 +13,7 @@ import importlib.util
 import re
 import signal
 import threading
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,13 +116,13 @@ def test_service_mode_survives_a_server_restart(cluster, corpus, expected, tmp_p
     port, metrics = free_port(), [free_port(), free_port()]
     first = wait_serving(launch(port, 0, "--metrics-port", str(metrics[0])))
     second: RunningServer | None = None
-    failure: list[BaseException] = []
+    failure: list[str] = []
 
     def pipeline() -> None:
         try:
             example.embed_parquet(str(corpus[0]), str(tmp_path / "out"), target=f"127.0.0.1:{port}")
-        except BaseException as exc:
-            failure.append(exc)
+        except BaseException:
+            failure.append(traceback.format_exc())
 
     runner = threading.Thread(target=pipeline)
     runner.start()
@@ -134,7 +135,8 @@ def test_service_mode_survives_a_server_restart(cluster, corpus, expected, tmp_p
         second = wait_serving(launch(port, 0, "--metrics-port", str(metrics[1])))  # ...and comes back
         runner.join(300)
         assert not runner.is_alive() and not failure, failure
-        assert sequences_embedded(metrics[1]) > 10  # the rest of the corpus went to the new server
+        after = sequences_embedded(metrics[1])
+        assert after > 10, f"the new server embedded {after} sequences"  # the rest went to it
     finally:
         first.stop()
         if second is not None:

@@ -266,7 +266,10 @@ def default_engine_args() -> list[str]:
 
     cpus = 1
     if ray.is_initialized():  # (get_runtime_context() would start a local Ray outside one)
-        cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
+        try:
+            cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
+        except AssertionError:  # Ray's answer in the driver, which is given no resources
+            cpus = 1
     sessions = max(1, min(cpus, MAX_IN_PROCESS_SESSIONS))
     return ["--sessions", str(sessions), "--threads-per-session", "1"]
 
