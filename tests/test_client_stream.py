@@ -63,6 +63,8 @@ def test_a_bad_request_raises_at_its_position(default_server, texts):
             seen.append(item.index)
     assert seen == list(range(20))  # everything before the bad request came out first
     assert error.value.offset == 20 and "inputs[0]" in error.value.message
+    assert (error.value.reason, error.value.index, error.value.input_index) == ("EMPTY_INPUT", 0, 20)
+    assert error.value.request_id  # the stream call's id on the server (RequestInfo)
 
 
 def test_on_error_yield_reports_the_failed_request_and_goes_on(default_server, texts, expected):
@@ -243,8 +245,8 @@ def test_a_bad_input_in_a_sorted_block_is_reported_at_its_real_position(default_
     broken[27] = ""  # the shortest text: sorted first in its block
     with EmbeddingClient(default_server.target) as c, pytest.raises(InvalidArgumentError) as error:
         list(c.embed_stream_batches(broken, batch_size=5, length_sort=20))
-    named = int(error.value.message.split("inputs[")[1].split("]")[0])
-    assert error.value.indices[named] == 27
+    assert (error.value.reason, error.value.field) == ("EMPTY_INPUT", "inputs")  # from the status details
+    assert error.value.indices[error.value.index] == 27 and error.value.input_index == 27
     assert "(input #27 of the call)" in str(error.value)
 
 

@@ -141,3 +141,32 @@ def test_reading_parquet_records(tmp_path):
     pq.write_table(pa.table({"text": [1, 2]}), numbers)
     with pytest.raises(CorpusInputError, match='"text" must be a string column, got int64'):
         next(read_records(numbers))
+
+
+def test_late_chunking_parquet_documents(default_server, tmp_path):
+    """A chunks column in, an embeddings column (a vector per chunk) out, as the unary late-chunked Embed."""
+    from embedding_client.proto import embedding_pb2 as pb
+
+    from tests.test_client import raw_dense
+
+    documents = [["The city lies on a river.", "It has three bridges."], ["One chunk only."], ["a", "b", "c"]]
+    source = tmp_path / "documents.parquet"
+    pq.write_table(pa.table({"id": ["x", "y", "z"], "chunks": documents}), source)
+    output = tmp_path / "chunks.parquet"
+    done = run_cli("corpus", str(source), str(output), "--late-chunking", "--target", default_server.target)
+    assert done.returncode == 0, done.stderr
+    table = pq.read_table(output)
+    assert table.schema == pa.schema(
+        [("id", pa.string()), ("embeddings", pa.list_(pa.list_(pa.float32(), 384)))]
+    )
+    assert table.column("id").to_pylist() == ["x", "y", "z"]
+    stub = default_server.stub()
+    for got, chunks in zip(table.column("embeddings").to_pylist(), documents, strict=True):
+        want = raw_dense(stub.Embed(pb.EmbedRequest(inputs=chunks, late_chunking=True), timeout=60))
+        np.testing.assert_allclose(np.array(got, dtype=np.float32), want, atol=1e-6)
+    blank = tmp_path / "blank.parquet"
+    pq.write_table(pa.table({"chunks": [["fine"], ["ok", " "]]}), blank)
+    refused = run_cli(
+        "corpus", str(blank), str(tmp_path / "b.jsonl"), "--late-chunking", "--target", default_server.target
+    )
+    assert refused.returncode == 1 and 'row 1: "chunks"[1] must be a non-blank string' in refused.stderr

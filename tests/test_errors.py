@@ -64,8 +64,8 @@ EMBED_CASES = {
     ),
     "over-long input": ({"inputs": ["a", "word " * 300]}, INVALID, "inputs[1]"),
     "whitespace-only late chunk": ({"inputs": ["a", "  "], "late_chunking": True}, INVALID, "inputs[1]"),
-    "late chunking over the window": (
-        {"inputs": ["word " * 200, "word " * 200], "late_chunking": True},
+    "late-chunked document over max_document_tokens": (
+        {"inputs": ["word " * 2100, "word " * 2100], "late_chunking": True},
         INVALID,
         "inputs: late chunking",
     ),

@@ -15,8 +15,11 @@ import numpy as np
 import orjson
 import pytest
 from embedding_client.proto import embedding_pb2 as pb
+from embedding_server.errors import Code, ServiceError
+from embedding_server.grpc_api.status import to_rpc_status
 from embedding_server.rest import errors, openapi, schema, translate
 from embedding_server.rest.errors import RestError
+from google.rpc import status_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -224,6 +227,8 @@ def test_models_list_shape():
     assert model["matryoshka_dimensions"] == [32, 64] and model["is_default"] is True
 
 
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
 # --- errors -------------------------------------------------------------------------------------
 
 
@@ -240,38 +245,75 @@ def test_models_list_shape():
     ],
 )
 def test_grpc_code_to_http_status(code, status):
-    error = errors.from_grpc(code, "something")
+    error = errors.from_grpc(service_status(code, "something", reason="SOME_REASON"))
     assert error.status == status
     assert set(error.body()["error"]) == {"message", "type", "param", "code"}
 
 
+def service_status(
+    code: grpc.StatusCode,
+    message: str,
+    reason: str | None = None,
+    field: str | None = None,
+    index: int | None = None,
+) -> status_pb2.Status:
+    """A status as the server sends it (grpc_api/status.py), or without details when ``reason`` is None."""
+    if reason is None:
+        return status_pb2.Status(code=code.value[0], message=message)
+    error = ServiceError(message, reason=reason, field=field, index=index)
+    error.code = Code[code.name]  # type: ignore[misc]  # one instance of any status code
+    return to_rpc_status(error, request_id="r")
+
+
 def test_not_found_is_model_not_found():
-    error = errors.from_grpc(grpc.StatusCode.NOT_FOUND, "model: 'x' is not served here")
+    error = errors.from_grpc(service_status(grpc.StatusCode.NOT_FOUND, "whatever", "UNKNOWN_MODEL", "model"))
     assert (error.status, error.code, error.param) == (404, "model_not_found", "model")
 
 
-def test_message_too_large_is_413():
-    error = errors.from_grpc(grpc.StatusCode.RESOURCE_EXHAUSTED, "Received message larger than max (5 vs. 4)")
+def test_resource_exhausted_without_service_details_is_413():
+    """gRPC's own size limit sends no ErrorInfo; the service's QUEUE_FULL does (429)."""
+    error = errors.from_grpc(service_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "any words at all"))
     assert error.status == 413
+    error = errors.from_grpc(
+        service_status(grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max", "QUEUE_FULL")
+    )
+    assert error.status == 429
+
+
+@pytest.mark.parametrize(
+    "message",
+    ["inputs[3]: must not be empty", "a wording nobody parses", "outputs[1]: inputs[3]: dimensions:", ""],
+)
+def test_rest_param_comes_from_the_details_not_the_message(message):
+    error = errors.from_grpc(service_status(INVALID, message, "EMPTY_INPUT", "inputs", 3))
+    assert (error.param, error.code) == ("input", "invalid_value")
+    error = errors.from_grpc(
+        service_status(INVALID, message, "UNSUPPORTED_OUTPUT", "outputs", 1),
+        ["return_dense", "return_sparse"],
+    )
+    assert error.param == "return_sparse"
+    error = errors.from_grpc(service_status(INVALID, message, "BAD_DIMENSIONS", "dimensions"))
+    assert error.param == "dimensions"
+    error = errors.from_grpc(service_status(INVALID, message, "INPUT_TOO_LONG", "inputs", 0))
+    assert (error.param, error.code) == ("input", "context_length_exceeded")
+    error = errors.from_grpc(service_status(INVALID, message))  # no details: no param, whatever the text
+    assert error.param is None and error.message == (message or "INVALID_ARGUMENT")
 
 
 def test_grpc_field_names_become_rest_names():
-    error = errors.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "inputs[3]: must not be empty")
+    error = errors.from_grpc(
+        service_status(INVALID, "inputs[3]: must not be empty", "EMPTY_INPUT", "inputs", 3)
+    )
     assert (error.message, error.param) == ("input[3]: must not be empty", "input")
     error = errors.from_grpc(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "outputs[1]: model m does not produce OUTPUT_TYPE_SPARSE",
+        service_status(INVALID, "outputs[1]: model m does not produce X", "UNSUPPORTED_OUTPUT", "outputs", 1),
         ["return_dense", "return_sparse"],
     )
     assert error.param == "return_sparse" and error.message.startswith("return_sparse:")
     error = errors.from_grpc(
-        grpc.StatusCode.INVALID_ARGUMENT,
-        "outputs: late_chunking gives dense or binary vectors only, not OUTPUT_TYPE_COLBERT",
-        ["return_dense", "return_colbert"],
+        service_status(INVALID, "dimensions: 9999 is out of range", "BAD_DIMENSIONS", "dimensions")
     )
-    assert error.param == "return_colbert"
-    error = errors.from_grpc(grpc.StatusCode.INVALID_ARGUMENT, "dimensions: 9999 is out of range")
-    assert error.param == "dimensions"
+    assert error.param == "dimensions" and error.message.startswith("dimensions:")
 
 
 # --- OpenAPI matches the validation -------------------------------------------------------------

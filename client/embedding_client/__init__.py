@@ -11,6 +11,7 @@ with EmbeddingClient("localhost:50051") as client:
 from .aio import AsyncEmbeddingClient
 from .channel import ChannelSettings, RetryPolicy
 from .client import EmbeddingClient
+from .core import USE_CLIENT_DEFAULT
 from .enums import Output, Task
 from .errors import (
     CallCancelledError,
@@ -29,6 +30,7 @@ from .results import Embedding, Embeddings, ModelInfo, SparseVector, TokenizedIn
 from .retry import StreamRetry
 
 __all__ = [
+    "USE_CLIENT_DEFAULT",
     "AsyncEmbeddingClient",
     "CallCancelledError",
     "ChannelSettings",

@@ -1,7 +1,8 @@
 """The asyncio client: ``await AsyncEmbeddingClient("host:50051").embed([...])``.
 
 Same methods and results as :class:`~embedding_client.EmbeddingClient`, on a
-``grpc.aio`` channel. Create it inside the event loop that uses it.
+``grpc.aio`` channel; like it, only the I/O lives here (the rest is
+:class:`~embedding_client.core.ClientCore`). Create it inside the event loop that uses it.
 """
 
 from __future__ import annotations
@@ -9,86 +10,33 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
-from pathlib import Path
 
 import grpc
 
-from .channel import ChannelSettings, aio_channel, join_metadata
-from .client import (
-    DEFAULT_ROTATE_AFTER,
-    DEFAULT_TARGET,
-    DEFAULT_TIMEOUT,
-    DEFAULT_WINDOW,
-    _check_length_sort,
-)
-from .enums import OutputLike, TaskLike, parse_task
-from .errors import EmbeddingError, from_rpc_error
-from .length_sort import AsyncSortedRun, BlockPlan, async_sorted_requests, sorted_requests
+from .channel import aio_channel
+from .core import DEFAULT_ROTATE_AFTER, DEFAULT_WINDOW, USE_CLIENT_DEFAULT, ClientCore, Timeout
+from .enums import OutputLike, TaskLike
+from .length_sort import AsyncSortedRun, BlockPlan, async_sorted_requests
 from .proto import embedding_pb2 as pb
-from .proto import embedding_pb2_grpc
-from .requests import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_MAX_BATCH_CHARS,
-    Batcher,
-    EmbedOptions,
-    as_text_list,
-    batches,
-    request_parts,
-)
+from .requests import DEFAULT_MAX_BATCH_CHARS, Batcher, EmbedOptions, as_text_list
 from .results import (
     Embedding,
     Embeddings,
     ModelInfo,
     TokenizedInput,
     concatenate,
-    decode_embeddings,
     decode_model,
     decode_tokenized,
 )
-from .retry import StreamRetry
 from .stream_async import AsyncStreamRun
-from .stream_sync import OnError
+from .stream_core import OnError
 
 
-class AsyncEmbeddingClient:
-    """An asyncio connection to one embedding server or several replicas (see EmbeddingClient)."""
+class AsyncEmbeddingClient(ClientCore):
+    """An asyncio connection to one embedding server or several replicas (arguments: see ClientCore)."""
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        model: str | None = None,
-        api_key: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | str | Path | None = None,
-        client_certificate: bytes | str | Path | None = None,
-        client_key: bytes | str | Path | None = None,
-        server_name: str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        max_concurrency: int = 4,
-        stream_retry: StreamRetry | None = None,
-        settings: ChannelSettings | None = None,
-        channel: grpc.aio.Channel | None = None,
-    ) -> None:
-        self.target = target
-        self.settings = settings or ChannelSettings(
-            tls=tls,
-            root_certificates=root_certificates,
-            client_certificate=client_certificate,
-            client_key=client_key,
-            server_name=server_name,
-            api_key=api_key,
-        )
-        self.model = model or ""
-        self.timeout = timeout
-        self.batch_size = batch_size
-        self.max_concurrency = max(1, max_concurrency)
-        self.stream_retry = stream_retry or StreamRetry()
-        self._own_channel = channel is None
-        self.channel = channel if channel is not None else aio_channel(target, self.settings)
-        self.stub = embedding_pb2_grpc.EmbeddingServiceStub(self.channel)
-        self._metadata = self.settings.metadata()
+    def _open_channel(self) -> grpc.aio.Channel:
+        return aio_channel(self.target, self.settings)
 
     async def close(self) -> None:
         if self._own_channel:
@@ -111,12 +59,12 @@ class AsyncEmbeddingClient:
         late_chunking: bool = False,
         truncate: bool = False,
         batch_size: int | None = None,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> Embeddings:
         """Embed texts; a long list goes as several concurrent requests, reassembled in order."""
-        options = EmbedOptions.build(model or self.model, task, dimensions, outputs, late_chunking, truncate)
-        parts = request_parts(texts, late_chunking, batch_size or self.batch_size)
-        deadline = self.timeout if timeout is None else timeout
+        options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
+        parts = self._parts(texts, late_chunking, batch_size)
+        deadline = self._deadline(timeout)
         if len(parts) == 1:
             return await self._embed_part(options, parts[0], None, deadline)
         limit = asyncio.Semaphore(self.max_concurrency)
@@ -135,23 +83,20 @@ class AsyncEmbeddingClient:
     async def _embed_part(
         self, options: EmbedOptions, texts: list[str], offset: int | None, timeout: float | None
     ) -> Embeddings:
+        call = self.stub.Embed(options.request(texts), timeout=timeout, metadata=self._metadata)
         try:
-            reply = await self.stub.Embed(options.request(texts), timeout=timeout, metadata=self._metadata)
+            reply = await call
         except grpc.RpcError as exc:
-            error: EmbeddingError = from_rpc_error(exc)
-            if offset is not None:
-                error.offset = offset
-                error.indices = list(range(offset, offset + len(texts)))
-            raise error from exc
-        return decode_embeddings(reply, len(texts), options.outputs, offset or 0)
+            raise self._error(exc, offset, len(texts)) from exc
+        return self._result(reply, await call.trailing_metadata(), options, len(texts), offset or 0)
 
-    async def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+    async def list_models(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[ModelInfo]:
         try:
             reply = await self.stub.ListModels(
-                pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+                pb.ListModelsRequest(), timeout=self._deadline(timeout), metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise self._error(exc) from exc
         return [decode_model(m) for m in reply.models]
 
     async def tokenize(
@@ -160,17 +105,15 @@ class AsyncEmbeddingClient:
         *,
         model: str | None = None,
         task: TaskLike = None,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> list[TokenizedInput]:
-        request = pb.TokenizeRequest(
-            model=model or self.model, inputs=as_text_list(texts), task=int(parse_task(task))
-        )
+        request = self._tokenize_request(texts, model, task)
         try:
             reply = await self.stub.Tokenize(
-                request, timeout=timeout or self.timeout, metadata=self._metadata
+                request, timeout=self._deadline(timeout), metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise self._error(exc) from exc
         return decode_tokenized(reply)
 
     def embed_stream_batches(
@@ -197,38 +140,28 @@ class AsyncEmbeddingClient:
         Accepts sync and async iterables; see EmbeddingClient.embed_stream_batches.
         Use ``async with`` around it to stop the streams at once if you leave early.
         """
-        options = EmbedOptions.build(model or self.model, task, dimensions, outputs, late_chunking, truncate)
-        size = batch_size or self.batch_size
-        source: AsyncIterable[list[str]] | Iterable[list[str]]
-        plans: deque[BlockPlan] = deque()
-        if length_sort:
-            _check_length_sort(late_chunking, on_error)
-            if isinstance(texts, AsyncIterable):
-                blocks = _async_batches(texts, length_sort, max_chars=2**62)  # type: ignore[arg-type]
-                source = async_sorted_requests(blocks, size, plans)
-            else:
-                source = sorted_requests(texts, size, length_sort, plans)  # type: ignore[arg-type]
-        elif late_chunking:
-            if isinstance(texts, AsyncIterable):
-                source = _async_documents(texts)  # type: ignore[arg-type]
-            else:
-                source = (as_text_list(document) for document in texts)
-        elif isinstance(texts, AsyncIterable):
-            source = _async_batches(texts, size)
-        else:
-            source = batches(texts, size)  # type: ignore[arg-type]
-        run = AsyncStreamRun(
-            self.stub,
+        options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
+        core = self._stream_core(
             options,
-            source,
             window=window,
             streams=streams,
             max_ahead=max_ahead,
-            metadata=join_metadata(self._metadata, metadata),
-            retry=self.stream_retry,
             on_error=on_error,
             rotate_after=rotate_after,
+            length_sort=length_sort,
         )
+        size = batch_size or self.batch_size
+        plans: deque[BlockPlan] = deque()
+        source: AsyncIterable[list[str]] | Iterable[list[str]]
+        if not isinstance(texts, AsyncIterable):
+            source = self._stream_source(texts, size, late_chunking, length_sort, plans)
+        elif length_sort:
+            source = async_sorted_requests(_async_batches(texts, length_sort, max_chars=2**62), size, plans)
+        elif late_chunking:
+            source = _async_documents(texts)  # type: ignore[arg-type]
+        else:
+            source = _async_batches(texts, size)
+        run = AsyncStreamRun(self.stub, core, source, self._stream_metadata(metadata))
         return AsyncSortedRun(run, plans) if length_sort else run
 
     async def embed_stream(

@@ -135,6 +135,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="give up after this many seconds of failures without a single reply (default 300)",
     )
+    corpus.add_argument(
+        "--late-chunking",
+        action="store_true",
+        help='each INPUT line is one document, {"id": ..., "chunks": ["...", ...]}: every chunk gets a '
+        "vector pooled from token states that saw the whole document (documents longer than the "
+        "model's window run as overlapping windows). OUTPUT .jsonl: one line per document, "
+        '{"id": ..., "embeddings": [[...], ...]} with a vector per chunk; .npy: one float32 row per chunk, '
+        "in input order; .parquet input: a chunks column (list of strings); .parquet output: columns id "
+        "and embeddings (a list of vectors per document)",
+    )
     corpus.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     embed = commands.add_parser(
@@ -149,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="output kind, repeatable (default dense)",
     )
     embed.add_argument("--truncate", action="store_true", help="cut over-long texts to the max tokens")
+    embed.add_argument(
+        "--late-chunking",
+        action="store_true",
+        help="the texts are consecutive chunks of one document: one vector per chunk, with the whole "
+        "document as context",
+    )
     embed.add_argument("--json", action="store_true", help="full vectors as JSON Lines")
 
     models = commands.add_parser("models", parents=[connection], help="list the served models")
@@ -190,6 +206,7 @@ def cmd_corpus(client: EmbeddingClient, args: argparse.Namespace) -> int:
         streams=streams,
         length_sort=max(0, args.length_sort),
         progress=not args.no_progress,
+        late_chunking=args.late_chunking,
     )
     summary = run_corpus(client, job)
     if summary.embedded or summary.records:
@@ -211,6 +228,7 @@ def cmd_embed(client: EmbeddingClient, args: argparse.Namespace) -> int:
         dimensions=args.dimensions or None,
         outputs=outputs,
         truncate=args.truncate,
+        late_chunking=args.late_chunking,
     )
     for index, text in enumerate(args.texts):
         if args.json:
@@ -260,6 +278,7 @@ def cmd_models(client: EmbeddingClient, args: argparse.Namespace) -> int:
                 "family": m.family,
                 "dimensions": m.dimensions,
                 "max_tokens": m.max_tokens,
+                "max_document_tokens": m.max_document_tokens,
                 "tasks": [task_name(t) for t in m.tasks],
                 "outputs": [output_name(o) for o in m.outputs],
                 "matryoshka_dimensions": list(m.matryoshka_dimensions),
@@ -269,13 +288,14 @@ def cmd_models(client: EmbeddingClient, args: argparse.Namespace) -> int:
         ]
         print(json.dumps(rows, indent=2))
         return 0
-    header = ("NAME", "FAMILY", "DIMS", "MAX TOKENS", "OUTPUTS", "TASKS")
+    header = ("NAME", "FAMILY", "DIMS", "MAX TOKENS", "MAX DOCUMENT", "OUTPUTS", "TASKS")
     table = [
         (
             m.name + (" (default)" if m.is_default else ""),
             m.family,
             str(m.dimensions),
             str(m.max_tokens),
+            str(m.max_document_tokens or "-"),
             ",".join(output_name(o) for o in m.outputs),
             ",".join(task_name(t) for t in m.tasks) or "-",
         )

@@ -1,4 +1,8 @@
-"""The synchronous client: ``EmbeddingClient("host:50051").embed(["a text"]).dense``."""
+"""The synchronous client: ``EmbeddingClient("host:50051").embed(["a text"]).dense``.
+
+Only the I/O lives here (grpc's blocking stubs, futures, threads); options,
+timeouts, requests, results and errors are :class:`~embedding_client.core.ClientCore`'s.
+"""
 
 from __future__ import annotations
 
@@ -6,84 +10,45 @@ import itertools
 import queue
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 
 import grpc
 
-from .channel import ChannelSettings, join_metadata, sync_channel
-from .enums import OutputLike, TaskLike, parse_task
-from .errors import EmbeddingError, from_rpc_error
-from .length_sort import BlockPlan, SortedRun, sorted_requests
+from .channel import sync_channel
+from .core import (
+    DEFAULT_ROTATE_AFTER,
+    DEFAULT_TARGET,
+    DEFAULT_TIMEOUT,
+    DEFAULT_WINDOW,
+    USE_CLIENT_DEFAULT,
+    ClientCore,
+    Timeout,
+)
+from .enums import OutputLike, TaskLike
+from .length_sort import BlockPlan, SortedRun
 from .proto import embedding_pb2 as pb
-from .proto import embedding_pb2_grpc
-from .requests import DEFAULT_BATCH_SIZE, EmbedOptions, as_text_list, batches, request_parts
+from .requests import EmbedOptions
 from .results import (
     Embedding,
     Embeddings,
     ModelInfo,
     TokenizedInput,
     concatenate,
-    decode_embeddings,
     decode_model,
     decode_tokenized,
 )
-from .retry import StreamRetry
 from .stream_sync import OnError, StreamRun
 
-DEFAULT_TARGET = "localhost:50051"
-DEFAULT_TIMEOUT = 60.0
-DEFAULT_WINDOW = 32  # = the server's default --stream-window; more in flight, better length batching
-DEFAULT_ROTATE_AFTER = 10.0
+__all__ = ["DEFAULT_TARGET", "DEFAULT_TIMEOUT", "DEFAULT_WINDOW", "EmbeddingClient"]
 
 
-class EmbeddingClient:
-    """A connection to one embedding server or several replicas.
+class EmbeddingClient(ClientCore):
+    """A connection to one embedding server or several replicas (arguments: see ClientCore).
 
-    ``target`` is anything gRPC resolves: ``host:port``,
-    ``ipv4:10.0.0.1:50051,10.0.0.2:50051``, ``dns:///svc:50051``; calls are
-    spread over the replicas round-robin. ``timeout`` (seconds) bounds each
-    unary call; ``model`` is the default for every call. The client is
-    thread-safe; close it (or use ``with``) to release the channel.
+    The client is thread-safe; close it (or use ``with``) to release the channel.
     """
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        model: str | None = None,
-        api_key: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | str | Path | None = None,
-        client_certificate: bytes | str | Path | None = None,
-        client_key: bytes | str | Path | None = None,
-        server_name: str | None = None,
-        timeout: float | None = DEFAULT_TIMEOUT,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        max_concurrency: int = 4,
-        stream_retry: StreamRetry | None = None,
-        settings: ChannelSettings | None = None,
-        channel: grpc.Channel | None = None,
-    ) -> None:
-        self.target = target
-        self.settings = settings or ChannelSettings(
-            tls=tls,
-            root_certificates=root_certificates,
-            client_certificate=client_certificate,
-            client_key=client_key,
-            server_name=server_name,
-            api_key=api_key,
-        )
-        self.model = model or ""
-        self.timeout = timeout
-        self.batch_size = batch_size
-        self.max_concurrency = max(1, max_concurrency)
-        self.stream_retry = stream_retry or StreamRetry()
-        self._own_channel = channel is None
-        self.channel = channel if channel is not None else sync_channel(target, self.settings)
-        self.stub = embedding_pb2_grpc.EmbeddingServiceStub(self.channel)
-        self._metadata = self.settings.metadata()
-
-    # --- lifecycle ----------------------------------------------------------------
+    def _open_channel(self) -> grpc.Channel:
+        return sync_channel(self.target, self.settings)
 
     def close(self) -> None:
         if self._own_channel:
@@ -108,35 +73,37 @@ class EmbeddingClient:
         late_chunking: bool = False,
         truncate: bool = False,
         batch_size: int | None = None,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> Embeddings:
         """Embed texts; a long list goes as several concurrent requests, reassembled in order.
 
         With ``late_chunking`` the texts are the chunks of one document and go
-        in one request. Raises an :class:`EmbeddingError` subclass on failure
-        (``error.offset`` is the first input of the failed request).
+        in one request. ``timeout``: seconds per request, None for no deadline.
+        Raises an :class:`EmbeddingError` subclass on failure (``error.offset``
+        is the first input of the failed request, ``error.input_index`` the
+        failed input when the server named one).
         """
         options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
-        parts = request_parts(texts, late_chunking, batch_size or self.batch_size)
-        deadline = self.timeout if timeout is None else timeout
+        parts = self._parts(texts, late_chunking, batch_size)
+        deadline = self._deadline(timeout)
         if len(parts) == 1:
-            return self._embed_one(options, parts[0], deadline)
-        return concatenate(self._embed_many(options, parts, len(parts[0]), deadline))
-
-    def _embed_one(self, options: EmbedOptions, texts: list[str], timeout: float | None) -> Embeddings:
-        try:
-            reply = self.stub.Embed(options.request(texts), timeout=timeout, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
-        return decode_embeddings(reply, len(texts), options.outputs)
+            try:
+                reply, call = self.stub.Embed.with_call(
+                    options.request(parts[0]), timeout=deadline, metadata=self._metadata
+                )
+            except grpc.RpcError as exc:
+                raise self._error(exc) from exc
+            return self._result(reply, call.trailing_metadata(), options, len(parts[0]))
+        return concatenate(self._embed_many(options, parts, deadline))
 
     def _embed_many(
-        self, options: EmbedOptions, parts: list[list[str]], size: int, timeout: float | None
+        self, options: EmbedOptions, parts: list[list[str]], timeout: float | None
     ) -> list[Embeddings]:
         """At most ``max_concurrency`` requests in flight; over round_robin they spread over replicas."""
         results: list[Embeddings | None] = [None] * len(parts)
         finished: queue.SimpleQueue[tuple[int, grpc.Future]] = queue.SimpleQueue()
         running: dict[int, grpc.Future] = {}
+        size = len(parts[0])
 
         def start(index: int) -> None:
             future = self.stub.Embed.future(
@@ -155,9 +122,9 @@ class EmbeddingClient:
                 try:
                     reply = future.result()
                 except grpc.RpcError as exc:
-                    raise _at(from_rpc_error(exc), index * size, len(parts[index])) from exc
-                count = len(parts[index])
-                results[index] = decode_embeddings(reply, count, options.outputs, index * size)
+                    raise self._error(exc, index * size, len(parts[index])) from exc
+                trailers = future.trailing_metadata()  # type: ignore[attr-defined]  # a grpc.Call too
+                results[index] = self._result(reply, trailers, options, len(parts[index]), index * size)
                 following = next(upcoming, None)
                 if following is not None:
                     start(following)
@@ -166,16 +133,13 @@ class EmbeddingClient:
                 future.cancel()
         return results  # type: ignore[return-value]
 
-    def _future(self, options: EmbedOptions, texts: list[str], timeout: float | None) -> grpc.Future:
-        return self.stub.Embed.future(options.request(texts), timeout=timeout, metadata=self._metadata)
-
-    def list_models(self, *, timeout: float | None = None) -> list[ModelInfo]:
+    def list_models(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[ModelInfo]:
         try:
             reply = self.stub.ListModels(
-                pb.ListModelsRequest(), timeout=timeout or self.timeout, metadata=self._metadata
+                pb.ListModelsRequest(), timeout=self._deadline(timeout), metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise self._error(exc) from exc
         return [decode_model(m) for m in reply.models]
 
     def tokenize(
@@ -184,15 +148,13 @@ class EmbeddingClient:
         *,
         model: str | None = None,
         task: TaskLike = None,
-        timeout: float | None = None,
+        timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> list[TokenizedInput]:
-        request = pb.TokenizeRequest(
-            model=model or self.model, inputs=as_text_list(texts), task=int(parse_task(task))
-        )
+        request = self._tokenize_request(texts, model, task)
         try:
-            reply = self.stub.Tokenize(request, timeout=timeout or self.timeout, metadata=self._metadata)
+            reply = self.stub.Tokenize(request, timeout=self._deadline(timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            raise self._error(exc) from exc
         return decode_tokenized(reply)
 
     # --- streaming ----------------------------------------------------------------
@@ -237,28 +199,18 @@ class EmbeddingClient:
         N inputs, still in input order (see ``length_sort.py``).
         """
         options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
-        size = batch_size or self.batch_size
-        source: Iterable[list[str]]
-        plans: deque[BlockPlan] = deque()
-        if length_sort:
-            _check_length_sort(late_chunking, on_error)
-            source = sorted_requests(texts, size, length_sort, plans)  # type: ignore[arg-type]
-        elif late_chunking:
-            source = (as_text_list(document) for document in texts)
-        else:
-            source = batches(texts, size)  # type: ignore[arg-type]
-        run = StreamRun(
-            self.stub,
+        core = self._stream_core(
             options,
-            source,
             window=window,
             streams=streams,
             max_ahead=max_ahead,
-            metadata=join_metadata(self._metadata, metadata),
-            retry=self.stream_retry,
             on_error=on_error,
             rotate_after=rotate_after,
+            length_sort=length_sort,
         )
+        plans: deque[BlockPlan] = deque()
+        source = self._stream_source(texts, batch_size or self.batch_size, late_chunking, length_sort, plans)
+        run = StreamRun(self.stub, core, source, self._stream_metadata(metadata))
         return SortedRun(run, plans) if length_sort else run
 
     def embed_stream(
@@ -296,29 +248,3 @@ class EmbeddingClient:
         with run:
             for result in run:
                 yield from result
-
-    # --- helpers ------------------------------------------------------------------
-
-    def _options(
-        self,
-        model: str | None,
-        task: TaskLike,
-        dimensions: int | None,
-        outputs: OutputLike | Iterable[OutputLike] | None,
-        late_chunking: bool,
-        truncate: bool,
-    ) -> EmbedOptions:
-        return EmbedOptions.build(model or self.model, task, dimensions, outputs, late_chunking, truncate)
-
-
-def _check_length_sort(late_chunking: bool, on_error: str) -> None:
-    if late_chunking:
-        raise ValueError("length_sort: late-chunking documents are sent whole, not sorted")
-    if on_error != "raise":
-        raise ValueError('length_sort: needs on_error="raise" (a block comes out whole or not at all)')
-
-
-def _at(error: EmbeddingError, offset: int, count: int) -> EmbeddingError:
-    error.offset = offset
-    error.indices = list(range(offset, offset + count))
-    return error

@@ -19,7 +19,14 @@ from typing import Any
 from tqdm import tqdm
 
 from .client import EmbeddingClient
-from .corpus_input import count_records, read_records
+from .corpus_input import (
+    count_chunks,
+    count_records,
+    parse_document,
+    parse_record,
+    read_records,
+    whole_documents,
+)
 from .corpus_output import open_output, partial_path
 from .enums import task_name
 
@@ -37,16 +44,20 @@ class CorpusJob:
     streams: int = 1
     length_sort: int = 0  # 0: requests of consecutive records
     progress: bool = True
+    late_chunking: bool = False  # each record is a document: {"id": ..., "chunks": [...]}
 
     def settings(self, records: int) -> dict[str, Any]:
         """What must not change between a run and its resumption."""
-        return {
+        settings: dict[str, Any] = {
             "input_records": records,
             "model": self.model,
             "task": task_name(self.task) if self.task else "",
             "dimensions": self.dimensions,
             "truncate": self.truncate,
         }
+        if self.late_chunking:  # only when on: partial outputs of earlier versions still resume
+            settings["late_chunking"] = True
+        return settings
 
 
 @dataclass(frozen=True)
@@ -71,17 +82,22 @@ def run_corpus(
         log(f"{job.output} exists and is complete; nothing to do (delete it to embed again)")
         return CorpusSummary(0, 0, 0, 0.0, job.model, 0)
     records = count_records(job.input)
-    output = open_output(job.output, records)
+    chunk_rows = job.late_chunking and job.output.suffix == ".npy"  # a row per chunk, not per record
+    output = open_output(job.output, count_chunks(job.input) if chunk_rows else records)
     try:
         done = output.resume(job.settings(records))
+        if chunk_rows:  # rows are chunks: go on from the last whole document
+            done, rows = whole_documents(job.input, done)
+            output.cut_to(rows)
         if done:
             log(f"resuming: {done} of {records} records already in {output.partial}")
         ids: deque[Any] = deque()
 
-        def texts() -> Iterator[str]:
-            for record in read_records(job.input, skip=done):
+        def texts() -> Iterator[str | list[str]]:
+            parse = parse_document if job.late_chunking else parse_record
+            for record in read_records(job.input, skip=done, parse=parse):
                 ids.append(record.id)
-                yield record.text
+                yield record.chunks if job.late_chunking else record.text
 
         model = job.model
         run = client.embed_stream_batches(
@@ -89,11 +105,12 @@ def run_corpus(
             model=job.model or None,
             task=job.task,
             dimensions=job.dimensions or None,
-            truncate=job.truncate,
+            truncate=job.truncate and not job.late_chunking,  # a late-chunked document is never cut
+            late_chunking=job.late_chunking,
             batch_size=job.batch_size,
             window=job.window,
             streams=job.streams,
-            length_sort=job.length_sort or None,
+            length_sort=None if job.late_chunking else job.length_sort or None,
         )
         embedded = 0
         with (
@@ -110,11 +127,15 @@ def run_corpus(
             ) as bar,
         ):
             for batch in run:
-                batch_ids = [ids.popleft() for _ in range(batch.count)]
-                output.write(batch_ids, batch.dense)  # type: ignore[arg-type]
-                embedded += batch.count
+                if job.late_chunking:  # one reply per document, a vector per chunk
+                    records_done = 1
+                    output.write_document(ids.popleft(), batch.dense)  # type: ignore[arg-type]
+                else:
+                    records_done = batch.count
+                    output.write([ids.popleft() for _ in range(records_done)], batch.dense)  # type: ignore[arg-type]
+                embedded += records_done
                 model = batch.model or model
-                bar.update(batch.count)
+                bar.update(records_done)
         output.finish()
         return CorpusSummary(
             records, done, embedded, time.monotonic() - started, model, run.stats.broken_attempts

@@ -1,5 +1,9 @@
 """Reading a JSON Lines corpus: one ``{"id": ..., "text": ...}`` object per line (Parquet: corpus_parquet.py).
 
+For late chunking a line is one document, ``{"id": ..., "chunks": ["...", ...]}``:
+its chunks are embedded together, each vector pooled from token states that
+saw the whole document.
+
 Blank lines are skipped (and not counted), so counting and reading agree and a
 resumed run skips exactly the records already written. A malformed line stops
 the run with its line number; everything before it stays written.
@@ -8,7 +12,7 @@ the run with its line number; everything before it stays written.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +34,15 @@ class Record:
     text: str
 
 
+@dataclass(frozen=True)
+class Document:
+    """A late-chunking record: the chunks of one document, in order."""
+
+    line: int
+    id: Any
+    chunks: list[str]
+
+
 def count_records(path: Path) -> int:
     """Non-blank lines: the number of records, read fast without parsing them."""
     if path.suffix == ".parquet":
@@ -44,13 +57,19 @@ def count_records(path: Path) -> int:
     return count
 
 
-def read_records(path: Path, skip: int = 0) -> Iterator[Record]:
-    """The records in file order, after the first ``skip`` (which are not parsed)."""
-    if path.suffix == ".parquet":
-        from . import corpus_parquet
+def read_records(
+    path: Path, skip: int = 0, parse: Callable[[Path, int, bytes], Any] | None = None
+) -> Iterator[Any]:
+    """The records in file order, after the first ``skip`` (which are not parsed).
 
-        yield from corpus_parquet.read_records(path, skip)
+    ``parse`` reads one line (default :func:`parse_record`; :func:`parse_document` for late chunking).
+    """
+    if path.suffix == ".parquet":
+        from . import corpus_parquet  # pyarrow: only for Parquet
+
+        yield from corpus_parquet.read_records(path, skip, documents=parse is parse_document)
         return
+    parse = parse or parse_record
     seen = 0
     with open(path, "rb") as lines:
         for number, raw in enumerate(lines, start=1):
@@ -59,16 +78,21 @@ def read_records(path: Path, skip: int = 0) -> Iterator[Record]:
             seen += 1
             if seen <= skip:
                 continue
-            yield parse_record(path, number, raw)
+            yield parse(path, number, raw)
 
 
-def parse_record(path: Path, number: int, raw: bytes) -> Record:
+def _json_object(path: Path, number: int, raw: bytes) -> dict[str, Any]:
     try:
         value = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorpusInputError(path, number, f"not a JSON object ({exc})") from None
     if not isinstance(value, dict):
         raise CorpusInputError(path, number, f"expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_record(path: Path, number: int, raw: bytes) -> Record:
+    value = _json_object(path, number, raw)
     if "text" not in value:
         raise CorpusInputError(path, number, 'missing "text"')
     text = value["text"]
@@ -77,3 +101,31 @@ def parse_record(path: Path, number: int, raw: bytes) -> Record:
     if not text:
         raise CorpusInputError(path, number, '"text" is empty')
     return Record(line=number, id=value.get("id"), text=text)
+
+
+def parse_document(path: Path, number: int, raw: bytes) -> Document:
+    """A ``{"id": ..., "chunks": [...]}`` line: a non-empty list of non-blank strings."""
+    value = _json_object(path, number, raw)
+    chunks = value.get("chunks")
+    if not isinstance(chunks, list) or not chunks:
+        raise CorpusInputError(path, number, '"chunks" must be a non-empty list of strings (late chunking)')
+    for index, chunk in enumerate(chunks):
+        if not isinstance(chunk, str) or not chunk.strip():
+            raise CorpusInputError(path, number, f'"chunks"[{index}] must be a non-blank string')
+    return Document(line=number, id=value.get("id"), chunks=chunks)
+
+
+def count_chunks(path: Path) -> int:
+    """All chunks of a late-chunking corpus (parses every line: the rows of a .npy output)."""
+    return sum(len(document.chunks) for document in read_records(path, parse=parse_document))
+
+
+def whole_documents(path: Path, rows: int) -> tuple[int, int]:
+    """Of ``rows`` chunk rows written, the documents wholly written and the rows they fill."""
+    documents = filled = 0
+    for document in read_records(path, parse=parse_document):
+        if filled + len(document.chunks) > rows:
+            break
+        documents += 1
+        filled += len(document.chunks)
+    return documents, filled

@@ -7,13 +7,18 @@ from the next record. Rows are the same bytes whether written in one run or
 several, so the finished file is identical to an uninterrupted run's.
 
 - ``.jsonl``: one ``{"id": ..., "embedding": [...]}`` line per record; the
-  rows done are the complete lines.
+  rows done are the complete lines. With late chunking a record is a
+  document and its line is ``{"id": ..., "embeddings": [[...], ...]}``, one
+  vector per chunk in chunk order.
 - ``.npy``: the final ``.npy`` header (shape ``[records, d]``, float32,
   exactly what ``np.save`` writes) and then raw rows; the rows done are
   ``(size - header) // (4 * d)``. The header needs the record count, hence
-  the counting pass over the input; ``d`` comes from the first reply.
-- ``.parquet``: columns ``id`` and ``embedding``; the partial file is an Arrow
-  IPC stream whose complete messages are the rows done (corpus_parquet.py).
+  the counting pass over the input; ``d`` comes from the first reply. With
+  late chunking a row is a chunk (the counting pass adds up the chunks), and a
+  resume cuts the rows back to the last whole document.
+- ``.parquet``: columns ``id`` and ``embedding`` (late chunking: ``id`` and
+  ``embeddings``, a list of vectors per document); the partial file is an
+  Arrow IPC stream whose complete messages are the rows done (corpus_parquet.py).
 
 A small ``OUTPUT.partial.json`` remembers the settings of the run (model,
 task, dimensions, truncation, record count) so that a resume with different
@@ -92,6 +97,14 @@ class CorpusOutput:
     def write(self, ids: Sequence[Any], dense: np.ndarray) -> None:
         raise NotImplementedError
 
+    def write_document(self, id_: Any, chunks: np.ndarray) -> None:
+        """Late chunking: one document's chunk vectors [chunks, d]."""
+        raise NotImplementedError
+
+    def cut_to(self, rows: int) -> None:
+        """Drop the rows after ``rows`` (a resume back to a document boundary)."""
+        raise NotImplementedError
+
     def finish(self) -> None:
         """All rows written: make them durable and give the file its final name."""
         assert self._file is not None
@@ -124,11 +137,16 @@ class JsonlOutput(CorpusOutput):
             return sum(chunk.count(b"\n") for chunk in iter(lambda: data.read(1 << 20), b""))
 
     def write(self, ids: Sequence[Any], dense: np.ndarray) -> None:
+        self._write_lines(
+            [{"id": id_, "embedding": row} for id_, row in zip(ids, dense.tolist(), strict=True)]
+        )
+
+    def write_document(self, id_: Any, chunks: np.ndarray) -> None:
+        self._write_lines([{"id": id_, "embeddings": chunks.tolist()}])
+
+    def _write_lines(self, rows: list[dict[str, Any]]) -> None:
         assert self._file is not None
-        lines = [
-            json.dumps({"id": id_, "embedding": row}, separators=(", ", ": ")).encode() + b"\n"
-            for id_, row in zip(ids, dense.tolist(), strict=True)
-        ]
+        lines = [json.dumps(row, separators=(", ", ": ")).encode() + b"\n" for row in rows]
         self._file.write(b"".join(lines))
         self._file.flush()
         self.rows += len(lines)
@@ -175,6 +193,17 @@ class NpyOutput(CorpusOutput):
         self._file.flush()
         self.rows += len(dense)
 
+    def write_document(self, id_: Any, chunks: np.ndarray) -> None:
+        self.write([id_] * len(chunks), chunks)
+
+    def cut_to(self, rows: int) -> None:
+        assert self._file is not None and rows <= self.rows
+        if rows < self.rows:
+            assert self.dimensions is not None
+            self._file.truncate(self.header_bytes + rows * 4 * self.dimensions)
+            self._file.seek(0, os.SEEK_END)
+            self.rows = rows
+
     def _prepare_final(self) -> None:
         if self.dimensions is None:  # an empty corpus: a valid (0, 0) array
             assert self._file is not None
@@ -198,6 +227,7 @@ def _last_newline_end(data: BinaryIO) -> int:
 
 
 def open_output(path: Path, records: int) -> CorpusOutput:
+    """``records``: the rows the finished file holds (records, or chunks for late chunking to .npy)."""
     if path.suffix == ".jsonl":
         return JsonlOutput(path, records)
     if path.suffix == ".npy":

@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .corpus_input import CorpusInputError, Record
+from .corpus_input import CorpusInputError, Document, Record
 from .corpus_output import ROW_DTYPE, CorpusOutput, CorpusOutputError
 
 ROW_GROUP_ROWS = 16384
@@ -56,16 +56,25 @@ def count_records(path: Path) -> int:
     return int(_open(path).metadata.num_rows)
 
 
-def read_records(path: Path, skip: int = 0) -> Iterator[Record]:
-    """The rows in file order after the first ``skip``; whole row groups before them are not read."""
+def read_records(path: Path, skip: int = 0, documents: bool = False) -> Iterator[Record | Document]:
+    """The rows in file order after the first ``skip``; whole row groups before them are not read.
+
+    ``documents`` (late chunking): each row is a document, its ``chunks`` column a list of strings.
+    """
     file = _open(path)
     names = file.schema_arrow.names
-    if "text" not in names:
-        raise ParquetInputError(path, None, f'no "text" column (columns: {", ".join(names)})')
-    text_type = file.schema_arrow.field("text").type
-    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
-        raise ParquetInputError(path, None, f'"text" must be a string column, got {text_type}')
-    columns = ["text", "id"] if "id" in names else ["text"]
+    column = "chunks" if documents else "text"
+    if column not in names:
+        raise ParquetInputError(path, None, f'no "{column}" column (columns: {", ".join(names)})')
+    kind = file.schema_arrow.field(column).type
+    if documents and (pa.types.is_list(kind) or pa.types.is_large_list(kind)):
+        kind = kind.value_type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        wanted = "a list of strings" if documents else "a string column"
+        raise ParquetInputError(
+            path, None, f'"{column}" must be {wanted}, got {file.schema_arrow.field(column).type}'
+        )
+    columns = [column, "id"] if "id" in names else [column]
     row, groups = 0, []
     for group in range(file.num_row_groups):
         rows = file.metadata.row_group(group).num_rows
@@ -80,12 +89,25 @@ def read_records(path: Path, skip: int = 0) -> Iterator[Record]:
         ids = batch.column(1).to_pylist() if len(columns) == 2 else [None] * len(texts)
         for text, id_ in zip(texts, ids, strict=True):
             if row >= skip:
-                if text is None:
-                    raise ParquetInputError(path, row, '"text" is null')
-                if not text:
-                    raise ParquetInputError(path, row, '"text" is empty')
-                yield Record(line=row + 1, id=id_, text=text)
+                yield _document(path, row, id_, text) if documents else _record(path, row, id_, text)
             row += 1
+
+
+def _record(path: Path, row: int, id_: Any, text: str | None) -> Record:
+    if text is None:
+        raise ParquetInputError(path, row, '"text" is null')
+    if not text:
+        raise ParquetInputError(path, row, '"text" is empty')
+    return Record(line=row + 1, id=id_, text=text)
+
+
+def _document(path: Path, row: int, id_: Any, chunks: list[str | None] | None) -> Document:
+    if not chunks:
+        raise ParquetInputError(path, row, '"chunks" must be a non-empty list of strings (late chunking)')
+    for index, chunk in enumerate(chunks):
+        if chunk is None or not chunk.strip():
+            raise ParquetInputError(path, row, f'"chunks"[{index}] must be a non-blank string')
+    return Document(line=row + 1, id=id_, chunks=chunks)  # type: ignore[arg-type]
 
 
 class ParquetOutput(CorpusOutput):
@@ -115,18 +137,26 @@ class ParquetOutput(CorpusOutput):
         return rows
 
     def write(self, ids: Sequence[Any], dense: np.ndarray) -> None:
+        self._append("embedding", ids, fixed_rows(dense))
+
+    def write_document(self, id_: Any, chunks: np.ndarray) -> None:
+        """Late chunking: one row, ``embeddings`` holding a vector per chunk."""
+        offsets = pa.array([0, len(chunks)], pa.int32())
+        self._append("embeddings", [id_], pa.ListArray.from_arrays(offsets, fixed_rows(chunks)))
+
+    def _append(self, name: str, ids: Sequence[Any], vectors: pa.Array) -> None:
         assert self._file is not None
-        vectors = np.ascontiguousarray(dense, dtype=ROW_DTYPE)
-        embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
         if self.schema is None:
             id_column = self._ids(ids, None)
-            self.schema = pa.schema([("id", id_column.type), ("embedding", embedding.type)])
+            self.schema = pa.schema([("id", id_column.type), (name, vectors.type)])
             self._file.write(self.schema.serialize().to_pybytes())
-        elif embedding.type != self.schema.field("embedding").type:
-            raise CorpusOutputError(f"a reply has {vectors.shape[1]} dimensions, the file {self.schema}")
+        elif self.schema.names[1] != name or vectors.type != self.schema.field(1).type:
+            raise CorpusOutputError(
+                f"{self.partial}: rows of {name}: {vectors.type} do not fit {self.schema}"
+            )
         else:
             id_column = self._ids(ids, self.schema.field("id").type)
-        batch = pa.record_batch([id_column, embedding], schema=self.schema)
+        batch = pa.record_batch([id_column, vectors], schema=self.schema)
         self._file.write(batch.serialize().to_pybytes())
         self._file.flush()
         self.rows += len(ids)
@@ -151,6 +181,13 @@ class ParquetOutput(CorpusOutput):
         os.replace(staging, self.path)
         self.partial.unlink()
         self.manifest.unlink(missing_ok=True)
+
+
+def fixed_rows(matrix: np.ndarray, dtype: Any = ROW_DTYPE) -> pa.FixedSizeListArray:
+    """An ``[n, d]`` matrix as n fixed-size lists, without a copy per row (also embedding_client.ray's)."""
+    rows = np.ascontiguousarray(matrix, dtype=dtype)
+    width = rows.shape[1] if rows.ndim == 2 else 0
+    return pa.FixedSizeListArray.from_arrays(pa.array(rows.reshape(-1)), width)
 
 
 EMPTY_SCHEMA = pa.schema([("id", pa.null()), ("embedding", pa.list_(pa.float32(), 0))])

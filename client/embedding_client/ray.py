@@ -48,6 +48,7 @@ import pyarrow as pa
 
 from .channel import ChannelSettings, count_addresses, sync_channel
 from .client import DEFAULT_WINDOW, EmbeddingClient
+from .corpus_parquet import fixed_rows
 from .enums import Output, OutputLike, TaskLike
 from .proto import embedding_pb2 as pb
 from .requests import DEFAULT_BATCH_SIZE, EmbedOptions, batches
@@ -310,13 +311,6 @@ def column_values(table: pa.Table, name: str, kind: type) -> list[Any]:
 
 def column_name(prefix: str, output: Output) -> str:
     return prefix if output == Output.DENSE else f"{prefix}_{output.name.lower()}"
-
-
-def fixed_rows(matrix: np.ndarray, dtype: Any) -> pa.FixedSizeListArray:
-    """An ``[n, d]`` matrix as n fixed-size lists, without copying row by row."""
-    matrix = np.ascontiguousarray(matrix, dtype=dtype)
-    width = matrix.shape[1] if matrix.ndim == 2 else 0
-    return pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), width)
 
 
 def nested(values: pa.Array, counts: Sequence[int]) -> pa.ListArray:

@@ -52,7 +52,9 @@ class Embeddings:
 
     ``offset`` is the position of the first input in the whole call or stream.
     ``error`` is set only by ``embed_stream_batches(on_error="yield")``: the
-    request failed and carries no vectors.
+    request failed and carries no vectors. ``request_ids`` are the server's ids
+    of the unary calls that made it (its ``x-request-id`` trailer, as in its
+    logs); ``request_id`` is the first of them.
     """
 
     model: str = ""
@@ -64,6 +66,11 @@ class Embeddings:
     prompt_tokens: int = 0
     offset: int = 0
     error: EmbeddingError | None = None
+    request_ids: tuple[str, ...] = ()
+
+    @property
+    def request_id(self) -> str | None:
+        return self.request_ids[0] if self.request_ids else None
 
     def __len__(self) -> int:
         return self.count
@@ -101,6 +108,7 @@ class ModelInfo:
     outputs: tuple[Output, ...]
     matryoshka_dimensions: tuple[int, ...]
     is_default: bool
+    max_document_tokens: int = 0  # longest late-chunked document (tokens); 0: cannot late-chunk
 
 
 @dataclass(frozen=True)
@@ -173,6 +181,7 @@ def concatenate(parts: Sequence[Embeddings]) -> Embeddings:
         binary=None if first.binary is None else np.concatenate([p.binary for p in parts]),  # type: ignore[misc]
         prompt_tokens=sum(p.prompt_tokens for p in parts),
         offset=first.offset,
+        request_ids=tuple(i for p in parts for i in p.request_ids),
     )
 
 
@@ -186,6 +195,7 @@ def decode_model(info: pb.ModelInfo) -> ModelInfo:
         outputs=tuple(Output(o) for o in info.outputs if o in Output._value2member_map_),
         matryoshka_dimensions=tuple(info.matryoshka_dimensions),
         is_default=info.is_default,
+        max_document_tokens=info.max_document_tokens,
     )
 
 

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from .errors import EmbeddingError
+
 #: A stream that ended with one of these is re-established (the server went
 #: away, restarted, drained, or shed load); anything else is the caller's
 #: problem and is raised.
@@ -29,11 +31,16 @@ RETRYABLE_STREAM_CODES = frozenset(
 RETRYABLE_REPLY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
-def stream_error_is_retryable(code: grpc.StatusCode | None, details: str | None) -> bool:
-    if code not in RETRYABLE_STREAM_CODES:
+def stream_error_is_retryable(error: EmbeddingError) -> bool:
+    """Whether a stream that ended with ``error`` is worth re-establishing.
+
+    RESOURCE_EXHAUSTED is retried only as the service's QUEUE_FULL (its
+    ErrorInfo says so); without details it is gRPC's message size limit,
+    which fails the same way every time.
+    """
+    if error.code not in RETRYABLE_STREAM_CODES:
         return False
-    # A message over the size limit fails the same way every time.
-    return not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (details or ""))
+    return error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or error.reason == "QUEUE_FULL"
 
 
 @dataclass

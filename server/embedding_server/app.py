@@ -52,6 +52,8 @@ def engine_settings(settings: Settings) -> EngineSettings:
             max_queue_requests=settings.max_queue_requests,
             max_queue_tokens=settings.max_queue_tokens,
         ),
+        late_chunking_overlap=settings.late_chunking_overlap,
+        max_document_tokens=settings.max_document_tokens,
     )
 
 

@@ -40,6 +40,7 @@ class ServiceError(Exception):
 
     code: ClassVar[Code] = Code.INTERNAL
     default_reason: ClassVar[str] = "INTERNAL"
+    default_retry_after: ClassVar[float | None] = None
 
     def __init__(
         self,
@@ -55,7 +56,7 @@ class ServiceError(Exception):
         self.reason = reason or self.default_reason
         self.field = field
         self.index = index
-        self.retry_after = retry_after
+        self.retry_after = self.default_retry_after if retry_after is None else retry_after
 
     @property
     def field_path(self) -> str | None:
@@ -84,6 +85,7 @@ class Overloaded(ServiceError):
 
     code = Code.RESOURCE_EXHAUSTED
     default_reason = "QUEUE_FULL"
+    default_retry_after = 0.5  # seconds; about one batch run, the time a queue slot takes to free up
 
 
 class DeadlineExpired(ServiceError):
@@ -98,6 +100,20 @@ class NotServing(ServiceError):
 
     code = Code.UNAVAILABLE
     default_reason = "NOT_SERVING"
+
+
+class Unauthenticated(ServiceError):
+    """Auth is on and the bearer key is missing or wrong."""
+
+    code = Code.UNAUTHENTICATED
+    default_reason = "INVALID_API_KEY"
+
+
+class InternalError(ServiceError):
+    """A bug: an exception no handler expected. The message names only its type."""
+
+    code = Code.INTERNAL
+    default_reason = "INTERNAL"
 
 
 class ModelLoadError(Exception):

@@ -35,6 +35,8 @@ class Settings:
     max_batch_wait_ms: float = 0.0
     max_queue_requests: int = 1024
     max_queue_tokens: int = 4_000_000
+    late_chunking_overlap: int = 256
+    max_document_tokens: int = 0  # 0: 16 windows of each model
     stream_window: int = 32
     max_message_mb: int = 64
     grace_period: float = 30.0
@@ -163,6 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=4_000_000,
         help="tokens queued before RESOURCE_EXHAUSTED",
+    )
+    add(
+        "--late-chunking-overlap",
+        type=_positive(int),
+        default=256,
+        help="late chunking of a document longer than the model's window: tokens each window repeats "
+        "from the one before as context, at most half a window (more context per token, more CPU; "
+        "default 256)",
+    )
+    add(
+        "--max-document-tokens",
+        type=_positive(int),
+        default=0,
+        help="longest late-chunked document in tokens (special tokens included); longer is "
+        "INVALID_ARGUMENT. 0: 16 windows of each model, e.g. 4096 for a 256-token model (default 0)",
     )
     add("--stream-window", type=_positive(int), default=32, help="requests of one StreamEmbed call in flight")
     add("--max-message-mb", type=_positive(int), default=64, help="largest request message in MiB")

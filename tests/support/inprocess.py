@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import grpc
 from embedding_client.proto import embedding_pb2_grpc
 from embedding_server.engine.embedder import Embedder
+from embedding_server.grpc_api.interceptors import InFlight, ObservingInterceptor
 from embedding_server.grpc_api.server import SERVING, build_server, set_health
 from embedding_server.grpc_api.servicer import EmbeddingServicer
 from embedding_server.grpc_api.state import Phase, ServingState
@@ -32,10 +33,15 @@ class InProcessServer:
 
 
 @asynccontextmanager
-async def serve_in_process(embedder: Embedder, stream_window: int = 32) -> AsyncIterator[InProcessServer]:
+async def serve_in_process(
+    embedder: Embedder, stream_window: int = 32, observed: bool = False
+) -> AsyncIterator[InProcessServer]:
+    """``observed``: with the production ObservingInterceptor (request ids, trailers)."""
     state = ServingState()
     health_servicer = health.aio.HealthServicer()
-    server = build_server(EmbeddingServicer(state, stream_window=stream_window), health_servicer, 64 << 20)
+    interceptors = [ObservingInterceptor(InFlight())] if observed else []
+    servicer = EmbeddingServicer(state, stream_window=stream_window)
+    server = build_server(servicer, health_servicer, 64 << 20, interceptors)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     for batcher in embedder.batchers.values():

@@ -12,6 +12,7 @@ special ids and zero weights, ColBERT rows 1..n-1 normalized, and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,6 +146,65 @@ class JinaV3Reference:
 
     def document_length(self, chunks: list[str], task: int = 0) -> int:
         return len(self.tokenizer.encode(self.prefix(task) + " ".join(chunks)).ids)
+
+    def long_late_chunks(
+        self, chunks: list[str], task: int, dimensions: int, max_tokens: int, overlap: int
+    ) -> tuple[list[np.ndarray], int]:
+        """models.md "Late chunking beyond the window": the chunk vectors and the number of windows."""
+        prefix = self.prefix(task)
+        document = self.tokenizer.encode(prefix + " ".join(chunks))
+        adapter = self.adapter_index(task)
+        states = windowed_states(
+            lambda ids: backbone_states(self.model.weights, ids, adapter), document.ids, max_tokens, overlap
+        )
+        spans = late_chunk_spans(document, prefix, chunks)
+        vectors = [normalize(states.rows[a:b].mean(axis=0)[: dimensions or None]) for a, b in spans]
+        return vectors, len(states.windows)
+
+
+@dataclass(frozen=True)
+class WindowedStates:
+    rows: np.ndarray  # [N + 2, H]: H of models.md
+    windows: list[tuple[int, int]]  # [s_k, e_k) over the content tokens
+
+
+def windowed_states(
+    run: Callable[[list[int]], np.ndarray], ids: list[int], max_tokens: int, overlap: int
+) -> WindowedStates:
+    """Each token's state from the one window that keeps it, each window run on its own.
+
+    Written from the spec's rule per token (not from the server's code):
+    window 0 keeps content [0, e_0) and its <s>; window k > 0 keeps
+    [s_k + O, e_k); the last window gives </s>. ``run`` maps one sequence's
+    ids to its token states; ``ids`` is ``<s> C </s>`` (``[CLS] C [SEP]`` for BERT).
+    """
+    bos, eos = ids[0], ids[-1]
+    content = list(ids[1:-1])
+    n = len(content)
+    capacity = max_tokens - 2
+    step_back = min(overlap, capacity // 2)
+    windows = []
+    start = 0
+    while True:
+        end = min(start + capacity, n)
+        windows.append((start, end))
+        if end == n:
+            break
+        start = end - step_back
+    rows: list[np.ndarray | None] = [None] * (n + 2)
+    for k, (start, end) in enumerate(windows):
+        window_ids = [bos, *content[start:end], eos]
+        assert len(window_ids) <= max_tokens
+        h = run(window_ids)
+        if k == 0:
+            rows[0] = h[0]
+        if k == len(windows) - 1:
+            rows[n + 1] = h[-1]
+        for t in range(start if k == 0 else start + step_back, end):
+            assert rows[1 + t] is None, f"token {t} kept by two windows"
+            rows[1 + t] = h[1 + (t - start)]
+    assert all(row is not None for row in rows), "a token no window keeps"
+    return WindowedStates(np.stack(rows), windows)  # type: ignore[arg-type]
 
 
 def late_chunk_spans(document: Encoded, prefix: str, chunks: list[str]) -> list[tuple[int, int]]:

@@ -57,6 +57,16 @@ class RunningServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def logged(self, text: str, timeout: float = 30) -> bool:
+        """Whether ``text`` appears in the log within ``timeout`` s (access lines are written
+        when a call ends on the server, which may be just after the client saw its reply)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+        return True
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         for channel in self.channels:
             channel.close()

@@ -344,14 +344,16 @@ def make_jina_v3(
     extra_output: bool = False,
     layout: str = "onnx",
     seed: int = 3,
+    max_tokens: int = JINA_MAX_TOKENS,
 ) -> JinaV3Dir:
     """jina-embeddings-v3's layout: ``onnx/model.onnx`` + ``onnx/model.onnx_data``.
 
     ``task_id`` is rank 0 (the official export) or ``[1]``; ``float16_output``
     casts ``text_embeds`` to float16; ``extra_output`` adds a pooled output
-    listed *before* ``text_embeds`` (the server must fetch by name).
+    listed *before* ``text_embeds`` (the server must fetch by name); ``max_tokens``
+    sets the window (a small one makes long late-chunked documents cheap to test).
     """
-    positions = JINA_MAX_TOKENS + 2
+    positions = max_tokens + 2
     weights = make_backbone(JINA_HIDDEN, positions, seed, tasks=len(JINA_ADAPTERS))
     g = GraphBuilder()
     states = g.backbone(weights, task_id="task_id")
@@ -375,7 +377,7 @@ def make_jina_v3(
     ]
     onnx_path = directory / ("onnx/model.onnx" if layout == "onnx" else "model.onnx")
     save_external(g.model(inputs, outputs), onnx_path)
-    write_tokenizer(directory, JINA_MAX_TOKENS)
+    write_tokenizer(directory, max_tokens)
     write_json(
         directory / "config.json",
         {

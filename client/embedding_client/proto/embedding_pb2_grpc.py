@@ -31,8 +31,9 @@ class EmbeddingServiceStub:
     Errors (gRPC status codes), for Embed and for each StreamEmbed reply:
     INVALID_ARGUMENT   empty `inputs`, an empty input, too many inputs, a bad
     `dimensions`, an output the model does not produce, an
-    over-long input without `truncate`, late chunking over
-    the model's window; the message names the field and,
+    over-long input without `truncate`, a late-chunked
+    document over the model's `max_document_tokens`; the
+    message names the field and,
     for an input, its index (e.g. "inputs[3]: ...").
     NOT_FOUND          unknown `model`.
     RESOURCE_EXHAUSTED the server's queue is full, or a message is too large.
@@ -76,8 +77,9 @@ class EmbeddingServiceServicer:
     Errors (gRPC status codes), for Embed and for each StreamEmbed reply:
     INVALID_ARGUMENT   empty `inputs`, an empty input, too many inputs, a bad
     `dimensions`, an output the model does not produce, an
-    over-long input without `truncate`, late chunking over
-    the model's window; the message names the field and,
+    over-long input without `truncate`, a late-chunked
+    document over the model's `max_document_tokens`; the
+    message names the field and,
     for an input, its index (e.g. "inputs[3]: ...").
     NOT_FOUND          unknown `model`.
     RESOURCE_EXHAUSTED the server's queue is full, or a message is too large.
@@ -157,8 +159,9 @@ class EmbeddingService:
     Errors (gRPC status codes), for Embed and for each StreamEmbed reply:
     INVALID_ARGUMENT   empty `inputs`, an empty input, too many inputs, a bad
     `dimensions`, an output the model does not produce, an
-    over-long input without `truncate`, late chunking over
-    the model's window; the message names the field and,
+    over-long input without `truncate`, a late-chunked
+    document over the model's `max_document_tokens`; the
+    message names the field and,
     for an input, its index (e.g. "inputs[3]: ...").
     NOT_FOUND          unknown `model`.
     RESOURCE_EXHAUSTED the server's queue is full, or a message is too large.

@@ -152,13 +152,15 @@ class ModelBatcher:
             self.stats.rejected += 1
             raise Overloaded(
                 f"server overloaded: {self._admitted_requests} requests in flight for model "
-                f"{self.model.name} (limit {settings.max_queue_requests}); retry with backoff"
+                f"{self.model.name} (limit {settings.max_queue_requests}); retry with backoff",
+                reason="QUEUE_FULL",
             )
         if self._queued_tokens and self._queued_tokens + tokens > settings.max_queue_tokens:
             self.stats.rejected += 1
             raise Overloaded(
                 f"server overloaded: {self._queued_tokens} tokens queued for model {self.model.name} "
-                f"(limit {settings.max_queue_tokens}); retry with backoff"
+                f"(limit {settings.max_queue_tokens}); retry with backoff",
+                reason="QUEUE_FULL",
             )
         self._admitted_requests += 1
 
@@ -223,7 +225,10 @@ class ModelBatcher:
                 elif item.deadline is not None and now >= item.deadline:
                     self.stats.dropped_deadline += 1
                     item.future.set_exception(
-                        DeadlineExpired("deadline exceeded while queued; the model did not run it")
+                        DeadlineExpired(
+                            "deadline exceeded while queued; the model did not run it",
+                            reason="DEADLINE_EXCEEDED_IN_QUEUE",
+                        )
                     )
                 else:
                     live.append(item)
@@ -270,10 +275,8 @@ class ModelBatcher:
         rows = [item.row for item in batch]
         vectors = self.model.postprocess(outputs, padded.input_ids, padded.attention_mask, rows)
         for result, row in zip(vectors, rows, strict=True):
-            if result.dense is not None:
-                # Late-chunked vectors are always normalized (models.md), whatever the model's own rule.
-                normalize = self.model.normalizes or row.spans is not None
-                result.dense = truncate_and_normalize(result.dense, row.dimensions, normalize)
+            if result.dense is not None:  # late-chunking windows return token states, pooled by the engine
+                result.dense = truncate_and_normalize(result.dense, row.dimensions, self.model.normalizes)
         return vectors
 
     def _record(self, batch: list[WorkItem], padded: PaddedBatch, seconds: float) -> None:

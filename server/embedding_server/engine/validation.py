@@ -12,21 +12,32 @@ LATE_CHUNKING_OUTPUTS = frozenset({Output.DENSE, Output.BINARY})
 
 def check_inputs(inputs: list[str], max_inputs: int, late_chunking: bool = False) -> None:
     if not inputs:
-        raise InvalidArgument("inputs: must not be empty")
+        raise InvalidArgument("inputs: must not be empty", field="inputs", reason="EMPTY_INPUT")
     if len(inputs) > max_inputs:
-        raise InvalidArgument(f"inputs: {len(inputs)} inputs exceeds the limit of {max_inputs} per request")
+        raise InvalidArgument(
+            f"inputs: {len(inputs)} inputs exceeds the limit of {max_inputs} per request",
+            field="inputs",
+            reason="TOO_MANY_INPUTS",
+        )
     for index, text in enumerate(inputs):
         if not text:
-            raise InvalidArgument(f"inputs[{index}]: must not be empty")
+            raise InvalidArgument(
+                f"inputs[{index}]: must not be empty", field="inputs", index=index, reason="EMPTY_INPUT"
+            )
         if late_chunking and not text.strip():
-            raise InvalidArgument(f"inputs[{index}]: a late-chunking chunk must not be whitespace only")
+            raise InvalidArgument(
+                f"inputs[{index}]: a late-chunking chunk must not be whitespace only",
+                field="inputs",
+                index=index,
+                reason="EMPTY_CHUNK",
+            )
 
 
 def parse_task(value: int, model: EmbeddingModel) -> Task:
     try:
         task = Task(value)
     except ValueError:
-        raise InvalidArgument(f"task: unknown value {value}") from None
+        raise InvalidArgument(f"task: unknown value {value}", field="task", reason="UNKNOWN_TASK") from None
     model.check_task(task)
     return task
 
@@ -40,15 +51,28 @@ def parse_outputs(values: list[int], description: ModelDescription) -> tuple[Out
         try:
             output = Output(value)
         except ValueError:
-            raise InvalidArgument(f"outputs[{index}]: unknown value {value}") from None
+            raise InvalidArgument(
+                f"outputs[{index}]: unknown value {value}",
+                field="outputs",
+                index=index,
+                reason="UNKNOWN_OUTPUT",
+            ) from None
         output = Output.DENSE if output == Output.UNSPECIFIED else output
         if output in outputs:
-            raise InvalidArgument(f"outputs[{index}]: OUTPUT_TYPE_{output.name} is requested twice")
+            raise InvalidArgument(
+                f"outputs[{index}]: OUTPUT_TYPE_{output.name} is requested twice",
+                field="outputs",
+                index=index,
+                reason="DUPLICATE_OUTPUT",
+            )
         if output not in description.outputs:
             produced = ", ".join(f"OUTPUT_TYPE_{o.name}" for o in description.outputs)
             raise InvalidArgument(
                 f"outputs[{index}]: model {description.name} does not produce OUTPUT_TYPE_{output.name} "
-                f"(it produces {produced})"
+                f"(it produces {produced})",
+                field="outputs",
+                index=index,
+                reason="UNSUPPORTED_OUTPUT",
             )
         outputs.append(output)
     return tuple(outputs)
@@ -61,12 +85,16 @@ def check_dimensions(dimensions: int, description: ModelDescription) -> None:
     if allowed and dimensions not in allowed:
         raise InvalidArgument(
             f"dimensions: {dimensions} is not one of model {description.name}'s Matryoshka sizes "
-            f"{list(allowed)} (0 = full size)"
+            f"{list(allowed)} (0 = full size)",
+            field="dimensions",
+            reason="BAD_DIMENSIONS",
         )
     if not 1 <= dimensions <= description.dimensions:
         raise InvalidArgument(
             f"dimensions: {dimensions} is out of range 1..{description.dimensions} for model "
-            f"{description.name} (0 = full size)"
+            f"{description.name} (0 = full size)",
+            field="dimensions",
+            reason="BAD_DIMENSIONS",
         )
 
 
@@ -74,9 +102,17 @@ def check_late_chunking(job: EmbedJob, model: EmbeddingModel, outputs: tuple[Out
     if not job.late_chunking:
         return
     if not model.supports_late_chunking:
-        raise InvalidArgument(f"late_chunking: model {model.name}'s graph has no token states to chunk")
-    extra = [o for o in outputs if o not in LATE_CHUNKING_OUTPUTS]
+        raise InvalidArgument(
+            f"late_chunking: model {model.name}'s graph has no token states to chunk",
+            field="late_chunking",
+            reason="LATE_CHUNKING_UNSUPPORTED",
+        )
+    extra = [i for i, o in enumerate(outputs) if o not in LATE_CHUNKING_OUTPUTS]
     if extra:
         raise InvalidArgument(
-            f"outputs: late_chunking gives dense or binary vectors only, not OUTPUT_TYPE_{extra[0].name}"
+            f"outputs[{extra[0]}]: late_chunking gives dense or binary vectors only, "
+            f"not OUTPUT_TYPE_{outputs[extra[0]].name}",
+            field="outputs",
+            index=extra[0],
+            reason="UNSUPPORTED_OUTPUT",
         )

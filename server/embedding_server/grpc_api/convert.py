@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import grpc
 import numpy as np
 from embedding_client.proto import embedding_pb2 as pb
-from google.rpc import status_pb2
 
 from ..engine.requests import EmbedJob, EmbedResult, TokenizedResult
-from ..errors import ServiceError
 from ..models.pooling import pack_sign_bits
 from ..models.types import ModelDescription, Output, SequenceVectors
 
@@ -54,16 +51,6 @@ def _embedding(index: int, output: Output, vectors: SequenceVectors) -> pb.Embed
         index=index,
         colbert=pb.MultiVector(dimensions=int(colbert.shape[1]), values=colbert.ravel().tolist()),
     )
-
-
-def status_code(error: ServiceError) -> grpc.StatusCode:
-    """The gRPC status code of an engine error (errors.Code names equal grpc's)."""
-    return grpc.StatusCode[error.code.name]
-
-
-def error_status(error: ServiceError) -> status_pb2.Status:
-    """A google.rpc.Status for a StreamEmbed reply's ``error`` field."""
-    return status_pb2.Status(code=status_code(error).value[0], message=error.message)
 
 
 def model_info(description: ModelDescription, is_default: bool) -> pb.ModelInfo:

@@ -7,7 +7,9 @@ line per call, and sends the call's timings as trailing metadata, as TEI does
 in its ``x-*`` headers:
 
 - ``x-request-id``: the client's ``x-request-id`` metadata (or the
-  ``request_id`` field of a unary request) when given, else a fresh one;
+  ``request_id`` field of a unary request) when given, else a fresh one
+  (a StreamEmbed call also sends it as initial metadata, so each reply's
+  results can carry it);
 - ``x-queue-time-ms``, ``x-inference-time-ms``: engine time (summed over the
   requests of a StreamEmbed call); ``x-total-time-ms``: the whole call.
 
@@ -30,8 +32,10 @@ import grpc
 
 from ..auth import ApiKeys
 from ..call_context import CallContext, clean_request_id, enter_call, leave_call
+from ..errors import Unauthenticated
 from ..metrics import Metrics
 from .server import SERVICE_NAME
+from .status import REQUEST_ID_KEY, abort
 
 log = logging.getLogger("embedding_server.access")
 
@@ -39,7 +43,6 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 OWN_PREFIX = f"/{SERVICE_NAME}/"
 
-REQUEST_ID_KEY = "x-request-id"
 QUEUE_TIME_KEY = "x-queue-time-ms"
 INFERENCE_TIME_KEY = "x-inference-time-ms"
 TOTAL_TIME_KEY = "x-total-time-ms"
@@ -113,20 +116,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         authorization = metadata_value(handler_call_details.invocation_metadata, "authorization")
         if self.keys.accepts(authorization):
             return handler
-        return _refusing(handler, MISSING_KEY_MESSAGE if not authorization else WRONG_KEY_MESSAGE)
+        if authorization:
+            return _refusing(handler, Unauthenticated(WRONG_KEY_MESSAGE, reason="INVALID_API_KEY"))
+        return _refusing(handler, Unauthenticated(MISSING_KEY_MESSAGE, reason="MISSING_API_KEY"))
 
 
-def _refusing(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusing(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.RpcMethodHandler:
     if _streams_responses(handler):
 
         async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+            await abort(context, error, "auth")
             yield  # pragma: no cover - abort raises
 
         return _with_behavior(handler, refuse_stream)
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, error, "auth")
 
     return _with_behavior(handler, refuse)
 
@@ -204,6 +209,8 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 call, token, started = self._begin(quiet, clean_request_id(offered_id))
                 error: BaseException | None = None
                 try:
+                    if not quiet:  # a stream's replies need their call's id before its trailers come
+                        await context.send_initial_metadata(((REQUEST_ID_KEY, call.request_id),))
                     async for reply in inner(request, context):
                         yield reply
                     _send_trailers(context, call, started)

@@ -3,19 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator
 
 import grpc
 from embedding_client.proto import embedding_pb2 as pb
 
-from ..errors import InvalidArgument, ServiceError
+from ..errors import InvalidArgument
 from . import convert
 from .state import ServingState
+from .status import abort, as_service_error, to_rpc_status
 from .wire import bad_utf8_field
-
-log = logging.getLogger(__name__)
 
 DEFAULT_STREAM_WINDOW = 32
 
@@ -24,13 +22,13 @@ class MalformedRequest:
     """Stands in for a request whose bytes do not parse (e.g. invalid UTF-8 in a string).
 
     grpc would answer INTERNAL for a deserializer error; this lets the handler
-    answer INVALID_ARGUMENT instead, and StreamEmbed go on.
+    answer INVALID_ARGUMENT (reason MALFORMED_REQUEST) instead, and StreamEmbed go on.
     """
 
     request_id = ""
 
-    def __init__(self, reason: str) -> None:
-        self.reason = reason
+    def __init__(self, message: str, field: str | None = None, index: int | None = None) -> None:
+        self.error = InvalidArgument(message, field=field, index=index, reason="MALFORMED_REQUEST")
 
 
 def safe_parser(message_class: type) -> object:
@@ -38,9 +36,13 @@ def safe_parser(message_class: type) -> object:
         try:
             return message_class.FromString(data)
         except Exception as exc:  # protobuf's DecodeError and friends
-            field = bad_utf8_field(message_class.DESCRIPTOR, data)
-            if field is not None:
-                return MalformedRequest(f"{field}: not valid UTF-8 (a proto3 string must be UTF-8)")
+            bad = bad_utf8_field(message_class.DESCRIPTOR, data)
+            if bad is not None:
+                field, index = bad
+                path = field if index is None else f"{field}[{index}]"
+                return MalformedRequest(
+                    f"{path}: not valid UTF-8 (a proto3 string must be UTF-8)", field, index
+                )
             return MalformedRequest(f"request does not parse as {message_class.__name__}: {exc}")
 
     return parse
@@ -48,7 +50,7 @@ def safe_parser(message_class: type) -> object:
 
 def _check_parsed(request: object) -> None:
     if isinstance(request, MalformedRequest):
-        raise InvalidArgument(request.reason)
+        raise request.error
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -57,7 +59,7 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 
 
 class EmbeddingServicer:
-    """The four RPCs; engine errors become statuses, never UNKNOWN/INTERNAL."""
+    """The four RPCs; every failure ends as a status with details (grpc_api/status.py)."""
 
     def __init__(self, state: ServingState, stream_window: int = DEFAULT_STREAM_WINDOW) -> None:
         self.state = state
@@ -69,20 +71,21 @@ class EmbeddingServicer:
             embedder = self.state.require()
             result = await embedder.embed(convert.to_job(request, _deadline(context)))
             return convert.to_response(request.request_id, result)
-        except ServiceError as error:
-            await context.abort(convert.status_code(error), error.message)
-        raise AssertionError("unreachable")  # context.abort raises
+        except Exception as exc:
+            await abort(context, exc, "Embed")
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         try:
             embedder = self.state.require()
-        except ServiceError as error:
-            await context.abort(convert.status_code(error), error.message)
-        return pb.ListModelsResponse(
-            models=[convert.model_info(d, d.name == embedder.default_model) for d in embedder.descriptions()]
-        )
+            return pb.ListModelsResponse(
+                models=[
+                    convert.model_info(d, d.name == embedder.default_model) for d in embedder.descriptions()
+                ]
+            )
+        except Exception as exc:
+            await abort(context, exc, "ListModels")
 
     async def Tokenize(
         self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -92,9 +95,8 @@ class EmbeddingServicer:
             embedder = self.state.require()
             results = await embedder.tokenize(request.model, list(request.inputs), int(request.task))
             return convert.tokenized(results)
-        except ServiceError as error:
-            await context.abort(convert.status_code(error), error.message)
-        raise AssertionError("unreachable")
+        except Exception as exc:
+            await abort(context, exc, "Tokenize")
 
     async def StreamEmbed(
         self, requests: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
@@ -131,6 +133,10 @@ class EmbeddingServicer:
                 yield reply
                 window.release()
             await reader  # surfaces a read error (e.g. the client's stream broke)
+        except Exception as exc:  # a bug outside any one request: INTERNAL with details, not UNKNOWN
+            if context.cancelled():
+                raise
+            await abort(context, exc, "StreamEmbed")
         finally:
             reader.cancel()
             for task in list(in_flight):
@@ -144,9 +150,6 @@ class EmbeddingServicer:
             embedder = self.state.require()
             result = await embedder.embed(convert.to_job(request, deadline))  # type: ignore[arg-type]
             return convert.to_response(request.request_id, result)
-        except ServiceError as error:
-            return pb.EmbedResponse(request_id=request.request_id, error=convert.error_status(error))
-        except Exception as exc:  # a bug: answer it on the stream, keep the stream and log
-            log.exception("StreamEmbed request %r failed", request.request_id)
-            error = ServiceError(f"internal error: {type(exc).__name__}")
-            return pb.EmbedResponse(request_id=request.request_id, error=convert.error_status(error))
+        except Exception as exc:  # a bug is answered on the stream too (INTERNAL); the stream goes on
+            error = as_service_error(exc, f"StreamEmbed request {request.request_id!r}")
+            return pb.EmbedResponse(request_id=request.request_id, error=to_rpc_status(error))

@@ -28,7 +28,9 @@ class ServingState:
     def require(self) -> Embedder:
         """The Embedder, or NotServing (UNAVAILABLE) while starting or shutting down."""
         if self.phase is Phase.STARTING or self.embedder is None:
-            raise NotServing("server is starting up: models are still loading; retry shortly")
+            raise NotServing(
+                "server is starting up: models are still loading; retry shortly", reason="NOT_SERVING"
+            )
         if self.phase is Phase.DRAINING:
-            raise NotServing("server is shutting down; retry on another replica")
+            raise NotServing("server is shutting down; retry on another replica", reason="NOT_SERVING")
         return self.embedder

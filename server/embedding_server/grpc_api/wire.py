@@ -26,8 +26,8 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
             return value, pos
 
 
-def bad_utf8_field(descriptor: Descriptor, data: bytes) -> str | None:
-    """``name`` or ``name[i]`` of the first string field whose bytes are not UTF-8, else None."""
+def bad_utf8_field(descriptor: Descriptor, data: bytes) -> tuple[str, int | None] | None:
+    """The name (and, if repeated, the index) of the first string field whose bytes are not UTF-8."""
     counts: dict[int, int] = {}
     pos = 0
     try:
@@ -52,7 +52,7 @@ def bad_utf8_field(descriptor: Descriptor, data: bytes) -> str | None:
             try:
                 payload.decode("utf-8")
             except UnicodeDecodeError:
-                return f"{field.name}[{index}]" if field.is_repeated else field.name
+                return field.name, (index if field.is_repeated else None)
     except ValueError:
         return None
     return None

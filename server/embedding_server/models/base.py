@@ -16,8 +16,7 @@ import numpy as np
 
 from ..errors import InvalidArgument
 from .files import ModelFiles
-from .late_chunking import chunk_spans, join_chunks
-from .pooling import span_means
+from .late_chunking import LateChunkedDocument, chunk_spans, join_chunks, plan_document
 from .tokenization import TextTokenizer, TokenizedText
 from .types import ModelDescription, Output, SequenceVectors, Task
 
@@ -33,12 +32,17 @@ class SessionSignature:
 
 @dataclass(frozen=True)
 class RowRequest:
-    """What one row of a batch needs: its real length, outputs and chunk spans."""
+    """What one row of a batch needs: its real length, its outputs, or its raw token states.
+
+    A late-chunking window sets ``token_states`` to the rows [a, b) of its
+    states that the document keeps; it comes back as those rows, unpooled,
+    and the engine stitches and pools the document's windows.
+    """
 
     length: int
     outputs: frozenset[Output]
     dimensions: int = 0  # Matryoshka size; 0 = full
-    spans: list[tuple[int, int]] | None = None  # late chunking
+    token_states: tuple[int, int] | None = None  # late chunking: return these rows' states
 
 
 class EmbeddingModel(ABC):
@@ -113,16 +117,25 @@ class EmbeddingModel(ABC):
         prefix = self.prefix(task)
         return self.tokenizer.encode([prefix + text for text in texts], truncate=truncate)
 
-    def tokenize_document(self, chunks: list[str], task: Task) -> tuple[TokenizedText, list[tuple[int, int]]]:
-        """Late chunking: the joined document and the token span of each chunk."""
+    def tokenize_document(
+        self, chunks: list[str], task: Task, max_document_tokens: int, overlap: int
+    ) -> LateChunkedDocument:
+        """Late chunking: the joined document as model windows, and the token span of each chunk.
+
+        A document over ``max_document_tokens`` (special tokens included) is
+        refused; ``truncate`` never applies (cutting it would drop chunks).
+        """
         text, ends = join_chunks(self.prefix(task), chunks)
         document = self.tokenizer.encode_document(text)
-        if len(document.ids) > self.tokenizer.max_tokens:
+        if len(document.ids) > max_document_tokens:
             raise InvalidArgument(
-                f"inputs: late chunking needs the whole document in one window; it has "
-                f"{len(document.ids)} tokens and the model's maximum is {self.tokenizer.max_tokens}"
+                f"inputs: late chunking: the document has {len(document.ids)} tokens, over model "
+                f"{self.name}'s limit of {max_document_tokens} (--max-document-tokens)",
+                field="inputs",
+                reason="DOCUMENT_TOO_LONG",
             )
-        return document, chunk_spans(document, ends)
+        spans = chunk_spans(document, ends)
+        return plan_document(document, spans, self.tokenizer.max_tokens, overlap)
 
     def token_states(self, outputs: dict[str, np.ndarray]) -> np.ndarray | None:
         """[B,T,H] float32 token states, for late chunking; None if the graph has none."""
@@ -138,14 +151,22 @@ def signature_of(session: Any) -> SessionSignature:
     )
 
 
-def pooled_or_chunked(
-    states: np.ndarray, pooled: np.ndarray, rows: list[RowRequest]
+def pooled_or_states(
+    states: np.ndarray | None, pooled: np.ndarray, rows: list[RowRequest]
 ) -> list[SequenceVectors]:
-    """Each row's dense vectors: its chunks' mean states when late-chunked, else its pooled row."""
-    return [
-        SequenceVectors(dense=span_means(states[b], row.spans) if row.spans else pooled[b : b + 1])
-        for b, row in enumerate(rows)
-    ]
+    """Each row's pooled vector, or for a late-chunking window the token states it keeps.
+
+    The kept rows are copied so that a window's result does not hold the whole
+    padded batch output alive while the rest of its document runs.
+    """
+    results = []
+    for b, row in enumerate(rows):
+        if row.token_states is not None and states is not None:
+            start, end = row.token_states
+            results.append(SequenceVectors(token_states=states[b, start:end].copy()))
+        else:
+            results.append(SequenceVectors(dense=pooled[b : b + 1]))
+    return results
 
 
 def as_float32(array: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import ModelLoadError
-from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_chunked
+from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_states
 from .family import BGE_M3
 from .limits import xlm_roberta_max_tokens
 from .pooling import normalize
@@ -115,7 +115,7 @@ class BgeM3Model(EmbeddingModel):
     ) -> list[SequenceVectors]:
         states = self.token_states(outputs)
         dense = as_float32(outputs["dense_vecs"]) if self._exported_heads else states[:, 0]  # CLS
-        results = pooled_or_chunked(states, dense, rows)
+        results = pooled_or_states(states, dense, rows)
         for b, (row, vectors) in enumerate(zip(rows, results, strict=True)):
             if Output.SPARSE in row.outputs:  # never with late chunking (validation refuses it)
                 vectors.sparse = self._sparse(outputs, states, input_ids[b], b, row.length)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidArgument, ModelLoadError
-from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_chunked
+from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_states
 from .family import JINA_V3
 from .limits import xlm_roberta_max_tokens
 from .pooling import mean_pool
@@ -71,7 +71,11 @@ class JinaV3Model(EmbeddingModel):
 
     def check_task(self, task: Task) -> None:
         if self.resolve(task) not in self._task_ids:
-            raise InvalidArgument(f"task: {task.name} is not one of this model's adapters {self._adapters}")
+            raise InvalidArgument(
+                f"task: {task.name} is not one of this model's adapters {self._adapters}",
+                field="task",
+                reason="UNSUPPORTED_TASK",
+            )
 
     def prefix(self, task: Task) -> str:
         return self._instructions.get(TASK_NAMES[self.resolve(task)], "")
@@ -100,4 +104,4 @@ class JinaV3Model(EmbeddingModel):
         rows: list[RowRequest],
     ) -> list[SequenceVectors]:
         states = self.token_states(outputs)
-        return pooled_or_chunked(states, mean_pool(states, attention_mask), rows)
+        return pooled_or_states(states, mean_pool(states, attention_mask), rows)

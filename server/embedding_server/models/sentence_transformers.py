@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import ModelLoadError
-from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_chunked
+from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_states
 from .family import SENTENCE_TRANSFORMERS
 from .limits import sentence_transformers_max_tokens
 from .pooling import cls_pool, max_pool, mean_pool, mean_sqrt_len_pool
@@ -111,4 +111,4 @@ class SentenceTransformersModel(EmbeddingModel):
     ) -> list[SequenceVectors]:
         states = self.token_states(outputs)
         pooled = np.concatenate([pool(states, attention_mask) for pool in self._poolers], axis=-1)
-        return pooled_or_chunked(states, pooled, rows)
+        return pooled_or_states(states, pooled, rows)

@@ -75,7 +75,10 @@ class TextTokenizer:
                 if len(encoding.ids) > self.max_tokens:
                     raise InvalidArgument(
                         f"inputs[{index}]: {len(encoding.ids)} tokens exceeds the model's maximum of "
-                        f"{self.max_tokens}; shorten it or set truncate"
+                        f"{self.max_tokens}; shorten it or set truncate",
+                        field="inputs",
+                        index=index,
+                        reason="INPUT_TOO_LONG",
                     )
         return [_to_tokenized(e) for e in encodings]
 

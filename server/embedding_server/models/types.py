@@ -76,14 +76,16 @@ class SparseWeights:
 
 @dataclass
 class SequenceVectors:
-    """What the model computed for one sequence (one input, or one late-chunked document).
+    """What the model computed for one sequence (one input, or one window of a late-chunked document).
 
     ``dense`` holds one row per output vector: one for a plain input, one per
-    chunk for a late-chunked document. It is pooled but not yet truncated or
-    normalized (Matryoshka truncates first, then normalizes).
+    chunk once a late-chunked document is pooled. It is pooled but not yet
+    truncated or normalized (Matryoshka truncates first, then normalizes).
+    A late-chunking window comes back as ``token_states`` instead.
     """
 
     dense: np.ndarray | None = None  # float32 [rows, H]
     sparse: SparseWeights | None = None
     colbert: np.ndarray | None = None  # float32 [tokens, H], rows normalized
+    token_states: np.ndarray | None = None  # float32 [kept rows, H]: a late-chunking window's states
     extra: dict[str, object] = field(default_factory=dict)

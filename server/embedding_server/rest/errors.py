@@ -1,8 +1,10 @@
-"""OpenAI-shaped errors and the gRPC status code → HTTP status mapping.
+"""OpenAI-shaped errors and the gRPC status → HTTP status mapping.
 
 Every failure the shim reports has the body OpenAI clients parse:
-``{"error": {"message", "type", "param", "code"}}``. The gRPC status decides
-the HTTP status, so the shim never has to know *why* the server refused.
+``{"error": {"message", "type", "param", "code"}}``. The gRPC status code
+decides the HTTP status; ``param`` and ``code`` come from the status's
+``google.rpc`` details (ErrorInfo ``reason``, ``field``, ``index``), never
+from its message, whose wording is free to change.
 
 ``DEADLINE_EXCEEDED`` becomes 504, not 408: the time ran out in the server's
 queue behind the gateway, while 408 (RFC 9110) means the client was too slow
@@ -11,9 +13,9 @@ to send its request. Both make the ``openai`` client retry.
 
 from __future__ import annotations
 
-import re
-
 import grpc
+from embedding_client.errors import ErrorDetails, code_of
+from google.rpc import status_pb2
 
 #: HTTP status, OpenAI error ``type`` and ``code`` for each gRPC status a request can end with.
 GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
@@ -31,13 +33,13 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
 #: A status a user cannot cause (UNKNOWN, INTERNAL, ...): a server bug, reported as such.
 FALLBACK = (500, "server_error", "internal_error")
 
-# gRPC's own wording when a message is over grpc.max_receive_message_length.
-_TOO_LARGE = re.compile(r"larger than max", re.IGNORECASE)
-# The engine's messages start with the field: "inputs[3]: must not be empty".
-_FIELD = re.compile(r"^(?P<field>[a-z_]+)(?P<index>\[\d+\])?:")
-_OUTPUT_NAME = re.compile(r"OUTPUT_TYPE_([A-Z]+)")
-#: Which output kind each REST flag asks for (the dense kind depends on embedding_type).
-OUTPUT_FIELD_KINDS = {"return_sparse": "SPARSE", "return_colbert": "COLBERT"}
+#: OpenAI ``code`` for reasons with a better one than their status's (OpenAI's own word if it has one).
+REASON_CODES: dict[str, str] = {
+    "INPUT_TOO_LONG": "context_length_exceeded",
+    "DOCUMENT_TOO_LONG": "context_length_exceeded",
+}
+#: REST parameter for each EmbedRequest field (``outputs`` is looked up per request: see from_grpc).
+REST_PARAMS = {"inputs": "input", "model": "model", "dimensions": "dimensions", "task": "task"}
 
 
 class RestError(Exception):
@@ -67,45 +69,40 @@ def bad_request(message: str, param: str | None, code: str = "invalid_value") ->
     return RestError(400, message, param=param, code=code)
 
 
-def from_grpc(code: grpc.StatusCode, details: str, output_fields: list[str] | None = None) -> RestError:
-    """The REST error for a gRPC failure; the message is rewritten to name REST fields.
+def from_grpc(status: status_pb2.Status, output_fields: list[str] | None = None) -> RestError:
+    """The REST error for a failed gRPC call's ``google.rpc.Status``.
 
     ``output_fields[i]`` is the REST field that asked for ``EmbedRequest.outputs[i]``,
-    so "outputs[1]: model ... does not produce OUTPUT_TYPE_SPARSE" names ``return_sparse``.
+    so a violation of ``outputs[1]`` names ``return_sparse``. A message that
+    starts with the violated gRPC field (``inputs[3]: ...``) is re-labelled with
+    the REST one (``input[3]: ...``); that prefix is built from the details too.
     """
-    details = details or code.name
-    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and _TOO_LARGE.search(details):
-        return RestError(413, f"request too large: {details}", code="request_too_large")
-    status, kind, error_code = GRPC_TO_HTTP.get(code, FALLBACK)
-    message, param = _rest_field(details, output_fields or [])
-    if code is grpc.StatusCode.NOT_FOUND:
-        param = "model"
-    return RestError(status, message, param=param, code=error_code, type=kind)
+    code = code_of(status.code)
+    details = ErrorDetails.of(status)
+    message = status.message or code.name
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.reason is None:
+        # Not the service's QUEUE_FULL (that carries ErrorInfo): gRPC's own message size limit.
+        return RestError(413, f"request too large: {message}", code="request_too_large")
+    status_code, kind, error_code = GRPC_TO_HTTP.get(code, FALLBACK)
+    param = _rest_param(details, output_fields or [])
+    if param is not None and details.field is not None:
+        message = _relabel(message, details, param)
+    return RestError(
+        status_code, message, param=param, code=REASON_CODES.get(details.reason or "", error_code), type=kind
+    )
 
 
-def _rest_field(details: str, output_fields: list[str]) -> tuple[str, str | None]:
-    match = _FIELD.match(details)
-    if not match:
-        return details, None
-    field, index, rest = match["field"], match["index"] or "", details[match.end() :]
-    if field == "inputs":
-        return f"input{index}:{rest}", "input"
-    if field == "outputs":
-        param = _output_param(index, rest, output_fields)
-        return (f"{param}:{rest}", param) if param else (details, None)
-    return details, field
+def _rest_param(details: ErrorDetails, output_fields: list[str]) -> str | None:
+    if details.field == "outputs":
+        index = details.index
+        return output_fields[index] if index is not None and index < len(output_fields) else None
+    return REST_PARAMS.get(details.field or "", details.field)
 
 
-def _output_param(index: str, rest: str, output_fields: list[str]) -> str | None:
-    """The REST field behind ``outputs[i]``, or behind the first output kind the message names."""
-    if index:
-        position = int(index[1:-1])
-        return output_fields[position] if position < len(output_fields) else None
-    named = _OUTPUT_NAME.search(rest)
-    if named:
-        for field in output_fields:
-            if OUTPUT_FIELD_KINDS.get(field) == named[1] or (
-                field in ("return_dense", "embedding_type") and named[1] in ("DENSE", "BINARY")
-            ):
-                return field
-    return None
+def _relabel(message: str, details: ErrorDetails, param: str) -> str:
+    """``inputs[3]: ...`` → ``input[3]: ...``: the gRPC field path the details name, in REST words."""
+    grpc_path = details.field if details.index is None else f"{details.field}[{details.index}]"
+    if not message.startswith(f"{grpc_path}:"):
+        return message
+    rest_path = param if details.index is None or details.field == "outputs" else f"{param}[{details.index}]"
+    return rest_path + message[len(grpc_path) :]

@@ -22,8 +22,9 @@ ERROR_STATUSES = {
 }
 
 _BOOL_DOCS = {
-    "late_chunking": "Treat the inputs as consecutive chunks of one document: one forward pass, one vector "
-    "per chunk (models with token states only).",
+    "late_chunking": "Treat the inputs as consecutive chunks of one document: one vector per chunk, pooled "
+    "from token states that saw the whole document (a document longer than the model's window runs as "
+    "overlapping windows, up to the model's `max_document_tokens`; models with token states only).",
     "truncate": "Cut an input longer than the model's window instead of refusing it.",
     "return_dense": "Return the dense vector in `embedding` (default true).",
     "return_sparse": "Also return lexical weights in `sparse_embedding` (bge-m3).",

@@ -108,6 +108,7 @@ def to_models_response(response: pb.ListModelsResponse) -> dict[str, object]:
                 "family": model.family,
                 "dimensions": model.dimensions,
                 "max_tokens": model.max_tokens,
+                "max_document_tokens": model.max_document_tokens,
                 "tasks": [tasks[t] for t in model.tasks if t in tasks],
                 "outputs": [_output_name(o) for o in model.outputs],
                 "matryoshka_dimensions": list(model.matryoshka_dimensions),

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import grpc
+from embedding_client.errors import status_of
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -81,7 +82,7 @@ class Upstream:
         try:
             reply = await call
         except grpc.aio.AioRpcError as error:
-            raise from_grpc(error.code(), error.details() or "", output_fields) from None
+            raise from_grpc(status_of(error), output_fields) from None
         trailers = await call.trailing_metadata() or ()
         return reply, {key: value for key, value in trailers if key in FORWARDED_TRAILERS}
 
@@ -89,7 +90,7 @@ class Upstream:
         try:
             return await self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata(authorization))
         except grpc.aio.AioRpcError as error:
-            raise from_grpc(error.code(), error.details() or "") from None
+            raise from_grpc(status_of(error)) from None
 
     async def serving(self) -> bool:
         return not self.draining and await self._serving()
