@@ -24,10 +24,10 @@ RSS (VmHWM): the server, the CLI process, and the largest Ray actor.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import re
 import resource
+import runpy
 import statistics
 import subprocess
 import sys
@@ -46,13 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import sentences, start_server
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("ray_parquet_example", ROOT / "examples" / "ray_parquet.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
 
 
 def map_workers() -> list[Path]:
@@ -123,7 +116,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     source = workdir / "docs.parquet"
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), source, row_group_size=1000)
-    example = load_example()
+    embed_parquet = runpy.run_path(str(ROOT / "examples" / "ray_parquet.py"))["embed_parquet"]
     cpus = os.cpu_count() or 1
     # One logical CPU more than the cores: in-process actors take a CPU each, and the read and write
     # tasks need one too (with every CPU held by an actor, the read never starts).
@@ -146,15 +139,11 @@ def main() -> None:
 
     def service() -> None:
         with peaks["ray service"]:
-            example.embed_parquet(
-                str(source), str(outputs["ray service"]), target=server.target, actors=args.actors
-            )
+            embed_parquet(str(source), str(outputs["ray service"]), target=server.target, actors=args.actors)
 
     def in_process() -> None:
         with peaks["ray in-process"]:
-            example.embed_parquet(
-                str(source), str(outputs["ray in-process"]), engine_args=[], actors=args.actors
-            )
+            embed_parquet(str(source), str(outputs["ray in-process"]), engine_args=[], actors=args.actors)
 
     runs = {"cli": cli, "ray service": service, "ray in-process": in_process}
     try:

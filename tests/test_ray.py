@@ -9,8 +9,8 @@ on the same address; the second server's counters prove the run went on there.
 
 from __future__ import annotations
 
-import importlib.util
 import re
+import runpy
 import signal
 import threading
 import traceback
@@ -35,14 +35,7 @@ N = 5000
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_example():
-    spec = importlib.util.spec_from_file_location("ray_parquet_example", ROOT / "examples" / "ray_parquet.py")
-    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
-
-
-example = load_example()
+embed_parquet = runpy.run_path(str(ROOT / "examples" / "ray_parquet.py"))["embed_parquet"]
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +75,20 @@ def expected(default_server: RunningServer, corpus) -> np.ndarray:
 
 
 def check_output(directory: Path, corpus, expected: np.ndarray) -> None:
+    """Each file a run of consecutive input rows in input order; together, every row once.
+
+    (Ray numbers the files by write task, which need not follow the input's order: the files are
+    put in order by their first id here, and the rows within each must already be in order.)
+    """
     _, ids, texts = corpus
-    table = pq.read_table(directory)
-    assert table.column("id").to_pylist() == ids  # every row, in input order
+    position = {id_: index for index, id_ in enumerate(ids)}
+    files = [pq.read_table(path) for path in directory.glob("*.parquet")]
+    files.sort(key=lambda part: position[part.column("id")[0].as_py()])
+    for part in files:
+        first = position[part.column("id")[0].as_py()]
+        assert part.column("id").to_pylist() == ids[first : first + part.num_rows]
+    table = pa.concat_tables(files)
+    assert table.column("id").to_pylist() == ids  # every row once
     assert table.column("text").to_pylist() == texts
     column = table.column("embedding").combine_chunks()
     assert column.type == pa.list_(pa.float32(), 384)  # fixed-size: straight into numpy
@@ -97,7 +101,7 @@ def check_output(directory: Path, corpus, expected: np.ndarray) -> None:
 
 @pytest.mark.slow
 def test_in_process_mode(cluster, corpus, expected, tmp_path):
-    example.embed_parquet(str(corpus[0]), str(tmp_path / "out"), engine_args=[], actors=1)
+    embed_parquet(str(corpus[0]), str(tmp_path / "out"), engine_args=[], actors=1)
     check_output(tmp_path / "out", corpus, expected)
 
 
@@ -120,7 +124,7 @@ def test_service_mode_survives_a_server_restart(cluster, corpus, expected, tmp_p
 
     def pipeline() -> None:
         try:
-            example.embed_parquet(str(corpus[0]), str(tmp_path / "out"), target=f"127.0.0.1:{port}")
+            embed_parquet(str(corpus[0]), str(tmp_path / "out"), target=f"127.0.0.1:{port}")
         except BaseException:
             failure.append(traceback.format_exc())
 
