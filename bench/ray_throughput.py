@@ -95,7 +95,8 @@ class ActorPeak:
 
 
 def vectors(path: Path) -> np.ndarray:
-    column = pq.read_table(path).column("embedding").combine_chunks()
+    """The vectors in id order (Ray's files need not be named in input order)."""
+    column = pq.read_table(path).sort_by("id").column("embedding").combine_chunks()
     return column.flatten().to_numpy().reshape(len(column), -1)
 
 
