@@ -117,4 +117,4 @@ def precision_of(files: ModelFiles) -> str:
     """ "int8" for a graph written by the quantizer (its report lies beside it), else "fp32"."""
     from ..quantize.report import REPORT_JSON
 
-    return "int8" if (files.onnx.parent / REPORT_JSON).is_file() else "fp32"
+    return "int8" if (files.root / REPORT_JSON).is_file() else "fp32"

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..errors import ModelLoadError
 from ..models.loader import ModelSpec, model_files
 from .calibration import DEFAULT_COUNT, default_texts, read_jsonl
-from .core import QuantizeRefused, quantize_directory
+from .core import DEFAULT_SMOOTH_ALPHA, QuantizeRefused, quantize_directory
 from .fidelity import Floor
 from .report import REPORT_MD
 
@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="most MatMuls kept fp32 to meet the floor (default: a quarter of them)",
     )
+    p.add_argument(
+        "--smooth-alpha",
+        type=float,
+        default=DEFAULT_SMOOTH_ALPHA,
+        help=f"SmoothQuant migration strength, 0 turns it off (default {DEFAULT_SMOOTH_ALPHA})",
+    )
     p.add_argument("--force", action="store_true", help="write the model even below the floor")
     p.add_argument(
         "--cache-dir", type=Path, default=None, help="where the built-in model's fp32 graph is cached"
@@ -80,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             Floor(args.min_cosine, args.mean_cosine),
             args.max_fp32,
             args.force,
+            args.smooth_alpha,
             log=lambda line: print(line, file=sys.stderr),
         )
     except (QuantizeRefused, ModelLoadError, ValueError) as exc:

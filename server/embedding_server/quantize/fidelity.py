@@ -95,22 +95,26 @@ def vectors(model: EmbeddingModel, run: Runner, texts: list[str], task: Task) ->
     return results
 
 
+def reference_vectors(
+    model: EmbeddingModel, reference: Runner, texts: list[str]
+) -> dict[Task, list[SequenceVectors]]:
+    """The fp32 outputs for every task, computed once and compared with each candidate."""
+    return {task: vectors(model, reference, texts, task) for task in tasks_of(model)}
+
+
 def compare(
-    model: EmbeddingModel, reference: Runner, candidate: Runner, texts: list[str]
+    model: EmbeddingModel, expected: dict[Task, list[SequenceVectors]], candidate: Runner, texts: list[str]
 ) -> dict[str, OutputStats]:
-    """Per-output cosine statistics of ``candidate`` against ``reference`` over ``texts``."""
+    """Per-output cosine statistics of ``candidate`` against the fp32 outputs ``expected`` for ``texts``."""
     cosines: dict[str, list[float]] = {}
-    for task in tasks_of(model):
+    for task, wanted in expected.items():
         suffix = f"[{TASK_NAMES[task]}]" if task != Task.UNSPECIFIED else ""
-        for ref, cand in zip(
-            vectors(model, reference, texts, task), vectors(model, candidate, texts, task), strict=True
-        ):
+        for ref, cand in zip(wanted, vectors(model, candidate, texts, task), strict=True):
             if ref.dense is not None and cand.dense is not None:
                 cosines.setdefault(f"dense{suffix}", []).extend(cosine_rows(ref.dense, cand.dense).tolist())
             if ref.colbert is not None and cand.colbert is not None and len(ref.colbert):
-                cosines.setdefault(f"colbert{suffix}", []).extend(
-                    cosine_rows(ref.colbert, cand.colbert).tolist()
-                )
+                rows = cosine_rows(ref.colbert, cand.colbert).tolist()
+                cosines.setdefault(f"colbert{suffix}", []).extend(rows)
             if ref.sparse is not None and cand.sparse is not None:
                 cosines.setdefault(f"sparse{suffix}", []).append(sparse_cosine(ref.sparse, cand.sparse))
     return {name: stats(values) for name, values in cosines.items()}

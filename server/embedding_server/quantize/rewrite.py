@@ -61,8 +61,32 @@ def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return quantized, scale.astype(np.float32)
 
 
-def quantize_matmuls(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    """A copy of ``model`` with the named weight MatMuls rewritten to per-row int8 (see module doc)."""
+def smoothing_factors(
+    model: onnx.ModelProto, activation_max: dict[str, np.ndarray], alpha: float
+) -> dict[str, np.ndarray]:
+    """SmoothQuant: per input channel j, s_j = max|X_j|^a / max|W_j|^(1-a); X/s and s*W quantize better.
+
+    ``activation_max``: each weight MatMul's input, max |value| per channel over the calibration texts.
+    """
+    initializers = {init.name: init for init in model.graph.initializer}
+    factors = {}
+    for node in model.graph.node:
+        if node.name in activation_max and node.input[1] in initializers:
+            w_max = np.abs(numpy_helper.to_array(initializers[node.input[1]])).max(axis=1)
+            x_max = activation_max[node.name]
+            scale = np.power(np.maximum(x_max, 1e-5), alpha) / np.power(np.maximum(w_max, 1e-5), 1 - alpha)
+            factors[node.name] = np.clip(scale, 1e-3, 1e3).astype(np.float32)
+    return factors
+
+
+def quantize_matmuls(
+    model: onnx.ModelProto, names: Iterable[str], smoothing: dict[str, np.ndarray] | None = None
+) -> onnx.ModelProto:
+    """A copy of ``model`` with the named weight MatMuls rewritten to per-row int8 (see module doc).
+
+    ``smoothing``: per-MatMul input-channel factors (smoothing_factors); X is divided by them
+    (one more pass over X) and W multiplied, before both are quantized.
+    """
     model = _copy(model)
     chosen = set(names)
     initializers = {init.name: init for init in model.graph.initializer}
@@ -85,7 +109,16 @@ def quantize_matmuls(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Model
             continue
         x, w_name, out, p = node.input[0], node.input[1], node.output[0], node.name
         used_weights[w_name] = used_weights.get(w_name, 0) + 1
-        w_q, w_scale = quantize_weight(numpy_helper.to_array(initializers[w_name]).astype(np.float32))
+        weight = numpy_helper.to_array(initializers[w_name]).astype(np.float32)
+        factor = (smoothing or {}).get(p)
+        if factor is not None:
+            weight = weight * factor[:, None]
+            new_inits.append(numpy_helper.from_array((1.0 / factor).astype(np.float32), f"{p}/smooth"))
+            new_nodes.append(
+                helper.make_node("Mul", [x, f"{p}/smooth"], [f"{p}/x_smooth"], name=f"{p}/Smooth")
+            )
+            x = f"{p}/x_smooth"
+        w_q, w_scale = quantize_weight(weight)
         new_inits += [
             numpy_helper.from_array(w_q, f"{p}/W_q"),
             numpy_helper.from_array(w_scale, f"{p}/w_scale"),
@@ -128,6 +161,22 @@ def quantize_matmuls(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Model
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + new_inits + list(shared.values()))
     return model
+
+
+def matmul_inputs(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str]:
+    """MatMul name -> the name of its activation input (to expose as a graph output for calibration)."""
+    chosen = set(names)
+    return {n.name: n.input[0] for n in model.graph.node if n.name in chosen}
+
+
+def with_outputs(model: onnx.ModelProto, values: Iterable[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs the given intermediate values."""
+    copy = _copy(model)
+    present = {o.name for o in copy.graph.output}
+    for value in dict.fromkeys(values):
+        if value not in present:
+            copy.graph.output.append(helper.make_empty_tensor_value_info(value))
+    return copy
 
 
 def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
