@@ -26,6 +26,8 @@ from onnx import TensorProto, helper, numpy_helper
 ACTIVATION_LEVELS = 127.0
 MIN_SCALE = 1e-12
 MS_DOMAIN = "com.microsoft"
+#: Embedding tables smaller than this (elements) stay fp32: position tables, token types.
+TABLE_MIN_SIZE = 4096
 
 
 def opset_of(model: onnx.ModelProto) -> int:
@@ -161,6 +163,60 @@ def quantize_matmuls(
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept + new_inits + list(shared.values()))
     return model
+
+
+def quantize_tables(model: onnx.ModelProto, min_size: int = TABLE_MIN_SIZE) -> list[str]:
+    """Embedding tables (Gather rows of a float matrix) to int8 in place, one scale per row.
+
+    Gather(T, ids) -> Cast(Gather(T_q, ids)) * Gather(s, ids): exact per token, so batch
+    independent too. On real jina-v3 / bge-m3 the 250k-token table is ~1 GB of the 2.3 GB,
+    so without this int8 would shrink them ~1.7x instead of ~4x. Returns the tables' names.
+    """
+    tables = {
+        init.name: init
+        for init in model.graph.initializer
+        if init.data_type == TensorProto.FLOAT and len(init.dims) == 2 and np.prod(init.dims) >= min_size
+    }
+    gathers = [
+        n
+        for n in model.graph.node
+        if n.op_type == "Gather"
+        and n.input[0] in tables
+        and all(a.i == 0 for a in n.attribute if a.name == "axis")
+    ]
+    if not gathers:
+        return []
+    new_nodes: list[onnx.NodeProto] = []
+    done: set[str] = set()
+    for node in model.graph.node:
+        if node not in gathers:
+            new_nodes.append(node)
+            continue
+        table, ids, out, p = node.input[0], node.input[1], node.output[0], node.name
+        if table not in done:
+            values = numpy_helper.to_array(tables[table]).astype(np.float32)
+            scale = np.maximum(np.abs(values).max(axis=1, keepdims=True), MIN_SCALE) / ACTIVATION_LEVELS
+            quantized = np.clip(np.round(values / scale), -127, 127).astype(np.int8)
+            model.graph.initializer.append(numpy_helper.from_array(quantized, f"{table}/q"))
+            model.graph.initializer.append(
+                numpy_helper.from_array(scale.astype(np.float32), f"{table}/row_scale")
+            )
+            done.add(table)
+        new_nodes += [
+            helper.make_node("Gather", [f"{table}/q", ids], [f"{p}/rows_q"], name=f"{p}/GatherQ"),
+            helper.make_node(
+                "Cast", [f"{p}/rows_q"], [f"{p}/rows_f"], name=f"{p}/CastF", to=TensorProto.FLOAT
+            ),
+            helper.make_node("Gather", [f"{table}/row_scale", ids], [f"{p}/scales"], name=f"{p}/GatherScale"),
+            helper.make_node("Mul", [f"{p}/rows_f", f"{p}/scales"], [out], name=f"{p}/Dequantize"),
+        ]
+    del model.graph.node[:]
+    model.graph.node.extend(new_nodes)
+    still_used = {name for node in new_nodes for name in node.input}
+    kept = [init for init in model.graph.initializer if init.name in still_used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    return sorted(done)
 
 
 def matmul_inputs(model: onnx.ModelProto, names: Iterable[str]) -> dict[str, str]:
