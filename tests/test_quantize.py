@@ -153,17 +153,23 @@ def test_below_the_floor_is_refused_naming_the_worst_output(family_dirs, tmp_pat
 
 
 def test_keeps_the_most_sensitive_matmuls_in_fp32_to_meet_the_floor(family_dirs, tmp_path: Path):
-    """A floor between 'all int8' and fp32 is met by keeping some MatMuls fp32, and the report names them."""
+    """A floor between 'all int8' and 'one MatMul kept fp32' is met by keeping one; the report names it."""
     source = family_dirs["st"][0]
     all_int8 = report_of(family_dirs["st"][1])["outputs"]["dense"]["min"]
-    floor = str(min(1 - (1 - all_int8) / 4, 0.9999999))
+    probe = tmp_path / "probe"  # what keeping the most damaging MatMul gives (forced past a floor of 1)
+    args = [str(source), str(probe), "--texts", str(CALIBRATION), "--max-fp32", "1", "--force"]
+    assert quantize_cli([*args, "--min-cosine", "1.0"]) == 0
+    kept_one = report_of(probe)
+    assert len(kept_one["kept_fp32"]) == 1 and kept_one["outputs"]["dense"]["min"] > all_int8
+    floor = (all_int8 + kept_one["outputs"]["dense"]["min"]) / 2
     destination = tmp_path / "kept"
     assert (
-        quantize_cli([str(source), str(destination), "--texts", str(CALIBRATION), "--min-cosine", floor]) == 0
+        quantize_cli([str(source), str(destination), "--texts", str(CALIBRATION), "--min-cosine", str(floor)])
+        == 0
     )
     report = report_of(destination)
-    assert report["passed"] and len(report["kept_fp32"]) == 1
-    assert report["outputs"]["dense"]["min"] >= float(floor)
+    assert report["passed"] and report["kept_fp32"] == kept_one["kept_fp32"]
+    assert report["outputs"]["dense"]["min"] >= floor
     assert report["kept_fp32"][0] not in report["quantized"]
 
 
