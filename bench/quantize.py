@@ -47,7 +47,7 @@ from embedding_server.models.loader import build_model, builtin_files, builtin_r
 from embedding_server.models.types import Task  # noqa: E402
 from embedding_server.quantize.calibration import default_texts  # noqa: E402
 from embedding_server.quantize.core import activation_maxima, quantize_directory  # noqa: E402
-from embedding_server.quantize.fidelity import compare, reference_vectors, vectors  # noqa: E402
+from embedding_server.quantize.fidelity import compare, padded, reference_vectors, vectors  # noqa: E402
 from embedding_server.quantize.rewrite import (  # noqa: E402
     name_nodes,
     quantize_matmuls,
@@ -75,13 +75,7 @@ def runner_of(s: ort.InferenceSession) -> Runner:
 
 
 def padded_feeds(model: EmbeddingModel, texts: list[str]) -> dict[str, np.ndarray]:
-    tokenized = model.tokenize(texts, Task.UNSPECIFIED, truncate=True)
-    longest = max(len(t.ids) for t in tokenized)
-    ids = np.full((len(tokenized), longest), model.tokenizer.pad_id, dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for row, t in enumerate(tokenized):
-        ids[row, : len(t.ids)] = t.ids
-        mask[row, : len(t.ids)] = 1
+    _, ids, mask = padded(model, texts, Task.UNSPECIFIED)
     return model.feeds(ids, mask, Task.UNSPECIFIED)
 
 

@@ -75,22 +75,28 @@ def tasks_of(model: EmbeddingModel) -> list[Task]:
     return list(model.description.tasks) if model.family == JINA_V3 else [Task.UNSPECIFIED]
 
 
+def padded(model: EmbeddingModel, texts: list[str], task: Task) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """Lengths, ids and mask of ``texts`` as the server pads them (the model's pad id, truncated)."""
+    tokenized = model.tokenize(texts, task, truncate=True)
+    longest = max(len(t.ids) for t in tokenized)
+    ids = np.full((len(tokenized), longest), model.tokenizer.pad_id, dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, t in enumerate(tokenized):
+        ids[row, : len(t.ids)] = t.ids
+        mask[row, : len(t.ids)] = 1
+    return [len(t.ids) for t in tokenized], ids, mask
+
+
 def vectors(model: EmbeddingModel, run: Runner, texts: list[str], task: Task) -> list[SequenceVectors]:
     """What the server computes for ``texts`` (truncated to the model's maximum), batch by batch."""
     wanted = frozenset(o for o in model.description.outputs if o != Output.BINARY)
     results: list[SequenceVectors] = []
     for start in range(0, len(texts), BATCH):
-        tokenized = model.tokenize(texts[start : start + BATCH], task, truncate=True)
-        longest = max(len(t.ids) for t in tokenized)
-        ids = np.full((len(tokenized), longest), model.tokenizer.pad_id, dtype=np.int64)
-        mask = np.zeros_like(ids)
-        for row, t in enumerate(tokenized):
-            ids[row, : len(t.ids)] = t.ids
-            mask[row, : len(t.ids)] = 1
+        lengths, ids, mask = padded(model, texts[start : start + BATCH], task)
         outputs = dict(
             zip(model.output_names, run(model.output_names, model.feeds(ids, mask, task)), strict=True)
         )
-        rows = [RowRequest(length=len(t.ids), outputs=wanted) for t in tokenized]
+        rows = [RowRequest(length=length, outputs=wanted) for length in lengths]
         results += model.postprocess(outputs, ids, mask, rows)
     return results
 
