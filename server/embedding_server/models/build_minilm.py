@@ -298,10 +298,9 @@ def built_fp32_model(model_dir: Path, cache_dir: Path | None = None) -> Path:
     if not safetensors.is_file():
         raise ModelLoadError(f"{safetensors}: missing (the built-in model's fp32 weights)")
     key = f"{file_digest(safetensors)}-v{BUILDER_VERSION}"
-    for directory in (cache_dir or default_cache_dir(),):
-        cached = directory / "all-minilm-l6-v2" / key / "model.onnx"
-        if cached.is_file():
-            return cached
+    cached = (cache_dir or default_cache_dir()) / "all-minilm-l6-v2" / key / "model.onnx"
+    if cached.is_file():
+        return cached
     from safetensors.numpy import load_file
 
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
