@@ -1,6 +1,6 @@
 """int8 models with a measured fidelity gate (``embedding-quantize``, ``--quantize int8``).
 
-Every MatMul with a constant weight becomes an integer matmul (MatMulInteger)
+Every MatMul with a constant weight becomes an integer matmul (MatMulIntegerToFloat)
 with per-output-channel int8 weights and *per-row* uint8 activations: each
 token row gets its own scale, so a text's vector does not depend on the other
 rows of its batch (ONNX Runtime's dynamic quantization uses one scale per
