@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import time
+from pathlib import Path
 
 from grpc_health.v1 import health
 
@@ -68,7 +69,14 @@ def load_models(settings: Settings, metrics: Metrics | None = None) -> list[Load
     for spec in specs:
         started = time.monotonic()
         loaded.append(
-            load(spec, sessions=session_count(settings), threads=threads, layout=settings.session_layout)
+            load(
+                spec,
+                sessions=session_count(settings),
+                threads=threads,
+                layout=settings.session_layout,
+                cache_dir=Path(settings.cache_dir) if settings.cache_dir else None,
+                quantize=settings.quantize,
+            )
         )
         log.info(
             "loaded model %s (%s) in %.1fs", spec.name, loaded[-1].model.family, time.monotonic() - started

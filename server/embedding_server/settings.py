@@ -49,6 +49,8 @@ class Settings:
     metrics_port: int = 0
     log_level: str = "info"
     log_json: bool = False
+    quantize: str = "none"
+    cache_dir: str | None = None  # None: $XDG_CACHE_HOME/embedding-service
 
 
 def _positive(kind: type) -> object:
@@ -202,6 +204,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-key", default=None, help="PEM private key for --tls-cert")
     add("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates (mTLS)")
     add("--metrics-port", type=_port, default=0, help="Prometheus /metrics port when the REST shim is off")
+    add(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: serve an int8 copy of every model that is not int8 yet, made at start (checked against "
+        "fp32 on a calibration set, refused below min cosine 0.99 / mean 0.995) and cached in --cache-dir "
+        "(default none: as stored; the built-in model is exact fp32)",
+    )
+    add(
+        "--cache-dir",
+        default=None,
+        help="where built and quantized models are cached "
+        "(default $XDG_CACHE_HOME/embedding-service, else ~/.cache/embedding-service)",
+    )
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     add("--log-json", action=argparse.BooleanOptionalAction, default=False, help="JSON log lines")
     return p
