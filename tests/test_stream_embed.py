@@ -56,7 +56,7 @@ async def test_stream_backpressure_bounds_work_in_flight(builtin):  # noqa: F811
         try:
             for _ in range(20):
                 await asyncio.sleep(0.05)
-                peak = max(peak, batcher._admitted_requests)
+                peak = max(peak, batcher.admitted)
             # Never more than the window admitted, although the client has long sent
             # everything (grpc's client buffers the writes): the server stops reading.
             assert 1 <= peak <= 4
@@ -76,7 +76,7 @@ async def test_cancelled_stream_drops_its_queued_work(builtin):  # noqa: F811
         call = server.stub.StreamEmbed(iter(requests))
         for _ in range(100):
             await asyncio.sleep(0.02)
-            if batcher._admitted_requests == 16:
+            if batcher.admitted == 16:
                 break
         runs_before = len(sessions.runs)
         call.cancel()

@@ -55,7 +55,7 @@ def current_request_id() -> str | None:
 
 
 def record_engine_time(queue_seconds: float, inference_seconds: float) -> None:
-    """Called by the engine for each embedding job; a no-op outside a call (e.g. warm-up)."""
+    """Called by the API layer with each embedding job's ``EmbedResult.timings``; a no-op outside a call."""
     call = _current.get()
     if call is not None:
         call.add_engine_time(queue_seconds, inference_seconds)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn
 
 from .cpus import available_cpus
+from .engine.memory import parse_size
 
 ENV_PREFIX = "EMBEDDING_"
 
@@ -35,6 +36,7 @@ class Settings:
     max_batch_wait_ms: float = 0.0
     max_queue_requests: int = 1024
     max_queue_tokens: int = 4_000_000
+    memory_limit: int = 0  # bytes; 0: the cgroup memory limit, else 1 GiB (engine/memory.py)
     stream_window: int = 32
     max_message_mb: int = 64
     grace_period: float = 30.0
@@ -58,6 +60,16 @@ def _positive(kind: type) -> object:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+_size.__name__ = "size"
 
 
 def _port(text: str) -> int:
@@ -163,6 +175,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive(int),
         default=4_000_000,
         help="tokens queued before RESOURCE_EXHAUSTED",
+    )
+    add(
+        "--memory-limit",
+        type=_size,
+        default=0,
+        help="memory the server plans for, e.g. 1GiB, 768MiB (default: the container's cgroup memory limit, "
+        "else 1GiB). Batches are cut and long inputs refused (RESOURCE_EXHAUSTED) to stay under it. "
+        "Measured peak RSS at default flags: all-minilm-l6-v2 (default) MEMORY_MINILM; "
+        "give bge-m3 / jina-embeddings-v3 (fp32, 568M params) at least 4GiB",
     )
     add("--stream-window", type=_positive(int), default=32, help="requests of one StreamEmbed call in flight")
     add("--max-message-mb", type=_positive(int), default=64, help="largest request message in MiB")

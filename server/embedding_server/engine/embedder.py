@@ -1,27 +1,40 @@
-"""The engine's front door: validate, tokenize off the event loop, batch, return vectors.
+"""The engine's front door: validate, admit, tokenize off the event loop, batch, return vectors.
 
 Both APIs (gRPC directly, REST through gRPC) end up here. One Embedder holds
 every loaded model and its batcher.
+
+A request is admitted (its count, and its tokens bounded from its length in
+characters) before it is tokenized, so an overloaded server refuses work
+without tokenizing it; the bound is settled to the real count after.
+Interactive requests tokenize on their own threads, so a corpus job's
+tokenizing never delays a query; batch requests tokenize at most
+``TOKENIZER_BACKLOG`` per thread at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from ..call_context import record_engine_time
+import numpy as np
+
 from ..cpus import available_cpus
 from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
 from ..models.loader import LoadedModel
-from ..models.types import ModelDescription, SequenceVectors, Task
+from ..models.types import ModelDescription, Priority, SequenceVectors, Task
 from .batcher import BatchSettings, EngineObserver, ModelBatcher
 from .requests import EmbedJob, EmbedResult, TokenizedResult
 from .validation import check_dimensions, check_inputs, check_late_chunking, parse_outputs, parse_task
 
 DEFAULT_MAX_INPUTS = 2048
 WARMUP_TEXT = "warm up"
+#: Batch requests being tokenized or waiting for a tokenizer thread, per thread.
+TOKENIZER_BACKLOG = 2
+#: Tokens an input may have beyond its characters: special tokens ([CLS], [SEP]) and their like.
+SPECIAL_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -35,16 +48,34 @@ class Embedder:
     """Every served model, by name, with its batcher."""
 
     def __init__(
-        self, models: list[LoadedModel], settings: EngineSettings, observer: EngineObserver | None = None
+        self,
+        models: list[LoadedModel],
+        settings: EngineSettings,
+        observer: EngineObserver | None = None,
+        batch_settings: dict[str, BatchSettings] | None = None,
     ) -> None:
+        """``batch_settings``: per model name, overriding ``settings.batch`` (memory budgets differ)."""
         if not models:
             raise ValueError("at least one model is needed")
         self.settings = settings
         self.default_model = models[0].model.name
         self.observer = observer
         self._models: dict[str, EmbeddingModel] = {m.model.name: m.model for m in models}
-        self._batchers = {m.model.name: ModelBatcher(m, settings.batch, observer) for m in models}
+        per_model = batch_settings or {}
+        self._batchers = {
+            m.model.name: ModelBatcher(m, per_model.get(m.model.name, settings.batch), observer)
+            for m in models
+        }
         self._tokenize_threads = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
+        self._interactive_tokenize_threads = ThreadPoolExecutor(
+            settings.tokenizer_threads, thread_name_prefix="tokenize-interactive"
+        )
+        self._tokenizer_backlog = asyncio.Semaphore(TOKENIZER_BACKLOG * settings.tokenizer_threads)
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """``callback(error)`` when a model's dispatcher fails (the server turns NOT_SERVING)."""
+        for batcher in self._batchers.values():
+            batcher.on_failure = callback
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -60,6 +91,7 @@ class Embedder:
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self._batchers.values()))
         self._tokenize_threads.shutdown(wait=False, cancel_futures=True)
+        self._interactive_tokenize_threads.shutdown(wait=False, cancel_futures=True)
 
     # --- queries ---------------------------------------------------------------------
 
@@ -90,23 +122,19 @@ class Embedder:
         check_dimensions(job.dimensions, model.description)
         check_late_chunking(job, model, outputs)
         row = RowRequest(length=0, outputs=frozenset(outputs), dimensions=job.dimensions)
+        priority = Priority.BATCH if job.priority == Priority.BATCH else Priority.INTERACTIVE
 
-        loop = asyncio.get_running_loop()
-        if job.late_chunking:
-            document, spans = await loop.run_in_executor(
-                self._tokenize_threads, model.tokenize_document, job.inputs, task
+        batcher = self._batchers[model.name]
+        admission = batcher.admit(_token_bound(job, model, task), priority)
+        try:
+            sequences = await self._tokenized(job, model, task, row, priority)
+            vectors, timings = await batcher.embed_timed(
+                sequences, task, job.deadline, priority=priority, flow=job.flow, admission=admission
             )
-            sequences = [(document.ids, replace(row, length=len(document.ids), spans=spans))]
-        else:
-            encoded = await loop.run_in_executor(
-                self._tokenize_threads, model.tokenize, job.inputs, task, job.truncate
-            )
-            sequences = [(text.ids, replace(row, length=len(text.ids))) for text in encoded]
-
-        vectors, timings = await self._batchers[model.name].embed_timed(sequences, task, job.deadline)
-        record_engine_time(timings.queue_seconds, timings.inference_seconds)  # the call's trailers
+        finally:
+            admission.release()
         if self.observer is not None:
-            self.observer.on_request(model.name, timings.queue_seconds, timings.inference_seconds)
+            self.observer.on_request(model.name, timings.queue_seconds, timings.inference_seconds, priority)
         if job.late_chunking:
             vectors = [SequenceVectors(dense=chunk[None, :]) for chunk in vectors[0].dense]  # type: ignore[union-attr]
         return EmbedResult(
@@ -118,6 +146,28 @@ class Embedder:
             timings=timings,
         )
 
+    async def _tokenized(
+        self, job: EmbedJob, model: EmbeddingModel, task: Task, row: RowRequest, priority: Priority
+    ) -> list[tuple[np.ndarray, RowRequest]]:
+        """The request's sequences; batch work waits for a place in the bounded tokenizer backlog."""
+        loop = asyncio.get_running_loop()
+        if priority == Priority.INTERACTIVE:
+            threads = self._interactive_tokenize_threads
+        else:
+            threads = self._tokenize_threads
+            await self._tokenizer_backlog.acquire()
+        try:
+            if job.late_chunking:
+                document, spans = await loop.run_in_executor(
+                    threads, model.tokenize_document, job.inputs, task
+                )
+                return [(document.ids, replace(row, length=len(document.ids), spans=spans))]
+            encoded = await loop.run_in_executor(threads, model.tokenize, job.inputs, task, job.truncate)
+            return [(text.ids, replace(row, length=len(text.ids))) for text in encoded]
+        finally:
+            if priority != Priority.INTERACTIVE:
+                self._tokenizer_backlog.release()
+
     async def tokenize(self, model_name: str, inputs: list[str], task_value: int) -> list[TokenizedResult]:
         model = self.model(model_name)
         if len(inputs) > self.settings.max_inputs:
@@ -126,6 +176,17 @@ class Embedder:
         prefix = model.prefix(task)
         loop = asyncio.get_running_loop()
         encodings = await loop.run_in_executor(
-            self._tokenize_threads, model.tokenizer.encode_untruncated, [prefix + text for text in inputs]
+            self._interactive_tokenize_threads,
+            model.tokenizer.encode_untruncated,
+            [prefix + text for text in inputs],
         )
         return [TokenizedResult(ids=list(e.ids), tokens=list(e.tokens)) for e in encodings]
+
+
+def _token_bound(job: EmbedJob, model: EmbeddingModel, task: Task) -> int:
+    """An upper bound of the request's tokens from its characters (a token covers at least one)."""
+    extra = len(model.prefix(task)) + SPECIAL_TOKENS
+    if job.late_chunking:
+        return sum(len(text) + extra for text in job.inputs)
+    cap = model.tokenizer.max_tokens + 1  # longer inputs are cut (truncate) or refused
+    return sum(min(len(text) + extra, cap) for text in job.inputs)
