@@ -11,7 +11,7 @@ with EmbeddingClient("localhost:50051") as client:
 from .aio import AsyncEmbeddingClient
 from .channel import ChannelSettings, RetryPolicy
 from .client import EmbeddingClient
-from .enums import Output, Task
+from .enums import Output, Priority, Task
 from .errors import (
     CallCancelledError,
     DeadlineExceededError,
@@ -43,6 +43,7 @@ __all__ = [
     "NotFoundError",
     "Output",
     "PermissionDeniedError",
+    "Priority",
     "ResourceExhaustedError",
     "RetryPolicy",
     "SparseVector",

@@ -21,7 +21,7 @@ from .client import (
     DEFAULT_WINDOW,
     _check_length_sort,
 )
-from .enums import OutputLike, TaskLike, parse_task
+from .enums import OutputLike, PriorityLike, TaskLike, parse_task
 from .errors import EmbeddingError, from_rpc_error
 from .length_sort import AsyncSortedRun, BlockPlan, async_sorted_requests, sorted_requests
 from .proto import embedding_pb2 as pb
@@ -110,11 +110,14 @@ class AsyncEmbeddingClient:
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         late_chunking: bool = False,
         truncate: bool = False,
+        priority: PriorityLike = None,
         batch_size: int | None = None,
         timeout: float | None = None,
     ) -> Embeddings:
         """Embed texts; a long list goes as several concurrent requests, reassembled in order."""
-        options = EmbedOptions.build(model or self.model, task, dimensions, outputs, late_chunking, truncate)
+        options = EmbedOptions.build(
+            model or self.model, task, dimensions, outputs, late_chunking, truncate, priority
+        )
         parts = request_parts(texts, late_chunking, batch_size or self.batch_size)
         deadline = self.timeout if timeout is None else timeout
         if len(parts) == 1:
@@ -183,6 +186,7 @@ class AsyncEmbeddingClient:
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         late_chunking: bool = False,
         truncate: bool = False,
+        priority: PriorityLike = None,
         batch_size: int | None = None,
         window: int = DEFAULT_WINDOW,
         streams: int = 1,
@@ -197,7 +201,9 @@ class AsyncEmbeddingClient:
         Accepts sync and async iterables; see EmbeddingClient.embed_stream_batches.
         Use ``async with`` around it to stop the streams at once if you leave early.
         """
-        options = EmbedOptions.build(model or self.model, task, dimensions, outputs, late_chunking, truncate)
+        options = EmbedOptions.build(
+            model or self.model, task, dimensions, outputs, late_chunking, truncate, priority
+        )
         size = batch_size or self.batch_size
         source: AsyncIterable[list[str]] | Iterable[list[str]]
         plans: deque[BlockPlan] = deque()
@@ -240,6 +246,7 @@ class AsyncEmbeddingClient:
         dimensions: int | None = None,
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         truncate: bool = False,
+        priority: PriorityLike = None,
         batch_size: int | None = None,
         window: int = DEFAULT_WINDOW,
         streams: int = 1,
@@ -254,6 +261,7 @@ class AsyncEmbeddingClient:
             dimensions=dimensions,
             outputs=outputs,
             truncate=truncate,
+            priority=priority,
             batch_size=batch_size,
             window=window,
             streams=streams,

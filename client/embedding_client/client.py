@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 
 from .channel import ChannelSettings, join_metadata, sync_channel
-from .enums import OutputLike, TaskLike, parse_task
+from .enums import OutputLike, PriorityLike, TaskLike, parse_task
 from .errors import EmbeddingError, from_rpc_error
 from .length_sort import BlockPlan, SortedRun, sorted_requests
 from .proto import embedding_pb2 as pb
@@ -107,6 +107,7 @@ class EmbeddingClient:
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         late_chunking: bool = False,
         truncate: bool = False,
+        priority: PriorityLike = None,
         batch_size: int | None = None,
         timeout: float | None = None,
     ) -> Embeddings:
@@ -116,7 +117,7 @@ class EmbeddingClient:
         in one request. Raises an :class:`EmbeddingError` subclass on failure
         (``error.offset`` is the first input of the failed request).
         """
-        options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
+        options = self._options(model, task, dimensions, outputs, late_chunking, truncate, priority)
         parts = request_parts(texts, late_chunking, batch_size or self.batch_size)
         deadline = self.timeout if timeout is None else timeout
         if len(parts) == 1:
@@ -207,6 +208,7 @@ class EmbeddingClient:
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         late_chunking: bool = False,
         truncate: bool = False,
+        priority: PriorityLike = None,
         batch_size: int | None = None,
         window: int = DEFAULT_WINDOW,
         streams: int = 1,
@@ -236,7 +238,7 @@ class EmbeddingClient:
         throughput on mixed-length corpora); each result is then a block of
         N inputs, still in input order (see ``length_sort.py``).
         """
-        options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
+        options = self._options(model, task, dimensions, outputs, late_chunking, truncate, priority)
         size = batch_size or self.batch_size
         source: Iterable[list[str]]
         plans: deque[BlockPlan] = deque()
@@ -270,6 +272,7 @@ class EmbeddingClient:
         dimensions: int | None = None,
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         truncate: bool = False,
+        priority: PriorityLike = None,
         batch_size: int | None = None,
         window: int = DEFAULT_WINDOW,
         streams: int = 1,
@@ -287,6 +290,7 @@ class EmbeddingClient:
             dimensions=dimensions,
             outputs=outputs,
             truncate=truncate,
+            priority=priority,
             batch_size=batch_size,
             window=window,
             streams=streams,
@@ -307,8 +311,11 @@ class EmbeddingClient:
         outputs: OutputLike | Iterable[OutputLike] | None,
         late_chunking: bool,
         truncate: bool,
+        priority: PriorityLike = None,
     ) -> EmbedOptions:
-        return EmbedOptions.build(model or self.model, task, dimensions, outputs, late_chunking, truncate)
+        return EmbedOptions.build(
+            model or self.model, task, dimensions, outputs, late_chunking, truncate, priority
+        )
 
 
 def _check_length_sort(late_chunking: bool, on_error: str) -> None:

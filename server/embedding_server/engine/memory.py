@@ -10,8 +10,12 @@ and to the queue (token ids, texts, and replies not yet sent). A batch is cut
 so its estimated cost fits one run's share; a single sequence that cannot fit
 is refused (``RESOURCE_EXHAUSTED``, reason ``MEMORY_LIMIT``) rather than grown into.
 
-The constants are measured (bench/memory_budget.py, ONNX Runtime's arena off):
-they bound the observed RSS growth of one run of B x T on every model family.
+The constants are measured (``bench/memory_budget.py shapes``, ONNX Runtime's
+arena off, all-minilm-l6-v2 int8): one run of 256 x 32 grew the process by
+526 MiB (~64 KiB a token: ~170 bytes per hidden unit, the feed-forward block
+and its GELU's elementwise copies), 16 x 512 by 1034 MiB (the rest: ~2.8
+float copies of the attention scores), and small batches 50-100 MiB
+whatever their size (``RUN_FIXED_BYTES``).
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ DEFAULT_MEMORY_LIMIT = 1024 * MIB
 PLANNED_FRACTION = 0.85
 #: Fraction of the working memory (limit less baseline) kept for queued requests and replies.
 QUEUE_FRACTION = 0.2
-#: Bytes per activation value kept alive at once, per hidden unit, in one layer (measured).
-ACTIVATION_BYTES = 4 * 16
-#: Bytes per attention score kept alive at once (scores, softmax, their int8/fp32 copies; measured).
-ATTENTION_BYTES = 4 * 3
+#: Bytes per token and hidden unit a run holds at its peak (measured: ~164).
+ACTIVATION_BYTES = 168
+#: Bytes per attention score (B x heads x T x T) a run holds at its peak (measured: ~11).
+ATTENTION_BYTES = 12
+#: What a run holds at any shape (measured: small batches grow the process by 50-100 MiB).
+RUN_FIXED_BYTES = 64 * MIB
 #: A queued token: its id (int64), its text (a few UTF-8/str bytes), bookkeeping.
 QUEUED_TOKEN_BYTES = 48
 
@@ -94,7 +100,7 @@ class ModelShape:
         """Estimated peak working memory of one run of ``count`` sequences padded to ``longest``."""
         activations = count * longest * self.hidden * ACTIVATION_BYTES
         attention = count * self.heads * longest * longest * ATTENTION_BYTES
-        return activations + attention
+        return RUN_FIXED_BYTES + activations + attention
 
 
 @dataclass(frozen=True)
@@ -116,13 +122,9 @@ class MemoryBudget:
     def fits(self, count: int, longest: int) -> bool:
         return self.shape.run_bytes(count, longest) <= self.run_bytes
 
-    def max_count(self, longest: int) -> int:
-        """The most sequences of length ``longest`` one run may hold (0: not even one)."""
-        one = self.shape.run_bytes(1, longest)
-        return self.run_bytes // one if one else 1 << 30
-
     def longest_single(self) -> int:
         """The longest sequence a run may hold alone."""
         a = self.shape.heads * ATTENTION_BYTES
         b = self.shape.hidden * ACTIVATION_BYTES
-        return int((-b + math.sqrt(b * b + 4 * a * self.run_bytes)) / (2 * a))
+        room = self.run_bytes - RUN_FIXED_BYTES
+        return int((-b + math.sqrt(b * b + 4 * a * room)) / (2 * a)) if room > 0 else 0

@@ -18,9 +18,13 @@ core. It holds its own copy of the weights, so it is opened only for models
 small enough that the copy is cheap (``WIDE_MAX_BYTES``).
 
 ONNX Runtime's CPU memory arena is off. The arena keeps the high-water mark
-of every run's intermediate tensors and never gives it back, so two concurrent
-runs of long batches grew the process to 6.4 GB with it on, 0.6-0.8 GB off;
-measured with bench/arena.py (see ARENA_NOTE) it costs no speed here.
+of every run's intermediate tensors and never gives it back: with it on the
+memory after a run of 32 x 256 stays at its peak (+654 MiB), with it off it
+goes back (bench/memory_budget.py); two concurrent runs of 32 x 256 and then
+smaller batches peaked at 2472 MiB on, 1831 MiB off (with it on, a run's
+arena growth adds to the memory the next run of another shape asks for).
+Speed on 2 busy cores was within the noise (long batches slower off, short
+ones faster); the memory budget (engine/memory.py) assumes it off.
 """
 
 from __future__ import annotations

@@ -1,7 +1,11 @@
-"""ONNX Runtime's CPU memory arena on or off: peak RSS and speed, default model, 2 concurrent runs.
+"""What a session run costs in memory: the numbers behind session_pool.py and engine/memory.py.
 
-Each setting runs in a fresh process (peak RSS is per process), alternating
-rounds; prints medians side by side. Used to choose session_pool.py's options.
+``memory_budget.py``: ONNX Runtime's CPU memory arena on or off, peak RSS and
+speed, default model, 2 concurrent runs; each setting in a fresh process
+(peak RSS is per process), alternating rounds, medians side by side.
+
+``memory_budget.py shapes``: the RSS growth of one run of B x T (arena off),
+for several shapes, next to what ``ModelShape.run_bytes`` plans for it.
 """
 
 from __future__ import annotations
@@ -71,8 +75,54 @@ def main() -> None:
         print(f"{name:12} " + "  ".join(f"{statistics.median(r[k] for r in runs):14.1f}" for k in keys))
 
 
+SHAPES = ((16, 32), (256, 32), (16, 128), (64, 128), (4, 512), (16, 512))
+
+
+def shape_child(batch: int, length: int) -> None:
+    import re
+    from pathlib import Path
+
+    import numpy as np
+    import onnxruntime as ort
+    from embedding_server.engine.session_pool import session_options
+    from embedding_server.models.loader import builtin_files
+
+    def status(key: str) -> float:
+        text = Path("/proc/self/status").read_text()
+        return int(re.search(rf"{key}:\s+(\d+)", text).group(1)) * 1024  # type: ignore[union-attr]
+
+    session = ort.InferenceSession(
+        str(builtin_files().onnx), session_options(1), providers=["CPUExecutionProvider"]
+    )
+    session.run(None, {i.name: np.ones((1, 8), np.int64) for i in session.get_inputs()})
+    base = status("VmRSS")
+    session.run(None, {i.name: np.ones((batch, length), np.int64) for i in session.get_inputs()})
+    print(json.dumps({"grow": status("VmHWM") - base}))
+
+
+def shapes() -> None:
+    from embedding_server.engine.memory import ModelShape
+
+    planned = ModelShape(hidden=384, heads=12)
+    print("B x T        measured MiB  planned MiB  planned/measured")
+    for batch, length in SHAPES:
+        out = subprocess.run(
+            [sys.executable, __file__, "shape", str(batch), str(length)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        grow = json.loads(out.stdout)["grow"] / 2**20
+        plan = planned.run_bytes(batch, length) / 2**20
+        print(f"{batch:4d} x {length:<4d} {grow:14.0f} {plan:12.0f} {plan / grow:17.2f}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "child":
+    if len(sys.argv) > 1 and sys.argv[1] == "shape":
+        shape_child(int(sys.argv[2]), int(sys.argv[3]))
+    elif len(sys.argv) > 1 and sys.argv[1] == "shapes":
+        shapes()
+    elif len(sys.argv) > 1 and sys.argv[1] == "child":
         child(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "")
     else:
         main()
