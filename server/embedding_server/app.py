@@ -45,6 +45,9 @@ from .tls import TlsConfigError, TlsFiles, grpc_credentials, load_tls
 log = logging.getLogger("embedding_server")
 
 FLUSH_SECONDS = 1.0  # after the drain: time for the last replies to leave before the server stops
+#: The drain ends only after this long without a new call, so calls sent the moment another returned
+#: get UNAVAILABLE from the servicer instead of CANCELLED from a stopping gRPC server.
+QUIET_SECONDS = 0.25
 
 
 class StartupError(Exception):
@@ -290,14 +293,18 @@ class EmbeddingApp:
         health checks included, so the server stays fully up while it drains:
         health answers NOT_SERVING, the servicer answers UNAVAILABLE to new
         work (phase DRAINING), and the interceptor counts the calls still in
-        flight. Only when none is left (or the grace period is over) does the
-        gRPC server stop; the short grace there flushes the last replies.
+        flight. Only when none is left and none has started for
+        ``QUIET_SECONDS`` (or the grace period is over) does the gRPC server
+        stop, so every call that reached it ends OK or UNAVAILABLE, never
+        CANCELLED; the short grace there flushes the last replies.
         """
         self.state.phase = Phase.DRAINING
         self.metrics.serving.set(0)
         await self.health.enter_graceful_shutdown()
         embedder = self.state.embedder
-        drained = asyncio.ensure_future(self.in_flight.wait_idle(self.settings.grace_period))
+        drained = asyncio.ensure_future(
+            self.in_flight.wait_settled(QUIET_SECONDS, self.settings.grace_period)
+        )
         forced = asyncio.ensure_future(self._force.wait())
         await asyncio.wait({drained, forced}, return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()
