@@ -245,3 +245,61 @@ async def test_a_failed_dispatcher_fails_waiting_work_and_refuses_new_work(built
         await embedder.embed(job(["after the failure"], INTERACTIVE))
     await blocker
     await embedder.close()
+
+
+async def test_list_models_and_tokenize_never_wait_behind_embedding_work(builtin):  # noqa: F811
+    embedder, sessions = make_embedder(builtin, interactive_slot=False)
+    async with serve_in_process(embedder) as server:
+        blocker = await hold_one_run(embedder, sessions, "held", BATCH)
+        queued = [
+            asyncio.ensure_future(server.stub.Embed(pb.EmbedRequest(inputs=[sentence(i)] * 8), timeout=60))
+            for i in range(4)
+        ]
+        batcher = embedder.batchers[BUILTIN_MODEL]
+        await until(lambda: batcher.queue_depth == 32, "embedding work queued behind the held run")
+        models = await server.stub.ListModels(pb.ListModelsRequest(), timeout=30)
+        tokens = await server.stub.Tokenize(pb.TokenizeRequest(inputs=["count me"]), timeout=30)
+        assert not blocker.done() and batcher.queue_depth == 32  # answered while the work still waits
+        assert models.models[0].name == BUILTIN_MODEL and tokens.results[0].tokens
+        sessions.release()
+        await asyncio.gather(blocker, *queued)
+
+
+async def test_a_failed_engine_turns_the_server_not_serving():
+    """The whole server: a dispatcher failure turns health NOT_SERVING and calls get UNAVAILABLE."""
+    from embedding_server.app import EmbeddingApp
+    from embedding_server.settings import Settings
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.support.server import free_port
+
+    app = EmbeddingApp(Settings(host="127.0.0.1", port=free_port(), rest_port=0))
+    await app.start()
+    try:
+        batcher = app.state.embedder.batchers[BUILTIN_MODEL]  # type: ignore[union-attr]
+
+        def broken(priority: Priority) -> list:
+            raise RuntimeError("injected fault in batch selection")
+
+        batcher._take = broken  # type: ignore[method-assign]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.bound_port}") as channel:
+            stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Embed(pb.EmbedRequest(inputs=["x"]), timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "engine failed" in info.value.details()
+            health = health_pb2_grpc.HealthStub(channel)
+            await until_async_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    finally:
+        await app.shutdown()
+
+
+async def until_async_health(stub, status: int) -> None:
+    from grpc_health.v1 import health_pb2
+
+    for _ in range(3000):
+        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        if reply.status == status:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"health never became {status}")
