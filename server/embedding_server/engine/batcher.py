@@ -171,10 +171,10 @@ class ModelBatcher:
         self._wake = asyncio.Event()
         slots = self.sessions.size
         self._bulk_threads = ThreadPoolExecutor(
-            slots, thread_name_prefix=f"bulk-{self.model.name}", initializer=_lower_priority
+            slots, thread_name_prefix=f"bulk-{self.model.name}", initializer=lower_thread_priority
         )
         self._post_threads = ThreadPoolExecutor(
-            1, thread_name_prefix=f"pool-{self.model.name}", initializer=_lower_priority
+            1, thread_name_prefix=f"pool-{self.model.name}", initializer=lower_thread_priority
         )
         self._interactive_threads = ThreadPoolExecutor(slots + 1, thread_name_prefix=f"run-{self.model.name}")
         self._dispatcher: asyncio.Task[None] | None = None
@@ -245,14 +245,15 @@ class ModelBatcher:
         self._admitted_tokens[priority] += tokens
         return Admission(self, priority, tokens)
 
-    def check_fits(self, lengths: list[int], field: str = "inputs") -> None:
+    def check_fits(
+        self, lengths: list[int], priority: Priority = Priority.INTERACTIVE, field: str = "inputs"
+    ) -> None:
         """Overloaded (MEMORY_LIMIT) for the first sequence too long to run alone in the memory budget."""
         budget = self.settings.memory
         if budget is None:
             return
         for index, length in enumerate(lengths):
             if not budget.fits(1, length):
-                priority = Priority.INTERACTIVE
                 self._refuse(priority, "MEMORY_LIMIT")
                 raise Overloaded(
                     f"{field}[{index}]: {length} tokens do not fit this server's memory budget "
@@ -292,7 +293,7 @@ class ModelBatcher:
         else:
             admission.settle(tokens)
         try:
-            self.check_fits([int(ids.shape[0]) for ids, _ in sequences])
+            self.check_fits([int(ids.shape[0]) for ids, _ in sequences], priority)
             if self.failure is not None:
                 raise _engine_failed(self.failure)
             loop = asyncio.get_running_loop()
@@ -563,8 +564,8 @@ def _expired(item: WorkItem, now: float) -> bool:
     return item.deadline is not None and now >= item.deadline
 
 
-def _lower_priority() -> None:
-    """Bulk worker threads yield the CPU to interactive runs, the tokenizer and the event loop."""
+def lower_thread_priority() -> None:
+    """Bulk worker threads yield the CPU to interactive runs and tokenizing, and the event loop."""
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: queue order alone
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICE)
 

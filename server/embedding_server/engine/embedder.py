@@ -25,7 +25,7 @@ from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
 from ..models.loader import LoadedModel
 from ..models.types import ModelDescription, Priority, SequenceVectors, Task
-from .batcher import BatchSettings, EngineObserver, ModelBatcher
+from .batcher import BatchSettings, EngineObserver, ModelBatcher, lower_thread_priority
 from .requests import EmbedJob, EmbedResult, TokenizedResult
 from .validation import check_dimensions, check_inputs, check_late_chunking, parse_outputs, parse_task
 
@@ -66,7 +66,9 @@ class Embedder:
             m.model.name: ModelBatcher(m, per_model.get(m.model.name, settings.batch), observer)
             for m in models
         }
-        self._tokenize_threads = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
+        self._tokenize_threads = ThreadPoolExecutor(  # batch requests' tokenizing yields to queries'
+            settings.tokenizer_threads, thread_name_prefix="tokenize", initializer=lower_thread_priority
+        )
         self._interactive_tokenize_threads = ThreadPoolExecutor(
             settings.tokenizer_threads, thread_name_prefix="tokenize-interactive"
         )
