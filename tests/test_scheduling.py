@@ -273,7 +273,8 @@ async def test_a_failed_engine_turns_the_server_not_serving():
 
     from tests.support.server import free_port
 
-    app = EmbeddingApp(Settings(host="127.0.0.1", port=free_port(), rest_port=0))
+    # A generous --memory-limit: the budget starts from this process's RSS, which holds the test's models too.
+    app = EmbeddingApp(Settings(host="127.0.0.1", port=free_port(), rest_port=0, memory_limit=8 << 30))
     await app.start()
     try:
         batcher = app.state.embedder.batchers[BUILTIN_MODEL]  # type: ignore[union-attr]

@@ -124,16 +124,26 @@ class BatchStats:
 
 
 class Admission:
-    """One request's place in the admission bounds, from before tokenizing until it is answered."""
+    """One request's place in the admission bounds, from before tokenizing until it is answered.
 
-    def __init__(self, batcher: ModelBatcher, priority: Priority, tokens: int) -> None:
+    ``admit`` takes its place in the count bound; ``reserve`` its tokens (an
+    upper bound from its characters, just before it is tokenized: only the few
+    requests in the tokenizer hold an estimate); ``settle`` the real count.
+    """
+
+    def __init__(self, batcher: ModelBatcher, priority: Priority) -> None:
         self._batcher = batcher
         self.priority = priority
-        self.tokens = tokens
+        self.tokens = 0
         self.released = False
 
+    def reserve(self, tokens: int) -> None:
+        """Take ``tokens`` more of the token bound, or Overloaded (then release the admission)."""
+        self._batcher._reserve(self, tokens)
+        self.tokens += tokens
+
     def settle(self, tokens: int) -> None:
-        """Replace the estimate (taken before tokenizing) with the real count."""
+        """Replace what was reserved (the estimate taken before tokenizing) with the real count."""
         if not self.released:
             self._batcher._admitted_tokens[self.priority] += tokens - self.tokens
             self.tokens = tokens
@@ -215,35 +225,35 @@ class ModelBatcher:
         """Sequences of one class waiting for a session (a plain int: safe to read from any thread)."""
         return self._depth[priority]
 
-    def admit(self, tokens: int, priority: Priority = Priority.INTERACTIVE) -> Admission:
-        """Take one request's admission (``tokens``: an upper bound before tokenizing), or Overloaded."""
+    def admit(self, priority: Priority = Priority.INTERACTIVE) -> Admission:
+        """Take one request's place in the count bound, or Overloaded; its tokens come with ``reserve``."""
         if self.failure is not None:
             raise _engine_failed(self.failure)
-        settings = self.settings
-        share = 1.0 if priority == Priority.INTERACTIVE else BATCH_ADMISSION_SHARE
+        limit = int(self.settings.max_queue_requests * _share(priority))
         requests = sum(self._admitted_requests.values())
-        queued = sum(self._admitted_tokens.values())
-        if requests >= settings.max_queue_requests * share:
+        if requests >= limit:
             self._refuse(priority, "QUEUE_FULL")
             raise Overloaded(
                 f"server overloaded: {requests} requests in flight for model {self.model.name} "
-                f"(limit {int(settings.max_queue_requests * share)} for {priority.name.lower()} work); "
-                "retry with backoff",
-                reason="QUEUE_FULL",
-                retry_after=0.5,
-            )
-        if queued and queued + tokens > settings.max_queue_tokens * share:
-            self._refuse(priority, "QUEUE_FULL")
-            raise Overloaded(
-                f"server overloaded: {queued} tokens queued for model {self.model.name} "
-                f"(limit {int(settings.max_queue_tokens * share)} for {priority.name.lower()} work); "
-                "retry with backoff",
+                f"(limit {limit} for {priority.name.lower()} work); retry with backoff",
                 reason="QUEUE_FULL",
                 retry_after=0.5,
             )
         self._admitted_requests[priority] += 1
-        self._admitted_tokens[priority] += tokens
-        return Admission(self, priority, tokens)
+        return Admission(self, priority)
+
+    def _reserve(self, admission: Admission, tokens: int) -> None:
+        limit = int(self.settings.max_queue_tokens * _share(admission.priority))
+        queued = sum(self._admitted_tokens.values())
+        if queued and queued + tokens > limit:
+            self._refuse(admission.priority, "QUEUE_FULL")
+            raise Overloaded(
+                f"server overloaded: {queued} tokens queued for model {self.model.name} "
+                f"(limit {limit} for {admission.priority.name.lower()} work); retry with backoff",
+                reason="QUEUE_FULL",
+                retry_after=0.5,
+            )
+        self._admitted_tokens[admission.priority] += tokens
 
     def check_fits(
         self, lengths: list[int], priority: Priority = Priority.INTERACTIVE, field: str = "inputs"
@@ -289,10 +299,12 @@ class ModelBatcher:
         tokens = sum(int(ids.shape[0]) for ids, _ in sequences)
         own = admission is None
         if admission is None:
-            admission = self.admit(tokens, priority)
-        else:
-            admission.settle(tokens)
+            admission = self.admit(priority)
         try:
+            if own:
+                admission.reserve(tokens)
+            else:
+                admission.settle(tokens)
             self.check_fits([int(ids.shape[0]) for ids, _ in sequences], priority)
             if self.failure is not None:
                 raise _engine_failed(self.failure)
@@ -558,6 +570,10 @@ def _thread_slot() -> int:
     if slot is None:
         slot = _slots.slot = next(_slot_counter)
     return slot
+
+
+def _share(priority: Priority) -> float:
+    return 1.0 if priority == Priority.INTERACTIVE else BATCH_ADMISSION_SHARE
 
 
 def _expired(item: WorkItem, now: float) -> bool:

@@ -25,7 +25,7 @@ from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
 from ..models.loader import LoadedModel
 from ..models.types import ModelDescription, Priority, SequenceVectors, Task
-from .batcher import BatchSettings, EngineObserver, ModelBatcher, lower_thread_priority
+from .batcher import Admission, BatchSettings, EngineObserver, ModelBatcher, lower_thread_priority
 from .requests import EmbedJob, EmbedResult, TokenizedResult
 from .validation import check_dimensions, check_inputs, check_late_chunking, parse_outputs, parse_task
 
@@ -127,9 +127,9 @@ class Embedder:
         priority = Priority.BATCH if job.priority == Priority.BATCH else Priority.INTERACTIVE
 
         batcher = self._batchers[model.name]
-        admission = batcher.admit(_token_bound(job, model, task), priority)
+        admission = batcher.admit(priority)
         try:
-            sequences = await self._tokenized(job, model, task, row, priority)
+            sequences = await self._tokenized(job, model, task, row, admission)
             vectors, timings = await batcher.embed_timed(
                 sequences, task, job.deadline, priority=priority, flow=job.flow, admission=admission
             )
@@ -149,16 +149,22 @@ class Embedder:
         )
 
     async def _tokenized(
-        self, job: EmbedJob, model: EmbeddingModel, task: Task, row: RowRequest, priority: Priority
+        self, job: EmbedJob, model: EmbeddingModel, task: Task, row: RowRequest, admission: Admission
     ) -> list[tuple[np.ndarray, RowRequest]]:
-        """The request's sequences; batch work waits for a place in the bounded tokenizer backlog."""
+        """The request's sequences; batch work waits for a place in the bounded tokenizer backlog.
+
+        Its tokens are reserved (bounded from its characters) only once it may
+        be tokenized, so requests waiting for the tokenizer hold no estimate.
+        """
         loop = asyncio.get_running_loop()
+        priority = admission.priority
         if priority == Priority.INTERACTIVE:
             threads = self._interactive_tokenize_threads
         else:
             threads = self._tokenize_threads
             await self._tokenizer_backlog.acquire()
         try:
+            admission.reserve(_token_bound(job, model, task))
             if job.late_chunking:
                 document, spans = await loop.run_in_executor(
                     threads, model.tokenize_document, job.inputs, task
