@@ -13,9 +13,9 @@ variant after the other in this one run):
   words) alone, then again with an open-loop client sending one short query
   with ``Embed`` every 100 ms: query p50/p99/max under the job, and the job's
   throughput with the queries against alone (ratio);
-- two corpus jobs at once from two processes (one sends requests of 16
-  passages, the other of 64): each one's share of the passages embedded
-  while both ran;
+- two corpus jobs at once from two processes, each on half the corpus (one
+  sends requests of 16 passages, the other of 64): each one's share of the
+  passages embedded while both ran;
 - the server's peak RSS (VmHWM) after all that, and on a fresh server after
   four concurrent ``Embed`` calls of 128 passages of ~256 tokens (truncate).
 """
@@ -189,6 +189,9 @@ def peak_256(args: list[str], env: dict[str, str]) -> float:
 
 
 def variant(name: str, checkout: Path | None, corpus: Path, workdir: Path) -> dict[str, object]:
+    half = workdir / "half.jsonl"  # each of the two concurrent jobs embeds half the corpus
+    lines = corpus.read_text().splitlines(keepends=True)
+    half.write_text("".join(lines[: len(lines) // 2]))
     env = dict(os.environ)
     if checkout is not None:
         env["PYTHONPATH"] = f"{checkout / 'server'}:{checkout / 'client'}"
@@ -200,7 +203,7 @@ def variant(name: str, checkout: Path | None, corpus: Path, workdir: Path) -> di
             alone = corpus_job(server.target, corpus, workdir / "alone.npy", env)
             with OpenLoopQueries(server.target) as queries:
                 mixed = corpus_job(server.target, corpus, workdir / "mixed.npy", env)
-            shares = two_jobs(server.target, corpus, env)
+            shares = two_jobs(server.target, half, env)
             peak = server.peak_rss_mb()
         finally:
             server.stop()
@@ -237,30 +240,34 @@ def main() -> None:
     texts = sentences(args.passages, 80, 200, seed=3)
     corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
     in_process = statistics.median(in_process_latency())
-    rows = []
-    if args.before is not None:
-        rows.append(variant(f"before ({args.before})", args.before.resolve(), corpus, workdir))
-    rows.append(variant("this checkout", None, corpus, workdir))
     cores = len(os.sched_getaffinity(0))
-    print(f"\n{args.passages} passages of 80-200 words, {cores} cores, default model and flags")
-    print(f"in-process all-cores single query: p50 {in_process:.1f} ms")
-    for r in rows:
-        a, b = r["shares"]  # type: ignore[misc]
-        print(f"\n[{r['name']}]")
-        print(f"  idle query              p50 {r['idle_p50']:7.1f} ms   p99 {r['idle_p99']:7.1f} ms")
-        print(
-            f"  query under corpus job  p50 {r['q_p50']:7.1f} ms   p99 {r['q_p99']:7.1f} ms   "
-            f"max {r['q_max']:7.1f} ms   ({r['q_n']} answered, {r['q_errors']} errors)"
-        )
-        print(
-            f"  corpus job              alone {r['alone']:6.1f} passages/s   "
-            f"with queries {r['mixed']:6.1f}   ratio {r['mixed'] / r['alone']:.2f}"  # type: ignore[operator]
-        )
-        print(f"  two corpus jobs         shares {a:.2f} (requests of 16) / {b:.2f} (requests of 64)")
-        print(
-            f"  peak RSS (VmHWM)        after the above {r['peak']:6.0f} MiB;  "
-            f"4 x 128 x 256 tokens {r['peak256']:6.0f} MiB"
-        )
+    print(f"{args.passages} passages of 80-200 words, {cores} cores, default model and flags")
+    print(f"in-process all-cores single query: p50 {in_process:.1f} ms", flush=True)
+    variants = [("this checkout", None)]
+    if args.before is not None:
+        variants.append((f"before ({args.before})", args.before.resolve()))
+    for name, checkout in variants:
+        report(variant(name, checkout, corpus, workdir))
+
+
+def report(r: dict[str, object]) -> None:
+    a, b = r["shares"]  # type: ignore[misc]
+    print(f"\n[{r['name']}]")
+    print(f"  idle query              p50 {r['idle_p50']:7.1f} ms   p99 {r['idle_p99']:7.1f} ms")
+    print(
+        f"  query under corpus job  p50 {r['q_p50']:7.1f} ms   p99 {r['q_p99']:7.1f} ms   "
+        f"max {r['q_max']:7.1f} ms   ({r['q_n']} answered, {r['q_errors']} errors)"
+    )
+    print(
+        f"  corpus job              alone {r['alone']:6.1f} passages/s   "
+        f"with queries {r['mixed']:6.1f}   ratio {r['mixed'] / r['alone']:.2f}"  # type: ignore[operator]
+    )
+    print(f"  two corpus jobs         shares {a:.2f} (requests of 16) / {b:.2f} (requests of 64)")
+    print(
+        f"  peak RSS (VmHWM)        after the above {r['peak']:6.0f} MiB;  "
+        f"4 x 128 x 256 tokens {r['peak256']:6.0f} MiB",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
