@@ -435,7 +435,9 @@ class ModelBatcher:
             running < slots or (self.settings.interactive_slot and batch_runs > 0 and running < slots + 1)
         )
         if interactive_may and not (batch_may and self._interactive_streak >= self.settings.batch_share):
-            wide = running == 0 and getattr(self.sessions, "has_wide", False)
+            # All cores only on a quiet machine: a multi-threaded run waits at every op for its
+            # slowest thread, which loses its time slices when bulk runs share the cores.
+            wide = running == 0 and not batch_waits and getattr(self.sessions, "has_wide", False)
             return Priority.INTERACTIVE, wide
         if batch_may:
             return Priority.BATCH, False
