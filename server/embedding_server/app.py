@@ -85,7 +85,7 @@ def batch_settings(settings: Settings, models: list[LoadedModel], baseline: int)
     for loaded in models:
         model = loaded.model
         shape = ModelShape.from_config(model.files.config("config.json"), model.description.dimensions)
-        runs = loaded.sessions.size + (1 if base.interactive_slot else 0)
+        runs = loaded.sessions.size * (2 if base.interactive_slot else 1)  # bulk + interactive slots
         budget = MemoryBudget.plan(shape, limit, baseline + WARM_ALLOWANCE, runs, models=len(models))
         if budget.run_bytes <= 0 or budget.longest_single() < 16:
             raise StartupError(

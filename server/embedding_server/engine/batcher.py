@@ -9,10 +9,10 @@ so batches grow by themselves; at idle a lone request runs at once.
 Two classes of work share the machine:
 
 - **interactive** (``Embed`` by default): always chosen first; may use every
-  run slot and one extra slot that only interactive work may use while bulk
-  runs hold the others (the OS time-slices the cores for the short query
-  instead of making it wait for a long bulk run); on an idle server it runs on
-  the all-cores session when the pool has one. Bulk runs execute on threads
+  free run slot, and while bulk runs hold slots, as many extra slots as there
+  are regular ones, which only interactive work may use (the OS time-slices
+  the cores for the short query instead of making it wait for a long bulk
+  run); on an idle server it runs on the all-cores session when the pool has one. Bulk runs execute on threads
   with a lower CPU priority (``BULK_NICE``), so the query's thread wins the
   time slices, yet bulk work keeps every cycle nobody else wants.
 - **batch** (``StreamEmbed`` by default, corpus jobs): fair-queued between
@@ -103,7 +103,7 @@ class BatchSettings:
     max_wait_ms: float = 0.0  # extra wait for a batch to fill when a slot is free
     max_queue_requests: int = 1024  # requests admitted and not yet answered
     max_queue_tokens: int = 4_000_000  # tokens admitted and not yet answered
-    interactive_slot: bool = True  # one extra run slot only interactive work may use
+    interactive_slot: bool = True  # extra run slots only interactive work may use, while bulk runs
     batch_share: int = 4  # when both classes wait, one batch run per this many interactive runs
     memory: MemoryBudget | None = None  # None: no memory cut (tests)
 
@@ -431,8 +431,11 @@ class ModelBatcher:
         interactive_waits = self._depth[Priority.INTERACTIVE] > 0
         batch_waits = self._depth[Priority.BATCH] > 0
         batch_may = batch_waits and running < slots
+        # While bulk runs hold slots, queries get slots of their own (up to as many again): a query
+        # never waits for a bulk run to end, and the OS time-slices the cores in its favour.
         interactive_may = interactive_waits and (
-            running < slots or (self.settings.interactive_slot and batch_runs > 0 and running < slots + 1)
+            running < slots
+            or (self.settings.interactive_slot and batch_runs > 0 and interactive_runs < slots)
         )
         if interactive_may and not (batch_may and self._interactive_streak >= self.settings.batch_share):
             # All cores only on a quiet machine: a multi-threaded run waits at every op for its
