@@ -197,7 +197,8 @@ def variant(name: str, checkout: Path | None, corpus: Path, workdir: Path) -> di
         env["PYTHONPATH"] = f"{checkout / 'server'}:{checkout / 'client'}"
     os.environ.update(env)  # start_server inherits it
     try:
-        server = start_server(rest=False)
+        server = start_server(rest=True)  # /metrics on the REST port, to look inside if a step stalls
+        print(f"  [{name}] server pid {server.process.pid}, metrics on :{server.rest_port}", flush=True)
         try:
             idle = idle_latency(server.target)
             alone = corpus_job(server.target, corpus, workdir / "alone.npy", env)
