@@ -229,7 +229,7 @@ class ModelBatcher:
         """Take one request's place in the count bound, or Overloaded; its tokens come with ``reserve``."""
         if self.failure is not None:
             raise _engine_failed(self.failure)
-        limit = int(self.settings.max_queue_requests * _share(priority))
+        limit = max(1, int(self.settings.max_queue_requests * _share(priority)))
         requests = sum(self._admitted_requests.values())
         if requests >= limit:
             self._refuse(priority, "QUEUE_FULL")
@@ -243,7 +243,7 @@ class ModelBatcher:
         return Admission(self, priority)
 
     def _reserve(self, admission: Admission, tokens: int) -> None:
-        limit = int(self.settings.max_queue_tokens * _share(admission.priority))
+        limit = max(1, int(self.settings.max_queue_tokens * _share(admission.priority)))
         queued = sum(self._admitted_tokens.values())
         if queued and queued + tokens > limit:
             self._refuse(admission.priority, "QUEUE_FULL")
