@@ -15,7 +15,7 @@ arena off, all-minilm-l6-v2 int8): one run of 256 x 32 grew the process by
 526 MiB (~64 KiB a token: ~170 bytes per hidden unit, the feed-forward block
 and its GELU's elementwise copies), 16 x 512 by 1034 MiB (the rest: ~2.8
 float copies of the attention scores); small batches grew it by 20-100 MiB
-more than that, whatever their size (``RUN_FIXED_BYTES`` covers part of it,
+more than that, whatever their size (``RUN_FIXED_BYTES_PER_HIDDEN`` covers part of it,
 the 15 % of the limit left unplanned the rest).
 """
 
@@ -40,8 +40,9 @@ QUEUE_FRACTION = 0.2
 ACTIVATION_BYTES = 168
 #: Bytes per attention score (B x heads x T x T) a run holds at its peak (measured: ~11).
 ATTENTION_BYTES = 12
-#: What a run holds at any shape (measured: 20-100 MiB beyond the per-token terms).
-RUN_FIXED_BYTES = 32 * MIB
+#: What a run holds at any shape, per hidden unit of the model (measured on MiniLM, 384 wide:
+#: 20-100 MiB beyond the per-token terms; 64 KiB x 384 = 24 MiB, the rest is left unplanned).
+RUN_FIXED_BYTES_PER_HIDDEN = 64 * 1024
 #: A queued token: its id (int64), its text (a few UTF-8/str bytes), bookkeeping.
 QUEUED_TOKEN_BYTES = 48
 
@@ -101,7 +102,11 @@ class ModelShape:
         """Estimated peak working memory of one run of ``count`` sequences padded to ``longest``."""
         activations = count * longest * self.hidden * ACTIVATION_BYTES
         attention = count * self.heads * longest * longest * ATTENTION_BYTES
-        return RUN_FIXED_BYTES + activations + attention
+        return self.fixed_bytes + activations + attention
+
+    @property
+    def fixed_bytes(self) -> int:
+        return RUN_FIXED_BYTES_PER_HIDDEN * self.hidden
 
 
 @dataclass(frozen=True)
@@ -127,5 +132,5 @@ class MemoryBudget:
         """The longest sequence a run may hold alone."""
         a = self.shape.heads * ATTENTION_BYTES
         b = self.shape.hidden * ACTIVATION_BYTES
-        room = self.run_bytes - RUN_FIXED_BYTES
+        room = self.run_bytes - self.shape.fixed_bytes
         return int((-b + math.sqrt(b * b + 4 * a * room)) / (2 * a)) if room > 0 else 0
