@@ -5,7 +5,17 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from .enums import Output, OutputLike, Task, TaskLike, parse_outputs, parse_task
+from .enums import (
+    Output,
+    OutputLike,
+    Priority,
+    PriorityLike,
+    Task,
+    TaskLike,
+    parse_outputs,
+    parse_priority,
+    parse_task,
+)
 from .proto import embedding_pb2 as pb
 
 DEFAULT_BATCH_SIZE = 64
@@ -24,6 +34,7 @@ class EmbedOptions:
     outputs: tuple[Output, ...] = (Output.DENSE,)
     late_chunking: bool = False
     truncate: bool = False
+    priority: Priority = Priority.UNSPECIFIED
 
     @classmethod
     def build(
@@ -34,6 +45,7 @@ class EmbedOptions:
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         late_chunking: bool = False,
         truncate: bool = False,
+        priority: PriorityLike = None,
     ) -> EmbedOptions:
         dims = 0 if dimensions is None else dimensions
         if isinstance(dims, bool) or not isinstance(dims, int) or not 0 <= dims < 2**32:
@@ -45,6 +57,7 @@ class EmbedOptions:
             outputs=parse_outputs(outputs),
             late_chunking=bool(late_chunking),
             truncate=bool(truncate),
+            priority=parse_priority(priority),
         )
 
     def request(self, texts: list[str], request_id: str = "") -> pb.EmbedRequest:
@@ -57,6 +70,7 @@ class EmbedOptions:
             late_chunking=self.late_chunking,
             outputs=[int(o) for o in self.outputs],
             truncate=self.truncate,
+            priority=int(self.priority),
         )
 
 
