@@ -39,18 +39,16 @@ per chunk (a list of them).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
-import grpc
 import numpy as np
 import pyarrow as pa
 
-from .channel import ChannelSettings, count_addresses, sync_channel
+from .channel import ChannelSettings, count_addresses
 from .client import DEFAULT_WINDOW, EmbeddingClient
 from .corpus_parquet import fixed_rows
-from .enums import Output, OutputLike, TaskLike
-from .proto import embedding_pb2 as pb
+from .enums import Output, OutputLike, PriorityLike, TaskLike
 from .requests import DEFAULT_BATCH_SIZE, EmbedOptions, batches
 from .results import Embeddings, concatenate
 from .retry import StreamRetry
@@ -94,7 +92,7 @@ class EmbedBatches:
         window: int = DEFAULT_WINDOW,
         streams: int | None = None,
         length_sort: bool = True,
-        priority: int = pb.PRIORITY_BATCH,
+        priority: PriorityLike = "batch",
         retry_timeout: float = 300.0,
         settings: ChannelSettings | None = None,
     ) -> None:
@@ -103,7 +101,13 @@ class EmbedBatches:
         if batch_size < 1:
             raise ValueError(f"batch_size: must be >= 1, got {batch_size}")
         self.options = EmbedOptions.build(
-            model, task, dimensions, outputs, late_chunking=chunks_column is not None, truncate=truncate
+            model,
+            task,
+            dimensions,
+            outputs,
+            late_chunking=chunks_column is not None,
+            truncate=truncate,
+            priority=priority,
         )
         self.text_column = text_column
         self.chunks_column = chunks_column
@@ -114,7 +118,6 @@ class EmbedBatches:
             self.backend = ServiceBackend(
                 target,
                 settings or ChannelSettings(),
-                priority=priority,
                 window=window,
                 streams=streams or count_addresses(target) or RESOLVER_STREAMS,
                 length_sort=length_sort and chunks_column is None,
@@ -155,24 +158,6 @@ class EmbedBatches:
 # --- the two backends ------------------------------------------------------------------------
 
 
-class PriorityInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
-    """Sets ``EmbedRequest.priority`` on every request the client sends (Embed and StreamEmbed)."""
-
-    def __init__(self, priority: int) -> None:
-        self.priority = priority
-
-    def _mark(self, request: Any) -> Any:
-        if isinstance(request, pb.EmbedRequest):
-            request.priority = self.priority
-        return request
-
-    def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
-        return continuation(details, self._mark(request))
-
-    def intercept_stream_stream(self, continuation: Callable, details: Any, requests: Iterator) -> Any:
-        return continuation(details, (self._mark(request) for request in requests))
-
-
 class ServiceBackend:
     """A client per actor; each batch is one resumable StreamEmbed run over the replicas."""
 
@@ -181,14 +166,12 @@ class ServiceBackend:
         target: str,
         settings: ChannelSettings,
         *,
-        priority: int,
         window: int,
         streams: int,
         length_sort: bool,
         retry: StreamRetry,
     ) -> None:
-        self.channel = grpc.intercept_channel(sync_channel(target, settings), PriorityInterceptor(priority))
-        self.client = EmbeddingClient(target, settings=settings, channel=self.channel, stream_retry=retry)
+        self.client = EmbeddingClient(target, settings=settings, stream_retry=retry)
         self.window = window
         self.streams = streams
         self.length_sort = length_sort
@@ -202,6 +185,7 @@ class ServiceBackend:
             outputs=options.outputs,
             late_chunking=options.late_chunking,
             truncate=options.truncate,
+            priority=options.priority,
             batch_size=batch_size,
             window=self.window,
             streams=self.streams,
@@ -212,7 +196,6 @@ class ServiceBackend:
 
     def close(self) -> None:
         self.client.close()
-        self.channel.close()
 
 
 class InProcessBackend:
