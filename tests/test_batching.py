@@ -19,6 +19,7 @@ from embedding_server.errors import DeadlineExpired, Overloaded
 from embedding_server.models.loader import BUILTIN_MODEL, LoadedModel, ModelSpec, load
 
 from tests.support.instrumented import CountingSessions
+from tests.support.polling import until
 
 WORDS = [
     "the",
@@ -77,7 +78,8 @@ async def run_queued_behind_a_blocked_run(
     """One request per text, all queued while the first run is held, then everything released."""
     blocker = await blocked_run(embedder, sessions, first)
     jobs = [asyncio.create_task(embedder.embed(EmbedJob(inputs=[t]))) for t in texts]
-    await asyncio.sleep(0.2)  # let them all reach the queue
+    batcher = embedder.batchers[BUILTIN_MODEL]
+    await until(lambda: batcher.queue_depth == len(texts), "every request queued")
     sessions.release()
     results = await asyncio.gather(blocker, *jobs)
     await embedder.close()
@@ -152,10 +154,9 @@ async def test_deadline_passed_in_queue_never_reaches_the_model(builtin):
     embedder, sessions = make_embedder(builtin)
     await started(embedder, sessions)
     blocker = await blocked_run(embedder, sessions, "blocker")
-    doomed = asyncio.create_task(
-        embedder.embed(EmbedJob(inputs=["too late to matter"], deadline=time.monotonic() + 0.1))
-    )
-    await asyncio.sleep(0.3)  # the deadline passes while the session is busy
+    deadline = time.monotonic() + 0.1
+    doomed = asyncio.create_task(embedder.embed(EmbedJob(inputs=["too late to matter"], deadline=deadline)))
+    await until(lambda: time.monotonic() > deadline, "the deadline passed while the session is busy")
     sessions.release()
     with pytest.raises(DeadlineExpired):
         await doomed
@@ -172,10 +173,10 @@ async def test_cancelled_caller_work_is_dropped(builtin):
     await started(embedder, sessions)
     blocker = await blocked_run(embedder, sessions, "blocker")
     abandoned = asyncio.create_task(embedder.embed(EmbedJob(inputs=[sentence(i) for i in range(10)])))
-    await asyncio.sleep(0.1)
-    abandoned.cancel()
-    await asyncio.sleep(0.1)
     batcher = embedder.batchers[BUILTIN_MODEL]
+    await until(lambda: batcher.queue_depth == 10, "the abandoned request queued")
+    abandoned.cancel()
+    await asyncio.gather(abandoned, return_exceptions=True)
     assert batcher.queue_depth == 0  # removed at once, not when the model gets to it
     sessions.release()
     await blocker
@@ -197,11 +198,12 @@ async def test_overload_is_refused_fast(builtin):
 
 
 async def test_token_bound_refuses_a_flood(builtin):
-    embedder, sessions = make_embedder(builtin, max_queue_tokens=100)
+    embedder, sessions = make_embedder(builtin, max_queue_tokens=400)
     await started(embedder, sessions)
     blocker = await blocked_run(embedder, sessions, sentence(5))
     queued = asyncio.create_task(embedder.embed(EmbedJob(inputs=[sentence(i) for i in range(3)])))
-    await asyncio.sleep(0.05)
+    batcher = embedder.batchers[BUILTIN_MODEL]
+    await until(lambda: batcher.queue_depth == 3, "the first request queued")
     with pytest.raises(Overloaded, match="tokens queued"):
         await embedder.embed(EmbedJob(inputs=[sentence(i) for i in range(10, 20)]))
     sessions.release()

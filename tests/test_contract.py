@@ -27,6 +27,7 @@ PACKAGE = "embedding.v1"
 CONTRACT_DOC = ROOT / "docs" / "contract.md"
 NOT_PROTO = shutil.ignore_patterns("*.py", "__pycache__")
 
+
 def contract_block() -> str:
     """The first fenced block of docs/contract.md: the service, enums and messages."""
     text = CONTRACT_DOC.read_text()

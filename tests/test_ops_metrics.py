@@ -89,9 +89,10 @@ def test_batches_tokens_and_latencies(observed):
     assert delta(before, after, "embedding_batch_tokens_sum", **m) == tokens
     assert delta(before, after, "embedding_batch_tokens_count", **m) == batches
     assert delta(before, after, "embedding_padded_tokens_total", **m) >= tokens
-    assert delta(before, after, "embedding_inference_seconds_count", **m) == batches
-    assert delta(before, after, "embedding_inference_seconds_sum", **m) > 0
-    assert delta(before, after, "embedding_queue_seconds_count", **m) == 2  # one per Embed
+    i = {**m, "priority": "interactive"}  # Embed's default class
+    assert delta(before, after, "embedding_inference_seconds_count", **i) == batches
+    assert delta(before, after, "embedding_inference_seconds_sum", **i) > 0
+    assert delta(before, after, "embedding_queue_seconds_count", **i) == 2  # one per Embed
     # Histogram buckets are cumulative: the +Inf bucket holds every observation.
     assert delta(before, after, "embedding_batch_size_bucket", le="+Inf", **m) == batches
     assert delta(before, after, "embedding_batch_size_bucket", le="2.0", **m) == batches
@@ -101,8 +102,9 @@ def test_gauges_at_rest(observed):
     samples = scrape(observed)
     assert value(samples, "embedding_model_load_seconds", model=MODEL) > 0
     assert value(samples, "embedding_serving") == 1
-    assert ("embedding_queue_depth", (("model", MODEL),)) in samples
-    assert value(samples, "embedding_queue_depth", model=MODEL) == 0
+    for priority in ("interactive", "batch"):
+        assert ("embedding_queue_depth", (("model", MODEL), ("priority", priority))) in samples
+        assert value(samples, "embedding_queue_depth", model=MODEL, priority=priority) == 0
     assert value(samples, "embedding_in_flight_requests") == 0
     assert value(samples, "process_resident_memory_bytes") > 0
 
@@ -120,14 +122,14 @@ def test_queue_depth_and_in_flight_under_load(observed):
     depths, in_flight = [], []
     while worker.is_alive():
         samples = scrape(observed)
-        depths.append(value(samples, "embedding_queue_depth", model=MODEL))
+        depths.append(value(samples, "embedding_queue_depth", model=MODEL, priority="interactive"))
         in_flight.append(value(samples, "embedding_in_flight_requests"))
         time.sleep(0.01)
     worker.join()
     assert len(result["reply"].embeddings) == 16  # type: ignore[attr-defined]
     assert max(depths) >= 2, depths
     assert max(in_flight) == 1, in_flight
-    assert value(scrape(observed), "embedding_queue_depth", model=MODEL) == 0
+    assert value(scrape(observed), "embedding_queue_depth", model=MODEL, priority="interactive") == 0
 
 
 def test_timing_trailers_and_request_id(observed):

@@ -78,7 +78,7 @@ def wait_in_flight(server: RunningServer, timeout: float = 30) -> None:
     while time.monotonic() < deadline:
         text = httpx.get(f"{server.rest_url}/metrics", timeout=5).text
         lines = dict(line.rsplit(" ", 1) for line in text.splitlines() if line and not line.startswith("#"))
-        depth = float(lines.get('embedding_queue_depth{model="all-minilm-l6-v2"}', 0))
+        depth = float(lines.get('embedding_queue_depth{model="all-minilm-l6-v2",priority="interactive"}', 0))
         if float(lines.get("embedding_in_flight_requests", 0)) >= 1 and depth > 0:
             return
         time.sleep(0.01)

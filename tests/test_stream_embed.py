@@ -11,6 +11,7 @@ from embedding_client.proto import embedding_pb2 as pb
 from embedding_server.models.loader import BUILTIN_MODEL
 
 from tests.support.inprocess import serve_in_process
+from tests.support.polling import until
 from tests.test_batching import builtin, make_embedder, sentence  # noqa: F401  (module fixture)
 
 
@@ -52,15 +53,15 @@ async def test_stream_backpressure_bounds_work_in_flight(builtin):  # noqa: F811
                 yield pb.EmbedRequest(request_id=str(i), inputs=[sentence(i)])
 
         call = server.stub.StreamEmbed(requests())
-        peak = 0
         try:
-            for _ in range(20):
-                await asyncio.sleep(0.05)
-                peak = max(peak, batcher._admitted_requests)
+            await until(
+                lambda: sent == 200 and batcher.admitted == 4, "the client sent all, the window filled"
+            )
+            for _ in range(100):  # the server has every chance to read on: it must not
+                await asyncio.sleep(0)
             # Never more than the window admitted, although the client has long sent
             # everything (grpc's client buffers the writes): the server stops reading.
-            assert 1 <= peak <= 4
-            assert sent == 200
+            assert batcher.admitted == 4
         finally:
             sessions.release()
         ids = [reply.request_id async for reply in call]
@@ -74,23 +75,15 @@ async def test_cancelled_stream_drops_its_queued_work(builtin):  # noqa: F811
         sessions.hold()
         requests = [pb.EmbedRequest(request_id=str(i), inputs=[sentence(i)]) for i in range(16)]
         call = server.stub.StreamEmbed(iter(requests))
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if batcher._admitted_requests == 16:
-                break
+        await until(lambda: batcher.admitted == 16, "the stream's requests admitted")
         runs_before = len(sessions.runs)
         call.cancel()
-        for _ in range(100):
-            await asyncio.sleep(0.02)
-            if batcher.queue_depth == 0 and not batcher.busy:
-                break
-        assert batcher.queue_depth == 0 and not batcher.busy
+        await until(lambda: batcher.queue_depth == 0 and not batcher.busy, "the cancelled work dropped")
         sessions.release()
-        await asyncio.sleep(0.2)
-        assert len(sessions.runs) == runs_before  # nothing queued ran after the cancel
-        # and the server still serves
+        # The server still serves; a request after the cancel runs behind anything still queued.
         reply = await server.stub.Embed(pb.EmbedRequest(inputs=["still here"]), timeout=10)
         assert len(reply.embeddings) == 1
+        assert len(sessions.runs) == runs_before + 1  # only that request ran after the cancel
 
 
 async def test_unary_deadline_in_queue_is_deadline_exceeded(builtin):  # noqa: F811
@@ -117,7 +110,8 @@ async def test_overload_is_resource_exhausted_over_the_wire(builtin):  # noqa: F
             for i in range(2)
         ]
         await asyncio.to_thread(sessions.entered.acquire)
-        await asyncio.sleep(0.1)
+        batcher = embedder.batchers[BUILTIN_MODEL]
+        await until(lambda: batcher.admitted == 2, "both requests admitted")
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await server.stub.Embed(pb.EmbedRequest(inputs=["excess"]), timeout=30)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -12,7 +12,7 @@ from .aio import AsyncEmbeddingClient
 from .channel import ChannelSettings, RetryPolicy
 from .client import EmbeddingClient
 from .core import USE_CLIENT_DEFAULT
-from .enums import Output, Task
+from .enums import Output, Priority, Task
 from .errors import (
     CallCancelledError,
     DeadlineExceededError,
@@ -45,6 +45,7 @@ __all__ = [
     "NotFoundError",
     "Output",
     "PermissionDeniedError",
+    "Priority",
     "ResourceExhaustedError",
     "RetryPolicy",
     "SparseVector",

@@ -15,7 +15,7 @@ import grpc
 
 from .channel import aio_channel
 from .core import DEFAULT_ROTATE_AFTER, DEFAULT_WINDOW, USE_CLIENT_DEFAULT, ClientCore, Timeout
-from .enums import OutputLike, TaskLike
+from .enums import OutputLike, PriorityLike, TaskLike
 from .length_sort import AsyncSortedRun, BlockPlan, async_sorted_requests
 from .proto import embedding_pb2 as pb
 from .requests import DEFAULT_MAX_BATCH_CHARS, Batcher, EmbedOptions, as_text_list
@@ -58,11 +58,12 @@ class AsyncEmbeddingClient(ClientCore):
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         late_chunking: bool = False,
         truncate: bool = False,
+        priority: PriorityLike = None,
         batch_size: int | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> Embeddings:
         """Embed texts; a long list goes as several concurrent requests, reassembled in order."""
-        options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
+        options = self._options(model, task, dimensions, outputs, late_chunking, truncate, priority)
         parts = self._parts(texts, late_chunking, batch_size)
         deadline = self._deadline(timeout)
         if len(parts) == 1:
@@ -126,6 +127,7 @@ class AsyncEmbeddingClient(ClientCore):
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         late_chunking: bool = False,
         truncate: bool = False,
+        priority: PriorityLike = None,
         batch_size: int | None = None,
         window: int = DEFAULT_WINDOW,
         streams: int = 1,
@@ -140,7 +142,7 @@ class AsyncEmbeddingClient(ClientCore):
         Accepts sync and async iterables; see EmbeddingClient.embed_stream_batches.
         Use ``async with`` around it to stop the streams at once if you leave early.
         """
-        options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
+        options = self._options(model, task, dimensions, outputs, late_chunking, truncate, priority)
         core = self._stream_core(
             options,
             window=window,
@@ -173,6 +175,7 @@ class AsyncEmbeddingClient(ClientCore):
         dimensions: int | None = None,
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         truncate: bool = False,
+        priority: PriorityLike = None,
         batch_size: int | None = None,
         window: int = DEFAULT_WINDOW,
         streams: int = 1,
@@ -187,6 +190,7 @@ class AsyncEmbeddingClient(ClientCore):
             dimensions=dimensions,
             outputs=outputs,
             truncate=truncate,
+            priority=priority,
             batch_size=batch_size,
             window=window,
             streams=streams,

@@ -93,14 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
     corpus = commands.add_parser(
         "corpus",
         parents=[connection, embedding],
-        help="embed a JSON Lines corpus into .jsonl or .npy (resumable)",
-        description='Embed INPUT (JSON Lines of {"id": ..., "text": ...}) through StreamEmbed into '
-        'OUTPUT: .jsonl ({"id": ..., "embedding": [...]} per line) or .npy (float32 rows), both in '
-        "input order. Rows go to OUTPUT.partial as they come; rerun the same command after an "
+        help="embed a JSON Lines or Parquet corpus into .jsonl, .npy or .parquet (resumable)",
+        description='Embed INPUT (JSON Lines of {"id": ..., "text": ...}, or .parquet with columns id '
+        "and text) through StreamEmbed into "
+        'OUTPUT: .jsonl ({"id": ..., "embedding": [...]} per line), .npy (float32 rows) or .parquet '
+        "(columns id and embedding, a fixed-size float32 list), all in input order. "
+        "Rows go to OUTPUT.partial as they come; rerun the same command after an "
         "interruption to go on where it stopped (the result is identical to an uninterrupted run). "
         "Broken streams are re-established, so a server restart or a dead replica only slows it down.",
     )
-    corpus.add_argument("input", type=Path, help="JSON Lines input")
+    corpus.add_argument("input", type=Path, help="JSON Lines (.jsonl) or Parquet (.parquet) input")
     corpus.add_argument("output", type=Path, help=f"output file ({', '.join(SUFFIXES)})")
     corpus.add_argument(
         "--truncate",
@@ -140,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
         "vector pooled from token states that saw the whole document (documents longer than the "
         "model's window run as overlapping windows). OUTPUT .jsonl: one line per document, "
         '{"id": ..., "embeddings": [[...], ...]} with a vector per chunk; .npy: one float32 row per chunk, '
-        "in input order",
+        "in input order; .parquet input: a chunks column (list of strings); .parquet output: columns id "
+        "and embeddings (a list of vectors per document)",
     )
     corpus.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -23,7 +23,7 @@ from .core import (
     ClientCore,
     Timeout,
 )
-from .enums import OutputLike, TaskLike
+from .enums import OutputLike, PriorityLike, TaskLike
 from .length_sort import BlockPlan, SortedRun
 from .proto import embedding_pb2 as pb
 from .requests import EmbedOptions
@@ -72,6 +72,7 @@ class EmbeddingClient(ClientCore):
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         late_chunking: bool = False,
         truncate: bool = False,
+        priority: PriorityLike = None,
         batch_size: int | None = None,
         timeout: Timeout = USE_CLIENT_DEFAULT,
     ) -> Embeddings:
@@ -83,7 +84,7 @@ class EmbeddingClient(ClientCore):
         is the first input of the failed request, ``error.input_index`` the
         failed input when the server named one).
         """
-        options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
+        options = self._options(model, task, dimensions, outputs, late_chunking, truncate, priority)
         parts = self._parts(texts, late_chunking, batch_size)
         deadline = self._deadline(timeout)
         if len(parts) == 1:
@@ -169,6 +170,7 @@ class EmbeddingClient(ClientCore):
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         late_chunking: bool = False,
         truncate: bool = False,
+        priority: PriorityLike = None,
         batch_size: int | None = None,
         window: int = DEFAULT_WINDOW,
         streams: int = 1,
@@ -198,7 +200,7 @@ class EmbeddingClient(ClientCore):
         throughput on mixed-length corpora); each result is then a block of
         N inputs, still in input order (see ``length_sort.py``).
         """
-        options = self._options(model, task, dimensions, outputs, late_chunking, truncate)
+        options = self._options(model, task, dimensions, outputs, late_chunking, truncate, priority)
         core = self._stream_core(
             options,
             window=window,
@@ -222,6 +224,7 @@ class EmbeddingClient(ClientCore):
         dimensions: int | None = None,
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         truncate: bool = False,
+        priority: PriorityLike = None,
         batch_size: int | None = None,
         window: int = DEFAULT_WINDOW,
         streams: int = 1,
@@ -239,6 +242,7 @@ class EmbeddingClient(ClientCore):
             dimensions=dimensions,
             outputs=outputs,
             truncate=truncate,
+            priority=priority,
             batch_size=batch_size,
             window=window,
             streams=streams,

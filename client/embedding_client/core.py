@@ -24,7 +24,7 @@ from typing import Any, Final
 import grpc
 
 from .channel import ChannelSettings
-from .enums import OutputLike, TaskLike, parse_task
+from .enums import OutputLike, PriorityLike, TaskLike, parse_task
 from .errors import EmbeddingError, from_rpc_error, metadata_value
 from .length_sort import BlockPlan, sorted_requests
 from .proto import embedding_pb2 as pb
@@ -161,8 +161,11 @@ class ClientCore:
         outputs: OutputLike | Iterable[OutputLike] | None,
         late_chunking: bool,
         truncate: bool,
+        priority: PriorityLike = None,
     ) -> EmbedOptions:
-        return EmbedOptions.build(model or self.model, task, dimensions, outputs, late_chunking, truncate)
+        return EmbedOptions.build(
+            model or self.model, task, dimensions, outputs, late_chunking, truncate, priority
+        )
 
     def _parts(
         self, texts: str | Iterable[str], late_chunking: bool, batch_size: int | None

@@ -111,6 +111,7 @@ def run_corpus(
             window=job.window,
             streams=job.streams,
             length_sort=None if job.late_chunking else job.length_sort or None,
+            priority="batch",  # a corpus job yields to interactive queries and shares fairly with others
         )
         embedded = 0
         with (

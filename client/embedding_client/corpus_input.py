@@ -1,4 +1,4 @@
-"""Reading a JSON Lines corpus: one ``{"id": ..., "text": ...}`` object per line.
+"""Reading a JSON Lines corpus: one ``{"id": ..., "text": ...}`` object per line (Parquet: corpus_parquet.py).
 
 For late chunking a line is one document, ``{"id": ..., "chunks": ["...", ...]}``:
 its chunks are embedded together, each vector pooled from token states that
@@ -45,6 +45,10 @@ class Document:
 
 def count_records(path: Path) -> int:
     """Non-blank lines: the number of records, read fast without parsing them."""
+    if path.suffix == ".parquet":
+        from . import corpus_parquet  # pyarrow: only for Parquet
+
+        return corpus_parquet.count_records(path)
     count = 0
     with open(path, "rb") as lines:
         for raw in lines:
@@ -60,6 +64,11 @@ def read_records(
 
     ``parse`` reads one line (default :func:`parse_record`; :func:`parse_document` for late chunking).
     """
+    if path.suffix == ".parquet":
+        from . import corpus_parquet  # pyarrow: only for Parquet
+
+        yield from corpus_parquet.read_records(path, skip, documents=parse is parse_document)
+        return
     parse = parse or parse_record
     seen = 0
     with open(path, "rb") as lines:

@@ -16,6 +16,9 @@ several, so the finished file is identical to an uninterrupted run's.
   the counting pass over the input; ``d`` comes from the first reply. With
   late chunking a row is a chunk (the counting pass adds up the chunks), and a
   resume cuts the rows back to the last whole document.
+- ``.parquet``: columns ``id`` and ``embedding`` (late chunking: ``id`` and
+  ``embeddings``, a list of vectors per document); the partial file is an
+  Arrow IPC stream whose complete messages are the rows done (corpus_parquet.py).
 
 A small ``OUTPUT.partial.json`` remembers the settings of the run (model,
 task, dimensions, truncation, record count) so that a resume with different
@@ -32,7 +35,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-SUFFIXES = (".jsonl", ".npy")
+SUFFIXES = (".jsonl", ".npy", ".parquet")
 ROW_DTYPE = np.dtype("<f4")
 
 
@@ -229,4 +232,8 @@ def open_output(path: Path, records: int) -> CorpusOutput:
         return JsonlOutput(path, records)
     if path.suffix == ".npy":
         return NpyOutput(path, records)
+    if path.suffix == ".parquet":
+        from .corpus_parquet import ParquetOutput  # pyarrow: only for Parquet
+
+        return ParquetOutput(path, records)
     raise CorpusOutputError(f"{path}: unknown output format; use one of {', '.join(SUFFIXES)}")

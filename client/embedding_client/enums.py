@@ -35,6 +35,19 @@ class Output(IntEnum):
     BINARY = pb.OUTPUT_TYPE_BINARY
 
 
+class Priority(IntEnum):
+    """Scheduling class; values equal ``embedding.v1.Priority``.
+
+    INTERACTIVE work (queries) runs ahead of BATCH work (corpus jobs), which
+    the server shares fairly between clients. UNSPECIFIED: interactive for
+    ``embed``, batch for the streaming calls.
+    """
+
+    UNSPECIFIED = pb.PRIORITY_UNSPECIFIED
+    INTERACTIVE = pb.PRIORITY_INTERACTIVE
+    BATCH = pb.PRIORITY_BATCH
+
+
 #: jina's names for its LoRA adapters (also the REST shim's ``task`` values).
 TASK_NAMES: dict[str, Task] = {
     "retrieval.query": Task.RETRIEVAL_QUERY,
@@ -47,6 +60,24 @@ OUTPUT_NAMES: dict[str, Output] = {output.name.lower(): output for output in Out
 
 TaskLike = Task | int | str | None
 OutputLike = Output | int | str
+PriorityLike = Priority | int | str | None
+
+
+def parse_priority(priority: PriorityLike) -> Priority:
+    """A Priority from the enum, its protobuf value or its name (``"interactive"``, ``"batch"``)."""
+    if priority is None:
+        return Priority.UNSPECIFIED
+    if isinstance(priority, str):
+        name = priority.strip().upper().removeprefix("PRIORITY_")
+        if name in Priority.__members__:
+            return Priority[name]
+        raise ValueError(f"priority: unknown priority {priority!r}; expected 'interactive' or 'batch'")
+    if isinstance(priority, bool) or not isinstance(priority, int):
+        raise TypeError(f"priority: expected a Priority, an int or a name, got {type(priority).__name__}")
+    try:
+        return Priority(priority)
+    except ValueError:
+        raise ValueError(f"priority: unknown priority value {priority}") from None
 
 
 def parse_task(task: TaskLike) -> Task:

@@ -6,7 +6,17 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import cast
 
-from .enums import Output, OutputLike, Task, TaskLike, parse_outputs, parse_task
+from .enums import (
+    Output,
+    OutputLike,
+    Priority,
+    PriorityLike,
+    Task,
+    TaskLike,
+    parse_outputs,
+    parse_priority,
+    parse_task,
+)
 from .proto import embedding_pb2 as pb
 
 DEFAULT_BATCH_SIZE = 64
@@ -25,6 +35,7 @@ class EmbedOptions:
     outputs: tuple[Output, ...] = (Output.DENSE,)
     late_chunking: bool = False
     truncate: bool = False
+    priority: Priority = Priority.UNSPECIFIED
 
     @classmethod
     def build(
@@ -35,6 +46,7 @@ class EmbedOptions:
         outputs: OutputLike | Iterable[OutputLike] | None = None,
         late_chunking: bool = False,
         truncate: bool = False,
+        priority: PriorityLike = None,
     ) -> EmbedOptions:
         dims = 0 if dimensions is None else dimensions
         if isinstance(dims, bool) or not isinstance(dims, int) or not 0 <= dims < 2**32:
@@ -46,6 +58,7 @@ class EmbedOptions:
             outputs=parse_outputs(outputs),
             late_chunking=bool(late_chunking),
             truncate=bool(truncate),
+            priority=parse_priority(priority),
         )
 
     def request(self, texts: list[str], request_id: str = "") -> pb.EmbedRequest:
@@ -59,6 +72,7 @@ class EmbedOptions:
             late_chunking=self.late_chunking,
             outputs=[cast(pb.OutputType, int(o)) for o in self.outputs],
             truncate=self.truncate,
+            priority=int(self.priority),
         )
 
 

@@ -13,12 +13,23 @@ import asyncio
 import logging
 import signal
 import time
+from dataclasses import replace
+from pathlib import Path
 
 from grpc_health.v1 import health
 
 from .auth import ApiKeys
+from .cpus import available_cpus
 from .engine.batcher import BatchSettings
 from .engine.embedder import Embedder, EngineSettings
+from .engine.memory import (
+    DEFAULT_MEMORY_LIMIT,
+    MIB,
+    MemoryBudget,
+    ModelShape,
+    cgroup_memory_limit,
+    current_rss,
+)
 from .errors import ModelLoadError
 from .grpc_api.interceptors import AuthInterceptor, InFlight, ObservingInterceptor
 from .grpc_api.server import NOT_SERVING, SERVING, build_server, set_health
@@ -35,6 +46,9 @@ from .tls import TlsConfigError, TlsFiles, grpc_credentials, load_tls
 log = logging.getLogger("embedding_server")
 
 FLUSH_SECONDS = 1.0  # after the drain: time for the last replies to leave before the server stops
+#: The drain ends only after this long without a new call, so calls sent the moment another returned
+#: get UNAVAILABLE from the servicer instead of CANCELLED from a stopping gRPC server.
+QUIET_SECONDS = 0.25
 
 
 class StartupError(Exception):
@@ -57,6 +71,46 @@ def engine_settings(settings: Settings) -> EngineSettings:
     )
 
 
+#: Memory the warm-up and the first calls add to the process after loading (measured: ~40 MiB).
+WARM_ALLOWANCE = 64 * MIB
+
+
+def memory_limit(settings: Settings) -> int:
+    """--memory-limit, else the container's limit, else DEFAULT_MEMORY_LIMIT."""
+    return settings.memory_limit or cgroup_memory_limit() or DEFAULT_MEMORY_LIMIT
+
+
+def batch_settings(settings: Settings, models: list[LoadedModel], baseline: int) -> dict[str, BatchSettings]:
+    """Each model's batch limits from the memory budget; StartupError when the models alone exceed it."""
+    limit = memory_limit(settings)
+    base = engine_settings(settings).batch
+    planned = {}
+    for loaded in models:
+        model = loaded.model
+        shape = ModelShape.from_config(model.files.config("config.json"), model.description.dimensions)
+        runs = loaded.sessions.size * (2 if base.interactive_slot else 1)  # bulk + interactive slots
+        budget = MemoryBudget.plan(shape, limit, baseline + WARM_ALLOWANCE, runs, models=len(models))
+        if budget.run_bytes <= 0 or budget.longest_single() < 16:
+            raise StartupError(
+                f"--memory-limit {limit // MIB}MiB: the models alone take {baseline // MIB}MiB, "
+                "too little is left to run them; raise the limit"
+            )
+        longest = budget.longest_single()
+        if longest < model.description.max_tokens:
+            log.warning(
+                "model %s: within --memory-limit %dMiB a sequence may have at most %d tokens "
+                "(the model takes %d); longer inputs get RESOURCE_EXHAUSTED",
+                model.name,
+                limit // MIB,
+                longest,
+                model.description.max_tokens,
+            )
+        planned[model.name] = replace(
+            base, memory=budget, max_queue_tokens=max(1, min(base.max_queue_tokens, budget.queue_tokens))
+        )
+    return planned
+
+
 def load_models(settings: Settings, metrics: Metrics | None = None) -> list[LoadedModel]:
     specs = [ModelSpec.parse(text) for text in settings.models] or [ModelSpec(BUILTIN_MODEL, None)]
     names = [spec.name for spec in specs]
@@ -68,8 +122,16 @@ def load_models(settings: Settings, metrics: Metrics | None = None) -> list[Load
     for spec in specs:
         started = time.monotonic()
         loaded.append(
-            load(spec, sessions=session_count(settings), threads=threads, layout=settings.session_layout)
+            load(
+                spec,
+                sessions=session_count(settings),
+                threads=threads,
+                layout=settings.session_layout,
+                cache_dir=Path(settings.cache_dir) if settings.cache_dir else None,
+                quantize=settings.quantize,
+            )
         )
+        loaded[-1].sessions.add_wide(available_cpus())  # lone interactive runs use every core
         log.info(
             "loaded model %s (%s) in %.1fs", spec.name, loaded[-1].model.family, time.monotonic() - started
         )
@@ -199,7 +261,13 @@ class EmbeddingApp:
         except Exception as exc:  # e.g. a tokenizer file the library cannot parse: still one line
             log.debug("model load failed", exc_info=True)
             raise StartupError(load_failure(exc)) from None
-        embedder = Embedder(models, engine_settings(self.settings), observer=self.metrics)
+        embedder = Embedder(
+            models,
+            engine_settings(self.settings),
+            observer=self.metrics,
+            batch_settings=batch_settings(self.settings, models, current_rss()),
+        )
+        embedder.on_failure(self._engine_failed)
         await embedder.start()
         self.metrics.watch_queues(embedder)
         self.state.embedder = embedder
@@ -211,6 +279,12 @@ class EmbeddingApp:
             ", ".join(d.name for d in embedder.descriptions()),
             embedder.default_model,
         )
+
+    def _engine_failed(self, error: BaseException) -> None:
+        """A batcher's dispatcher died: stop taking traffic (its waiting work already failed)."""
+        log.error("engine failure: health turns NOT_SERVING (%s: %s)", type(error).__name__, error)
+        self.metrics.serving.set(0)
+        asyncio.get_running_loop().create_task(set_health(self.health, NOT_SERVING))
 
     def request_stop(self) -> None:
         """First signal: drain. A second one: stop waiting for work in flight."""
@@ -229,14 +303,18 @@ class EmbeddingApp:
         health checks included, so the server stays fully up while it drains:
         health answers NOT_SERVING, the servicer answers UNAVAILABLE to new
         work (phase DRAINING), and the interceptor counts the calls still in
-        flight. Only when none is left (or the grace period is over) does the
-        gRPC server stop; the short grace there flushes the last replies.
+        flight. Only when none is left and none has started for
+        ``QUIET_SECONDS`` (or the grace period is over) does the gRPC server
+        stop, so every call that reached it ends OK or UNAVAILABLE, never
+        CANCELLED; the short grace there flushes the last replies.
         """
         self.state.phase = Phase.DRAINING
         self.metrics.serving.set(0)
         await self.health.enter_graceful_shutdown()
         embedder = self.state.embedder
-        drained = asyncio.ensure_future(self.in_flight.wait_idle(self.settings.grace_period))
+        drained = asyncio.ensure_future(
+            self.in_flight.wait_settled(QUIET_SECONDS, self.settings.grace_period)
+        )
         forced = asyncio.ensure_future(self._force.wait())
         await asyncio.wait({drained, forced}, return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()

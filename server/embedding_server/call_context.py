@@ -1,8 +1,10 @@
 """What one incoming call carries through the layers: its request id and its timings.
 
 The API layer (gRPC interceptor, REST middleware) opens a ``CallContext`` for
-each call; code underneath (the Embedder, log records) finds it through a
-context variable instead of an extra parameter on every function. asyncio
+each call; code underneath (the servicer, log records) finds it through a
+context variable instead of an extra parameter on every function. The engine
+does not touch it: its per-job timings travel in ``EmbedResult.timings`` and
+the servicer records them here. asyncio
 copies context variables into tasks a handler starts, and they all point at
 the same ``CallContext``, so a StreamEmbed call sums the time of its requests.
 """
@@ -55,7 +57,7 @@ def current_request_id() -> str | None:
 
 
 def record_engine_time(queue_seconds: float, inference_seconds: float) -> None:
-    """Called by the engine for each embedding job; a no-op outside a call (e.g. warm-up)."""
+    """Called by the API layer with each embedding job's ``EmbedResult.timings``; a no-op outside a call."""
     call = _current.get()
     if call is not None:
         call.add_engine_time(queue_seconds, inference_seconds)

@@ -8,13 +8,16 @@ Names (the operators' dashboards and alerts are written against them):
   calls the server over gRPC, so a REST call also counts once under the gRPC
   method it made (sum by ``method`` with that in mind).
 - ``embedding_request_seconds{method}``: whole-call latency.
-- ``embedding_queue_seconds{model}``: per embedding job, the wait until a
-  session first took its work (admission queue + batching).
-- ``embedding_inference_seconds{model}``: per batch, one ONNX Runtime run.
+- ``embedding_queue_seconds{model,priority}``: per embedding job, the wait until a
+  session first took its work (admission queue + batching); ``priority`` is
+  ``interactive`` or ``batch``: alert on the interactive class.
+- ``embedding_inference_seconds{model,priority}``: per batch, one ONNX Runtime run.
+- ``embedding_refused_total{model,priority,reason}``: requests refused with
+  RESOURCE_EXHAUSTED (``QUEUE_FULL``, ``MEMORY_LIMIT``), never tokenized or run.
 - ``embedding_batch_size{model}``, ``embedding_batch_tokens{model}`` (real
   tokens), ``embedding_batch_padded_tokens{model}`` (what the session computes).
 - ``embedding_tokens_total{model}``, ``embedding_padded_tokens_total{model}``.
-- ``embedding_queue_depth{model}``: sequences waiting for a session, read at scrape time.
+- ``embedding_queue_depth{model,priority}``: sequences waiting for a session, read at scrape time.
 - ``embedding_in_flight_requests``: calls being served (what shutdown waits for).
 - ``embedding_model_load_seconds{model}``, ``embedding_serving`` (1 when SERVING).
 - the standard ``process_*`` and ``python_*`` collectors.
@@ -46,6 +49,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .auth import ApiKeys
+from .models.types import Priority
 
 if TYPE_CHECKING:
     from .engine.embedder import Embedder
@@ -84,14 +88,14 @@ class Metrics:
         self.queue_seconds = Histogram(
             "embedding_queue_seconds",
             "Per embedding job: time until a session first took its work.",
-            ["model"],
+            ["model", "priority"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
         self.inference_seconds = Histogram(
             "embedding_inference_seconds",
             "Per batch: one ONNX Runtime session run.",
-            ["model"],
+            ["model", "priority"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -119,7 +123,13 @@ class Metrics:
             "embedding_padded_tokens_total", "Padded tokens run through the model.", ["model"], registry=r
         )
         self.queue_depth = Gauge(
-            "embedding_queue_depth", "Sequences waiting for a session.", ["model"], registry=r
+            "embedding_queue_depth", "Sequences waiting for a session.", ["model", "priority"], registry=r
+        )
+        self.refused = Counter(
+            "embedding_refused",
+            "Requests refused with RESOURCE_EXHAUSTED before any work, by class and reason.",
+            ["model", "priority", "reason"],
+            registry=r,
         )
         self.in_flight = Gauge("embedding_in_flight_requests", "Calls being served.", registry=r)
         self.model_load_seconds = Gauge(
@@ -147,21 +157,41 @@ class Metrics:
 
     # --- the engine (the batcher and the Embedder call these) ----------------------------
 
-    def on_batch(self, model: str, size: int, real_tokens: int, padded_tokens: int, seconds: float) -> None:
+    def on_batch(
+        self,
+        model: str,
+        size: int,
+        real_tokens: int,
+        padded_tokens: int,
+        seconds: float,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> None:
         self.batch_size.labels(model).observe(size)
         self.batch_tokens.labels(model).observe(real_tokens)
         self.batch_padded_tokens.labels(model).observe(padded_tokens)
         self.tokens.labels(model).inc(real_tokens)
         self.padded_tokens.labels(model).inc(padded_tokens)
-        self.inference_seconds.labels(model).observe(seconds)
+        self.inference_seconds.labels(model, _class(priority)).observe(seconds)
 
-    def on_request(self, model: str, queue_seconds: float, inference_seconds: float) -> None:
-        self.queue_seconds.labels(model).observe(queue_seconds)
+    def on_request(
+        self,
+        model: str,
+        queue_seconds: float,
+        inference_seconds: float,
+        priority: Priority = Priority.INTERACTIVE,
+    ) -> None:
+        self.queue_seconds.labels(model, _class(priority)).observe(queue_seconds)
+
+    def on_refused(self, model: str, priority: Priority, reason: str) -> None:
+        self.refused.labels(model, _class(priority), reason).inc()
 
     def watch_queues(self, embedder: Embedder) -> None:
-        """Queue depth is read from each batcher when Prometheus scrapes."""
+        """Queue depth is read from each batcher's per-class counters (plain ints) when Prometheus scrapes."""
         for name, batcher in embedder.batchers.items():
-            self.queue_depth.labels(name).set_function(lambda b=batcher: _read_depth(b))
+            for priority in (Priority.INTERACTIVE, Priority.BATCH):
+                self.queue_depth.labels(name, _class(priority)).set_function(
+                    lambda b=batcher, p=priority: b.depth(p)
+                )
 
     def model_loaded(self, model: str, seconds: float) -> None:
         self.model_load_seconds.labels(model).set(seconds)
@@ -172,15 +202,8 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _read_depth(batcher: object) -> float:
-    """The batcher's queue depth, read from the --metrics-port thread while the event loop may be
-    adding a queue (a dict changing size mid-iteration): retry rather than fail the scrape."""
-    for _ in range(5):
-        try:
-            return float(batcher.queue_depth)  # type: ignore[attr-defined]
-        except RuntimeError:
-            continue
-    return float("nan")
+def _class(priority: Priority) -> str:
+    return "batch" if priority == Priority.BATCH else "interactive"
 
 
 def metrics_route(metrics: Metrics, api_keys: ApiKeys) -> Route:

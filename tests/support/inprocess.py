@@ -26,6 +26,7 @@ class InProcessServer:
     embedder: Embedder
     state: ServingState
     channel: grpc.aio.Channel
+    target: str = ""
 
     @property
     def stub(self) -> embedding_pb2_grpc.EmbeddingServiceStub:
@@ -50,7 +51,7 @@ async def serve_in_process(
     await set_health(health_servicer, SERVING)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield InProcessServer(embedder, state, channel)
+        yield InProcessServer(embedder, state, channel, f"127.0.0.1:{port}")
     finally:
         await channel.close()
         await server.stop(grace=None)

@@ -48,10 +48,16 @@ class CountingSessions:
     def release(self) -> None:
         self.gate.set()
 
-    def run(self, slot: int, output_names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def has_wide(self) -> bool:
+        return self.inner.has_wide
+
+    def run(
+        self, slot: int, output_names: list[str], feeds: dict[str, np.ndarray], wide: bool = False
+    ) -> dict[str, np.ndarray]:
         mask = feeds["attention_mask"]
         rows = [tuple(ids[: int(m.sum())].tolist()) for ids, m in zip(feeds["input_ids"], mask, strict=True)]
         self.runs.append(RunRecord(batch_size=len(rows), rows=rows))
         self.entered.release()
         self.gate.wait(timeout=60)
-        return self.inner.run(slot, output_names, feeds)
+        return self.inner.run(slot, output_names, feeds, wide=wide)

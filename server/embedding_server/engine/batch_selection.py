@@ -11,19 +11,30 @@ in padded tokens (all-MiniLM-L6-v2, 1 thread: ~165 us a token at any batch
 size from 4 up) with a fixed part of only ~1.3 ms (~8 tokens) per run, so a
 neighbour whose padding costs more than a run of its own is better left for
 another batch of its own length.
+
+A fourth limit is memory: ``run_fits(count, longest)`` says whether a run of
+that shape fits one run's share of the memory budget (attention grows with
+the square of ``longest``, so long sequences get fewer rows than short ones).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from .work import WorkItem
 
 
 def select_batch(
-    waiting: list[WorkItem], max_tokens: int, max_size: int, max_waste: int = 0
+    waiting: list[WorkItem],
+    max_tokens: int,
+    max_size: int,
+    max_waste: int = 0,
+    run_fits: Callable[[int, int], bool] | None = None,
 ) -> list[WorkItem]:
     """The items of the next batch (at least the oldest, even if alone it exceeds the budget).
 
-    ``max_waste``: the most padding tokens one neighbour may add (0: no limit).
+    ``max_waste``: the most padding tokens one neighbour may add (0: no limit);
+    ``run_fits``: the memory check of a run of ``count`` rows padded to ``longest``.
     """
     if not waiting:
         return []
@@ -36,6 +47,8 @@ def select_batch(
         count = high - low + 1
         longest = max(by_length[high].length, by_length[index].length)
         if longest * (count + 1) > max_tokens:
+            return False
+        if run_fits is not None and not run_fits(count + 1, longest):
             return False
         added_padding = longest * (count + 1) - by_length[high].length * count - by_length[index].length
         return not max_waste or added_padding <= max_waste

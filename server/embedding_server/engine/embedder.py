@@ -1,28 +1,41 @@
-"""The engine's front door: validate, tokenize off the event loop, batch, return vectors.
+"""The engine's front door: validate, admit, tokenize off the event loop, batch, return vectors.
 
 Both APIs (gRPC directly, REST through gRPC) end up here. One Embedder holds
 every loaded model and its batcher.
+
+A request is admitted (its count, and its tokens bounded from its length in
+characters) before it is tokenized, so an overloaded server refuses work
+without tokenizing it; the bound is settled to the real count after.
+Interactive requests tokenize on their own threads, so a corpus job's
+tokenizing never delays a query; batch requests tokenize at most
+``TOKENIZER_BACKLOG`` per thread at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from ..call_context import record_engine_time
+import numpy as np
+
 from ..cpus import available_cpus
 from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
 from ..models.late_chunking import DEFAULT_OVERLAP, LateChunkedDocument, chunk_vectors, document_limit
 from ..models.loader import LoadedModel
-from ..models.types import ModelDescription, SequenceVectors, Task
-from .batcher import BatchSettings, EngineObserver, ModelBatcher
+from ..models.types import ModelDescription, Priority, SequenceVectors, Task
+from .batcher import Admission, BatchSettings, EngineObserver, ModelBatcher, lower_thread_priority
 from .requests import EmbedJob, EmbedResult, TokenizedResult
 from .validation import check_dimensions, check_inputs, check_late_chunking, parse_outputs, parse_task
 
 DEFAULT_MAX_INPUTS = 2048
 WARMUP_TEXT = "warm up"
+#: Batch requests being tokenized or waiting for a tokenizer thread, per thread.
+TOKENIZER_BACKLOG = 2
+#: Tokens an input may have beyond its characters: special tokens ([CLS], [SEP]) and their like.
+SPECIAL_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -34,12 +47,26 @@ class EngineSettings:
     max_document_tokens: int = 0  # longest late-chunked document; 0: 16 windows of each model
 
 
+@dataclass
+class Tokenized:
+    """A request as the batcher takes it: its sequences, and for late chunking the document."""
+
+    sequences: list[tuple[np.ndarray, RowRequest]]
+    prompt_tokens: int  # the document's tokens for late chunking, not the windows' repeated overlap
+    document: LateChunkedDocument | None = None
+
+
 class Embedder:
     """Every served model, by name, with its batcher."""
 
     def __init__(
-        self, models: list[LoadedModel], settings: EngineSettings, observer: EngineObserver | None = None
+        self,
+        models: list[LoadedModel],
+        settings: EngineSettings,
+        observer: EngineObserver | None = None,
+        batch_settings: dict[str, BatchSettings] | None = None,
     ) -> None:
+        """``batch_settings``: per model name, overriding ``settings.batch`` (memory budgets differ)."""
         if not models:
             raise ValueError("at least one model is needed")
         self.settings = settings
@@ -55,8 +82,23 @@ class Embedder:
             )
             for name, model in self._models.items()
         }
-        self._batchers = {m.model.name: ModelBatcher(m, settings.batch, observer) for m in models}
-        self._tokenize_threads = ThreadPoolExecutor(settings.tokenizer_threads, thread_name_prefix="tokenize")
+        per_model = batch_settings or {}
+        self._batchers = {
+            m.model.name: ModelBatcher(m, per_model.get(m.model.name, settings.batch), observer)
+            for m in models
+        }
+        self._tokenize_threads = ThreadPoolExecutor(  # batch requests' tokenizing yields to queries'
+            settings.tokenizer_threads, thread_name_prefix="tokenize", initializer=lower_thread_priority
+        )
+        self._interactive_tokenize_threads = ThreadPoolExecutor(
+            settings.tokenizer_threads, thread_name_prefix="tokenize-interactive"
+        )
+        self._tokenizer_backlog = asyncio.Semaphore(TOKENIZER_BACKLOG * settings.tokenizer_threads)
+
+    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
+        """``callback(error)`` when a model's dispatcher fails (the server turns NOT_SERVING)."""
+        for batcher in self._batchers.values():
+            batcher.on_failure = callback
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -72,6 +114,7 @@ class Embedder:
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self._batchers.values()))
         self._tokenize_threads.shutdown(wait=False, cancel_futures=True)
+        self._interactive_tokenize_threads.shutdown(wait=False, cancel_futures=True)
 
     # --- queries ---------------------------------------------------------------------
 
@@ -82,11 +125,7 @@ class Embedder:
         """The model for a request's ``model`` field ("" = the default)."""
         model = self._models.get(name or self.default_model)
         if model is None:
-            raise ModelNotFound(
-                f"model: {name!r} is not served here (models: {', '.join(self._models)})",
-                field="model",
-                reason="UNKNOWN_MODEL",
-            )
+            raise ModelNotFound(f"model: {name!r} is not served here (models: {', '.join(self._models)})")
         return model
 
     def batcher(self, name: str) -> ModelBatcher:
@@ -106,43 +145,69 @@ class Embedder:
         check_dimensions(job.dimensions, model.description)
         check_late_chunking(job, model, outputs)
         row = RowRequest(length=0, outputs=frozenset(outputs), dimensions=job.dimensions)
+        priority = Priority.BATCH if job.priority == Priority.BATCH else Priority.INTERACTIVE
 
-        loop = asyncio.get_running_loop()
-        if job.late_chunking:  # the document's windows run as independent sequences
-            document = await loop.run_in_executor(
-                self._tokenize_threads,
-                model.tokenize_document,
-                job.inputs,
-                task,
-                self._descriptions[model.name].max_document_tokens,
-                self.settings.late_chunking_overlap,
+        batcher = self._batchers[model.name]
+        admission = batcher.admit(priority)
+        try:
+            tokenized = await self._tokenized(job, model, task, row, admission)
+            vectors, timings = await batcher.embed_timed(
+                tokenized.sequences, task, job.deadline, priority=priority, flow=job.flow, admission=admission
             )
-            sequences = [
-                (window.ids, replace(row, length=len(window.ids), token_states=window.keep))
-                for window in document.windows
-            ]
-            prompt_tokens = document.tokens  # the document's tokens, not the windows' repeated overlap
-        else:
-            encoded = await loop.run_in_executor(
-                self._tokenize_threads, model.tokenize, job.inputs, task, job.truncate
-            )
-            sequences = [(text.ids, replace(row, length=len(text.ids))) for text in encoded]
-            prompt_tokens = sum(len(ids) for ids, _ in sequences)
-
-        vectors, timings = await self._batchers[model.name].embed_timed(sequences, task, job.deadline)
-        record_engine_time(timings.queue_seconds, timings.inference_seconds)  # the call's trailers
+        finally:
+            admission.release()
         if self.observer is not None:
-            self.observer.on_request(model.name, timings.queue_seconds, timings.inference_seconds)
-        if job.late_chunking:
-            vectors = await self._pool_chunks(document, vectors, job.dimensions)
+            self.observer.on_request(model.name, timings.queue_seconds, timings.inference_seconds, priority)
+        if tokenized.document is not None:
+            vectors = await self._pool_chunks(tokenized.document, vectors, job.dimensions)
         return EmbedResult(
             model=model.name,
             outputs=outputs,
             vectors=vectors,
-            prompt_tokens=prompt_tokens,
+            prompt_tokens=tokenized.prompt_tokens,
             task=task,
             timings=timings,
         )
+
+    async def _tokenized(
+        self, job: EmbedJob, model: EmbeddingModel, task: Task, row: RowRequest, admission: Admission
+    ) -> Tokenized:
+        """The request's sequences (a late-chunked document's windows are independent ones).
+
+        Batch work waits for a place in the bounded tokenizer backlog.
+
+        Its tokens are reserved (bounded from its characters) only once it may
+        be tokenized, so requests waiting for the tokenizer hold no estimate.
+        """
+        loop = asyncio.get_running_loop()
+        priority = admission.priority
+        if priority == Priority.INTERACTIVE:
+            threads = self._interactive_tokenize_threads
+        else:
+            threads = self._tokenize_threads
+            await self._tokenizer_backlog.acquire()
+        try:
+            admission.reserve(_token_bound(job, model, task))
+            if job.late_chunking:
+                document = await loop.run_in_executor(
+                    threads,
+                    model.tokenize_document,
+                    job.inputs,
+                    task,
+                    self._descriptions[model.name].max_document_tokens,
+                    self.settings.late_chunking_overlap,
+                )
+                windows = [
+                    (window.ids, replace(row, length=len(window.ids), token_states=window.keep))
+                    for window in document.windows
+                ]
+                return Tokenized(windows, document.tokens, document)
+            encoded = await loop.run_in_executor(threads, model.tokenize, job.inputs, task, job.truncate)
+            sequences = [(text.ids, replace(row, length=len(text.ids))) for text in encoded]
+            return Tokenized(sequences, sum(len(ids) for ids, _ in sequences))
+        finally:
+            if priority != Priority.INTERACTIVE:
+                self._tokenizer_backlog.release()
 
     async def _pool_chunks(
         self, document: LateChunkedDocument, windows: list[SequenceVectors], dimensions: int
@@ -162,6 +227,17 @@ class Embedder:
         prefix = model.prefix(task)
         loop = asyncio.get_running_loop()
         encodings = await loop.run_in_executor(
-            self._tokenize_threads, model.tokenizer.encode_untruncated, [prefix + text for text in inputs]
+            self._interactive_tokenize_threads,
+            model.tokenizer.encode_untruncated,
+            [prefix + text for text in inputs],
         )
         return [TokenizedResult(ids=list(e.ids), tokens=list(e.tokens)) for e in encodings]
+
+
+def _token_bound(job: EmbedJob, model: EmbeddingModel, task: Task) -> int:
+    """An upper bound of the request's tokens from its characters (a token covers at least one)."""
+    extra = len(model.prefix(task)) + SPECIAL_TOKENS
+    if job.late_chunking:
+        return sum(len(text) + extra for text in job.inputs)
+    cap = model.tokenizer.max_tokens + 1  # longer inputs are cut (truncate) or refused
+    return sum(min(len(text) + extra, cap) for text in job.inputs)

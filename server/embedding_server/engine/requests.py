@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..models.types import Output, SequenceVectors, Task
+from ..models.types import Output, Priority, SequenceVectors, Task
 
 
 @dataclass(frozen=True)
@@ -19,6 +19,8 @@ class EmbedJob:
     outputs: list[int] = field(default_factory=list)
     truncate: bool = False
     deadline: float | None = None  # time.monotonic()
+    priority: Priority = Priority.INTERACTIVE  # resolved by the API layer (never UNSPECIFIED here)
+    flow: object = None  # batch work: whose fair share it counts against (the client connection)
 
 
 @dataclass

@@ -11,6 +11,20 @@ model (2 cores, N=2, batches of 16): shared 1.11x the throughput of a single
 2-thread session at 1.16x its peak RSS; separate 0.65x at 1.35x. With
 threads > 1 concurrent runs of one session share its thread pool, so large
 machines with several threads per run may prefer ``separate``.
+
+A third, optional session (``add_wide``) runs with every core's threads: an
+interactive request on an idle server uses the whole machine instead of one
+core. It holds its own copy of the weights, so it is opened only for models
+small enough that the copy is cheap (``WIDE_MAX_BYTES``).
+
+ONNX Runtime's CPU memory arena is off. The arena keeps the high-water mark
+of every run's intermediate tensors and never gives it back: with it on the
+memory after a run of 32 x 256 stays at its peak (+654 MiB), with it off it
+goes back (bench/memory_budget.py); two concurrent runs of 32 x 256 and then
+smaller batches peaked at 2472 MiB on, 1831 MiB off (with it on, a run's
+arena growth adds to the memory the next run of another shape asks for).
+Speed on 2 busy cores was within the noise (long batches slower off, short
+ones faster); the memory budget (engine/memory.py) assumes it off.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ def session_options(threads: int) -> ort.SessionOptions:
     # spinning starves them: measured on 2 cores with another process busy,
     # single-sequence runs went 2.3x faster and batches of 32 no slower with it off.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.enable_cpu_mem_arena = False  # see the module docstring: peak memory stays bounded
     return options
 
 
@@ -60,6 +75,8 @@ def open_session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 LAYOUTS = ("shared", "separate")
+#: Largest ONNX file (with external weights) for which a wide session (a second copy) is opened.
+WIDE_MAX_BYTES = 256 * 1024 * 1024
 
 
 class SessionPool:
@@ -75,6 +92,24 @@ class SessionPool:
             self._sessions = [open_session(path, threads)] * sessions
         else:
             self._sessions = [open_session(path, threads) for _ in range(sessions)]
+        self._wide: ort.InferenceSession | None = None
+        self.wide_threads = 0
+
+    def add_wide(self, threads: int) -> bool:
+        """Open the all-cores session for lone interactive runs; False when not worth it.
+
+        Not worth it when it would have no more threads than a slot, or the
+        model is too big to hold twice.
+        """
+        if threads <= self.threads or _model_bytes(self.path) > WIDE_MAX_BYTES:
+            return False
+        self._wide = open_session(self.path, threads)
+        self.wide_threads = threads
+        return True
+
+    @property
+    def has_wide(self) -> bool:
+        return self._wide is not None
 
     @property
     def size(self) -> int:
@@ -84,6 +119,18 @@ class SessionPool:
     def first(self) -> ort.InferenceSession:
         return self._sessions[0]
 
-    def run(self, slot: int, output_names: list[str], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self._sessions[slot].run(output_names, feeds)
+    def run(
+        self, slot: int, output_names: list[str], feeds: dict[str, np.ndarray], wide: bool = False
+    ) -> dict[str, np.ndarray]:
+        """One run on ``slot``'s session (a slot past ``size``, the batcher's interactive extra,
+        shares a session: ONNX Runtime sessions take concurrent runs), or on the wide one."""
+        session = (
+            self._wide if wide and self._wide is not None else self._sessions[slot % len(self._sessions)]
+        )
+        outputs = session.run(output_names, feeds)
         return dict(zip(output_names, outputs, strict=True))
+
+
+def _model_bytes(path: Path) -> int:
+    """The graph file and its external weights beside it (``model.onnx_data``, ``model.onnx.data``...)."""
+    return sum(f.stat().st_size for f in path.parent.glob(path.name + "*") if f.is_file())

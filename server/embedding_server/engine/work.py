@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..models.base import RowRequest
-from ..models.types import SequenceVectors
+from ..models.types import Priority, SequenceVectors
 
 _arrival = itertools.count()
 
@@ -25,6 +25,8 @@ class WorkItem:
     task: int
     deadline: float | None  # time.monotonic() after which the model must not run it
     future: asyncio.Future[SequenceVectors]
+    priority: Priority = Priority.INTERACTIVE  # never UNSPECIFIED here: the API layer resolves it
+    flow: object = None  # batch work: the fair-queueing key (one client connection)
     arrival: int = field(default_factory=lambda: next(_arrival))
     enqueued: float = field(default_factory=time.monotonic)  # for queue/inference timings
     started: float | None = None  # its batch's session run began

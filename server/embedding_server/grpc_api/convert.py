@@ -7,10 +7,18 @@ from embedding_client.proto import embedding_pb2 as pb
 
 from ..engine.requests import EmbedJob, EmbedResult, TokenizedResult
 from ..models.pooling import pack_sign_bits
-from ..models.types import ModelDescription, Output, SequenceVectors
+from ..models.types import ModelDescription, Output, Priority, SequenceVectors
 
 
-def to_job(request: pb.EmbedRequest, deadline: float | None) -> EmbedJob:
+def to_job(
+    request: pb.EmbedRequest,
+    deadline: float | None,
+    unspecified: Priority = Priority.INTERACTIVE,
+    flow: object = None,
+) -> EmbedJob:
+    """``unspecified``: the class of PRIORITY_UNSPECIFIED (interactive for Embed, batch for StreamEmbed);
+    a value newer than this server counts as interactive."""
+    priority = Priority(request.priority) if request.priority in (1, 2) else Priority.INTERACTIVE
     return EmbedJob(
         inputs=list(request.inputs),
         model=request.model,
@@ -20,6 +28,8 @@ def to_job(request: pb.EmbedRequest, deadline: float | None) -> EmbedJob:
         outputs=[int(o) for o in request.outputs],
         truncate=request.truncate,
         deadline=deadline,
+        priority=unspecified if request.priority == pb.PRIORITY_UNSPECIFIED else priority,
+        flow=flow,
     )
 
 

@@ -141,11 +141,13 @@ class InFlight:
 
     def __init__(self) -> None:
         self.count = 0
+        self.last_started = 0.0  # time.monotonic() of the newest call
         self._idle = asyncio.Event()
         self._idle.set()
 
     def enter(self) -> None:
         self.count += 1
+        self.last_started = time.monotonic()
         self._idle.clear()
 
     def leave(self) -> None:
@@ -160,6 +162,25 @@ class InFlight:
         except asyncio.TimeoutError:
             return False
         return True
+
+    async def wait_settled(self, quiet: float, timeout: float) -> bool:
+        """Whether, within ``timeout`` seconds, no call was in flight and none had started for ``quiet``.
+
+        A drain that stopped the server the moment the last call finished would
+        cancel the calls gRPC has accepted but not yet handed over (a client
+        sending again at once); waiting for a quiet moment lets them get their
+        UNAVAILABLE first.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if not await self.wait_idle(max(0.0, deadline - time.monotonic())):
+                return False
+            calm = time.monotonic() - self.last_started
+            if calm >= quiet and self.count == 0:
+                return True
+            if time.monotonic() + quiet - calm > deadline:
+                return False
+            await asyncio.sleep(quiet - calm)
 
 
 def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:

@@ -9,7 +9,10 @@ from collections.abc import AsyncIterator
 import grpc
 from embedding_client.proto import embedding_pb2 as pb
 
+from ..call_context import record_engine_time
+from ..engine.requests import EmbedResult
 from ..errors import InvalidArgument
+from ..models.types import Priority
 from . import convert
 from .state import ServingState
 from .status import abort, as_service_error, to_rpc_status
@@ -53,6 +56,12 @@ def _check_parsed(request: object) -> None:
         raise request.error
 
 
+def _recorded(result: EmbedResult) -> EmbedResult:
+    """The engine's timings of one job go into the call's trailers (summed over a stream)."""
+    record_engine_time(result.timings.queue_seconds, result.timings.inference_seconds)
+    return result
+
+
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
@@ -69,7 +78,8 @@ class EmbeddingServicer:
         try:
             _check_parsed(request)
             embedder = self.state.require()
-            result = await embedder.embed(convert.to_job(request, _deadline(context)))
+            job = convert.to_job(request, _deadline(context), Priority.INTERACTIVE, flow=context.peer())
+            result = _recorded(await embedder.embed(job))
             return convert.to_response(request.request_id, result)
         except Exception as exc:
             await abort(context, exc, "Embed")
@@ -112,9 +122,10 @@ class EmbeddingServicer:
         replies: asyncio.Queue[pb.EmbedResponse | None] = asyncio.Queue()
         in_flight: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
+        flow = context.peer()  # fair share per client connection, however many streams it opens
 
         async def answer(request: pb.EmbedRequest | MalformedRequest) -> None:
-            await replies.put(await self._stream_reply(request, deadline))
+            await replies.put(await self._stream_reply(request, deadline, flow))
 
         async def read() -> None:
             try:
@@ -143,12 +154,13 @@ class EmbeddingServicer:
                 task.cancel()  # a cancelled call drops its queued work
 
     async def _stream_reply(
-        self, request: pb.EmbedRequest | MalformedRequest, deadline: float | None
+        self, request: pb.EmbedRequest | MalformedRequest, deadline: float | None, flow: object
     ) -> pb.EmbedResponse:
         try:
             _check_parsed(request)
             embedder = self.state.require()
-            result = await embedder.embed(convert.to_job(request, deadline))  # type: ignore[arg-type]
+            job = convert.to_job(request, deadline, Priority.BATCH, flow)  # type: ignore[arg-type]
+            result = _recorded(await embedder.embed(job))
             return convert.to_response(request.request_id, result)
         except Exception as exc:  # a bug is answered on the stream too (INTERNAL); the stream goes on
             error = as_service_error(exc, f"StreamEmbed request {request.request_id!r}")

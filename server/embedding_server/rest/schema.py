@@ -30,6 +30,8 @@ TASKS: dict[str, int] = {
     "classification": 4,
     "text-matching": 5,
 }
+#: REST priority names → embedding.v1.Priority values (absent: interactive, like Embed).
+PRIORITIES: dict[str, int] = {"interactive": 1, "batch": 2}
 ENCODING_FORMATS = ("float", "base64")
 EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary")
 BOOL_FIELDS = ("late_chunking", "truncate", "return_dense", "return_sparse", "return_colbert")
@@ -44,6 +46,7 @@ FIELDS = (
     "user",
     "task",
     "embedding_type",
+    "priority",
     *BOOL_FIELDS,
 )
 
@@ -68,6 +71,7 @@ class EmbeddingsRequest:
     return_sparse: bool = False
     return_colbert: bool = False
     embedding_type_given: bool = False  # which field chose the dense kind, for error messages
+    priority: int = PRIORITIES["interactive"]
 
 
 def _type_name(value: object) -> str:
@@ -163,6 +167,7 @@ def parse_body(body: object) -> EmbeddingsRequest:
     task = _choice(body, "task", TASKS)
     encoding_format = _choice(body, "encoding_format", ENCODING_FORMATS)
     embedding_type = _choice(body, "embedding_type", EMBEDDING_TYPES)
+    priority = _choice(body, "priority", PRIORITIES)
     request = EmbeddingsRequest(
         inputs=inputs,
         model=body.get("model") or "",
@@ -170,6 +175,7 @@ def parse_body(body: object) -> EmbeddingsRequest:
         dimensions=dimensions or 0,
         task=TASKS[task] if task else 0,
         embedding_type_given=embedding_type is not None,
+        priority=PRIORITIES[priority or "interactive"],
         **flags,
     )
     if not (request.return_dense or request.return_sparse or request.return_colbert):

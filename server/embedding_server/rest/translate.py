@@ -43,6 +43,7 @@ def to_embed_request(request: EmbeddingsRequest) -> tuple[pb.EmbedRequest, list[
             late_chunking=request.late_chunking,
             outputs=outputs,
             truncate=request.truncate,
+            priority=request.priority,
         )
     except (ValueError, TypeError) as exc:  # e.g. a string protobuf cannot encode as UTF-8
         raise bad_request(f"input: cannot be encoded as UTF-8 text ({exc})", "input") from None

@@ -1,0 +1,136 @@
+"""The memory budget: how much a run, a queued token and a reply may cost, from ``--memory-limit``.
+
+Peak memory must not depend on what users send. A session run's working set
+is its intermediate tensors: per layer a few ``B x T x hidden`` activations
+(the feed-forward block is 4 x hidden wide) and the attention scores
+``B x heads x T x T``, which grow with the square of the sequence length. The
+model's weights, the runtime and the interpreter are the baseline, measured
+after loading. What is left goes to the runs that may be in flight at once
+and to the queue (token ids, texts, and replies not yet sent). A batch is cut
+so its estimated cost fits one run's share; a single sequence that cannot fit
+is refused (``RESOURCE_EXHAUSTED``, reason ``MEMORY_LIMIT``) rather than grown into.
+
+The constants are measured (``bench/memory_budget.py shapes``, ONNX Runtime's
+arena off, all-minilm-l6-v2 int8): one run of 256 x 32 grew the process by
+526 MiB (~64 KiB a token: ~170 bytes per hidden unit, the feed-forward block
+and its GELU's elementwise copies), 16 x 512 by 1034 MiB (the rest: ~2.8
+float copies of the attention scores); small batches grew it by 20-100 MiB
+more than that, whatever their size (``RUN_FIXED_BYTES_PER_HIDDEN`` covers part of it,
+the 15 % of the limit left unplanned the rest).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..cpus import CGROUP_ROOT
+
+MIB = 1024 * 1024
+#: The limit when the container sets none: the default model fits in it with every input mix.
+DEFAULT_MEMORY_LIMIT = 1024 * MIB
+#: Fraction of the limit the budget plans for: the rest absorbs allocator fragmentation.
+PLANNED_FRACTION = 0.85
+#: Fraction of the working memory (limit less baseline) kept for queued requests and replies.
+QUEUE_FRACTION = 0.2
+#: Bytes per token and hidden unit a run holds at its peak (measured: ~164).
+ACTIVATION_BYTES = 168
+#: Bytes per attention score (B x heads x T x T) a run holds at its peak (measured: ~11).
+ATTENTION_BYTES = 12
+#: What a run holds at any shape, per hidden unit of the model (measured on MiniLM, 384 wide:
+#: 20-100 MiB beyond the per-token terms; 64 KiB x 384 = 24 MiB, the rest is left unplanned).
+RUN_FIXED_BYTES_PER_HIDDEN = 64 * 1024
+#: A queued token: its id (int64), its text (a few UTF-8/str bytes), bookkeeping.
+QUEUED_TOKEN_BYTES = 48
+
+
+def cgroup_memory_limit(root: Path = CGROUP_ROOT) -> int | None:
+    """The container's memory limit in bytes (cgroup v2 ``memory.max``, v1 ``limit_in_bytes``), or None."""
+    for path in (root / "memory.max", root / "memory" / "memory.limit_in_bytes"):
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text == "max":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            return None
+        return None if value >= 1 << 60 else value  # v1 writes "unlimited" as a huge number
+    return None
+
+
+def parse_size(text: str) -> int:
+    """``1GiB``, ``768Mi``, ``2G``, ``1073741824`` → bytes (binary units; a bare number is bytes)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?[bB]?)\s*", text)
+    if not match:
+        raise ValueError(f"expected a size like 1GiB, 768MiB or a number of bytes, got {text!r}")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** " KMGT".index(unit or " "))
+
+
+def current_rss() -> int:
+    """This process's resident set in bytes (0 where /proc is missing)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0
+    match = re.search(r"VmRSS:\s+(\d+) kB", status)
+    return int(match.group(1)) * 1024 if match else 0
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What a run's working set scales with."""
+
+    hidden: int
+    heads: int
+
+    @classmethod
+    def from_config(cls, config: Any, dimensions: int) -> ModelShape:
+        """From a Hugging Face ``config.json`` when there is one, else a BERT-like guess (64 per head)."""
+        config = config if isinstance(config, dict) else {}
+        hidden = int(config.get("hidden_size") or dimensions or 768)
+        heads = int(config.get("num_attention_heads") or max(1, hidden // 64))
+        return cls(hidden, heads)
+
+    def run_bytes(self, count: int, longest: int) -> int:
+        """Estimated peak working memory of one run of ``count`` sequences padded to ``longest``."""
+        activations = count * longest * self.hidden * ACTIVATION_BYTES
+        attention = count * self.heads * longest * longest * ATTENTION_BYTES
+        return self.fixed_bytes + activations + attention
+
+    @property
+    def fixed_bytes(self) -> int:
+        return RUN_FIXED_BYTES_PER_HIDDEN * self.hidden
+
+
+@dataclass(frozen=True)
+class MemoryBudget:
+    """Bytes one run may use, and tokens the queue may hold, for one model."""
+
+    shape: ModelShape
+    run_bytes: int  # per concurrent run
+    queue_tokens: int  # tokens admitted and unanswered
+
+    @classmethod
+    def plan(cls, shape: ModelShape, limit: int, baseline: int, runs: int, models: int = 1) -> MemoryBudget:
+        """Split ``limit`` (planned at PLANNED_FRACTION) less ``baseline`` over ``runs`` concurrent runs
+        and the queue, for each of ``models`` models served side by side."""
+        working = max(0, int(limit * PLANNED_FRACTION) - baseline) // max(1, models)
+        queue = int(working * QUEUE_FRACTION)
+        return cls(shape, (working - queue) // max(1, runs), queue // QUEUED_TOKEN_BYTES)
+
+    def fits(self, count: int, longest: int) -> bool:
+        return self.shape.run_bytes(count, longest) <= self.run_bytes
+
+    def longest_single(self) -> int:
+        """The longest sequence a run may hold alone."""
+        a = self.shape.heads * ATTENTION_BYTES
+        b = self.shape.hidden * ACTIVATION_BYTES
+        room = self.run_bytes - self.shape.fixed_bytes
+        return int((-b + math.sqrt(b * b + 4 * a * room)) / (2 * a)) if room > 0 else 0

@@ -1,0 +1,83 @@
+"""The memory budget: --memory-limit, the cgroup limit, and how the budget is split and checked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from embedding_server.app import StartupError, batch_settings
+from embedding_server.engine.memory import (
+    MIB,
+    MemoryBudget,
+    ModelShape,
+    cgroup_memory_limit,
+    parse_size,
+)
+from embedding_server.models.loader import BUILTIN_MODEL, ModelSpec, load
+from embedding_server.settings import Settings, parse_settings
+
+MINILM = ModelShape(hidden=384, heads=12)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1GiB", 1 << 30),
+        ("768MiB", 768 << 20),
+        ("768Mi", 768 << 20),
+        ("2G", 2 << 30),
+        ("4096", 4096),
+        ("1.5GiB", 3 << 29),
+    ],
+)
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "1 PiB", "-1GiB"])
+def test_bad_sizes_are_refused(text):
+    with pytest.raises(ValueError, match="expected a size"):
+        parse_size(text)
+
+
+def test_the_flag_and_its_environment_variable():
+    assert parse_settings([], environ={}).memory_limit == 0  # auto
+    assert parse_settings(["--memory-limit", "768MiB"], environ={}).memory_limit == 768 << 20
+    assert parse_settings([], environ={"EMBEDDING_MEMORY_LIMIT": "1073741824"}).memory_limit == 1 << 30
+    with pytest.raises(SystemExit) as info:
+        parse_settings(["--memory-limit", "lots"], environ={})
+    assert info.value.code == 2
+
+
+def test_cgroup_limits(tmp_path: Path):
+    assert cgroup_memory_limit(tmp_path) is None  # no cgroup files
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cgroup_memory_limit(tmp_path) is None  # v2, unlimited
+    (tmp_path / "memory.max").write_text("1073741824\n")
+    assert cgroup_memory_limit(tmp_path) == 1 << 30
+    v1 = tmp_path / "v1"
+    (v1 / "memory").mkdir(parents=True)
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1's "unlimited"
+    assert cgroup_memory_limit(v1) is None
+    (v1 / "memory" / "memory.limit_in_bytes").write_text("536870912\n")
+    assert cgroup_memory_limit(v1) == 512 << 20
+
+
+def test_long_sequences_get_fewer_rows_than_short_ones():
+    budget = MemoryBudget.plan(MINILM, limit=1 << 30, baseline=300 * MIB, runs=3)
+    rows = {
+        length: max(n for n in range(1, 4096) if budget.fits(n, length) or n == 1) for length in (32, 512)
+    }
+    assert rows[32] * 32 > rows[512] * 512  # attention is quadratic: fewer tokens per run when long
+    longest = budget.longest_single()
+    assert budget.fits(1, longest) and not budget.fits(1, longest + 1)
+    assert budget.queue_tokens > 0
+
+
+def test_a_limit_the_models_alone_exceed_is_a_startup_error():
+    loaded = [load(ModelSpec(BUILTIN_MODEL, None))]
+    with pytest.raises(StartupError, match="--memory-limit 512MiB: the models alone take 600MiB"):
+        batch_settings(Settings(memory_limit=512 << 20), loaded, baseline=600 * MIB)
+    planned = batch_settings(Settings(memory_limit=1 << 30), loaded, baseline=300 * MIB)[BUILTIN_MODEL]
+    assert planned.memory is not None and planned.memory.longest_single() >= 256
+    assert planned.max_queue_tokens <= planned.memory.queue_tokens

@@ -1,0 +1,215 @@
+"""Ray Data on a local cluster: a 5,000-text Parquet corpus through both modes of EmbedBatches.
+
+The pipeline is examples/ray_parquet.py, the README's example. Every vector is
+checked against the server's unary Embed of the same text, with the ids and the
+order of the input. Service mode loses its server in the middle of the corpus
+(SIGKILL once the server has embedded a fifth of it) and a new one comes back
+on the same address; the second server's counters prove the run went on there.
+"""
+
+from __future__ import annotations
+
+import re
+import runpy
+import signal
+import threading
+import traceback
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+from embedding_client.proto import embedding_pb2 as pb
+from embedding_client.ray import EmbedBatches
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.server import RunningServer, free_port
+from tests.test_client import WORDS, raw_dense
+from tests.test_client_replicas import launch, wait_serving
+
+N = 5000
+ROOT = Path(__file__).resolve().parents[1]
+
+
+embed_parquet = runpy.run_path(str(ROOT / "examples" / "ray_parquet.py"))["embed_parquet"]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[None]:
+    ray.init(
+        num_cpus=2,
+        object_store_memory=300 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    yield
+    ray.shutdown()
+
+
+def short_text(i: int) -> str:
+    """Distinct texts of 2 to 9 words: lengths vary (padding differs per batch), the run stays short."""
+    return " ".join(WORDS[(i + k * 5) % len(WORDS)] for k in range(1 + i % 8)) + f" {i}"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, list[str], list[str]]:
+    """docs.parquet: 5,000 short texts in row groups of 1,000."""
+    texts = [short_text(i) for i in range(N)]
+    ids = [f"doc-{i}" for i in range(N)]
+    path = tmp_path_factory.mktemp("ray") / "docs.parquet"
+    pq.write_table(pa.table({"id": ids, "text": texts}), path, row_group_size=1000)
+    return path, ids, texts
+
+
+@pytest.fixture(scope="module")
+def expected(default_server: RunningServer, corpus) -> np.ndarray:
+    texts = corpus[2]
+    stub = default_server.stub()
+    parts = [stub.Embed(pb.EmbedRequest(inputs=texts[i : i + 250]), timeout=120) for i in range(0, N, 250)]
+    return np.concatenate([raw_dense(part) for part in parts])
+
+
+def check_output(directory: Path, corpus, expected: np.ndarray) -> None:
+    """Each file a run of consecutive input rows in input order; together, every row once.
+
+    (Ray numbers the files by write task, which need not follow the input's order: the files are
+    put in order by their first id here, and the rows within each must already be in order.)
+    """
+    _, ids, texts = corpus
+    position = {id_: index for index, id_ in enumerate(ids)}
+    files = [pq.read_table(path) for path in directory.glob("*.parquet")]
+    files.sort(key=lambda part: position[part.column("id")[0].as_py()])
+    for part in files:
+        first = position[part.column("id")[0].as_py()]
+        assert part.column("id").to_pylist() == ids[first : first + part.num_rows]
+    table = pa.concat_tables(files)
+    assert table.column("id").to_pylist() == ids  # every row once
+    assert table.column("text").to_pylist() == texts
+    column = table.column("embedding").combine_chunks()
+    assert column.type == pa.list_(pa.float32(), 384)  # fixed-size: straight into numpy
+    vectors = column.flatten().to_numpy().reshape(N, 384)
+    cosine = (vectors * expected).sum(1) / (
+        np.linalg.norm(vectors, axis=1) * np.linalg.norm(expected, axis=1)
+    )
+    assert cosine.min() >= 0.9999, f"row {int(cosine.argmin())}: cosine {cosine.min()}"
+
+
+@pytest.mark.slow
+def test_in_process_mode(cluster, corpus, expected, tmp_path):
+    embed_parquet(str(corpus[0]), str(tmp_path / "out"), engine_args=[], actors=1)
+    check_output(tmp_path / "out", corpus, expected)
+
+
+def sequences_embedded(metrics_port: int) -> float:
+    """Sequences the server has run (``embedding_batch_size_sum``), warm-up included."""
+    reply = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+    for family in text_string_to_metric_families(reply.text):
+        for sample in family.samples:
+            if sample.name == "embedding_batch_size_sum":
+                return sample.value
+    return 0.0
+
+
+@pytest.mark.slow
+def test_service_mode_survives_a_server_restart(cluster, corpus, expected, tmp_path):
+    port, metrics = free_port(), [free_port(), free_port()]
+    first = wait_serving(launch(port, 0, "--metrics-port", str(metrics[0])))
+    second: RunningServer | None = None
+    failure: list[str] = []
+
+    def pipeline() -> None:
+        try:
+            embed_parquet(str(corpus[0]), str(tmp_path / "out"), target=f"127.0.0.1:{port}")
+        except BaseException:
+            failure.append(traceback.format_exc())
+
+    runner = threading.Thread(target=pipeline)
+    runner.start()
+    try:
+        while sequences_embedded(metrics[0]) < N / 5 and runner.is_alive():
+            runner.join(0.05)
+        assert runner.is_alive(), f"the pipeline ended before the restart: {failure}"
+        first.process.send_signal(signal.SIGKILL)  # the server dies mid-corpus...
+        first.process.wait(10)
+        second = wait_serving(launch(port, 0, "--metrics-port", str(metrics[1])))  # ...and comes back
+        runner.join(300)
+        assert not runner.is_alive() and not failure, failure
+        after = sequences_embedded(metrics[1])
+        assert after > 10, f"the new server embedded {after} sequences"  # the rest went to it
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
+        runner.join(60)
+    check_output(tmp_path / "out", corpus, expected)
+
+
+def test_arrow_columns_of_every_output_and_batch_format(default_server):
+    """Dense and binary as fixed-size lists; numpy and pandas batches come back as Arrow too."""
+    texts = ["a first text", "another one, a bit longer than the first", "third"]
+    raw = raw_dense(default_server.stub().Embed(pb.EmbedRequest(inputs=texts), timeout=30))
+    embed = EmbedBatches(default_server.target, outputs=["dense", "binary"], output_column="vec")
+    try:
+        numpy_batch = {"id": np.array([7, 8, 9]), "text": np.array(texts, dtype=object)}
+        table = embed(numpy_batch)
+        assert table.column_names == ["id", "text", "vec", "vec_binary"]
+        assert table.column("vec").type == pa.list_(pa.float32(), 384)
+        assert table.column("vec_binary").type == pa.list_(pa.uint8(), 48)
+        np.testing.assert_allclose(np.array(table.column("vec").to_pylist()), raw, atol=1e-6)
+        assert table.column("vec_binary").to_pylist() == np.packbits(raw > 0, axis=1).tolist()
+        from_pandas = embed(pa.table(numpy_batch).to_pandas())
+        assert from_pandas.column_names == table.column_names
+        for name in ("id", "vec", "vec_binary"):
+            assert from_pandas.column(name).equals(table.column(name)), name
+    finally:
+        embed.close()
+
+
+def test_bad_rows_and_options_fail_clearly(default_server):
+    with pytest.raises(ValueError, match="either target"):
+        EmbedBatches()
+    with pytest.raises(ValueError, match="either target"):
+        EmbedBatches("127.0.0.1:1", engine_args=[])
+    embed = EmbedBatches(default_server.target)
+    try:
+        with pytest.raises(ValueError, match=re.escape("text: row 1 of this batch is null")):
+            embed(pa.table({"text": ["fine", None]}))
+        with pytest.raises(KeyError, match="body: no such column"):
+            EmbedBatches(default_server.target, text_column="body")(pa.table({"text": ["x"]}))
+        empty = pa.table({"text": pa.array([], pa.string())})
+        assert embed(empty).equals(empty)
+    finally:
+        embed.close()
+
+
+def test_readme_shows_the_example_that_runs():
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("`examples/ray_parquet.py` (what")[1].split("```python\n")[1].split("```")[0]
+    assert "map_batches(" in block and block in (ROOT / "examples" / "ray_parquet.py").read_text()
+
+
+def test_late_chunking_gives_one_vector_per_chunk_in_both_modes(default_server):
+    documents = [["The city lies on a river.", "It has three bridges."], ["One chunk only."], ["a", "b", "c"]]
+    stub = default_server.stub()
+    replies = [stub.Embed(pb.EmbedRequest(inputs=doc, late_chunking=True), timeout=60) for doc in documents]
+    expected = [raw_dense(reply) for reply in replies]
+    batch = pa.table({"id": [1, 2, 3], "chunks": documents})
+    for embed in (
+        EmbedBatches(default_server.target, chunks_column="chunks"),
+        EmbedBatches(engine_args=[], chunks_column="chunks"),
+    ):
+        try:
+            table = embed(batch)
+        finally:
+            embed.close()
+        column = table.column("embedding")
+        assert column.type == pa.list_(pa.list_(pa.float32(), 384))
+        for got, want in zip(column.to_pylist(), expected, strict=True):
+            np.testing.assert_allclose(np.array(got, dtype=np.float32), want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"chunks: row 0 of this batch needs a non-empty list"):
+        EmbedBatches(default_server.target, chunks_column="chunks")(pa.table({"chunks": [[]]}))

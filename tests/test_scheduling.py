@@ -1,0 +1,306 @@
+"""Priorities, fairness, memory budget and engine lifecycle, in-process with real ONNX Runtime.
+
+Behaviour, not timing: runs are held at a gate (tests/support/instrumented.py)
+so work piles up in a known state, then the order the session saw is read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from embedding_client.proto import embedding_pb2 as pb
+from embedding_client.proto import embedding_pb2_grpc
+from embedding_server.engine.memory import MemoryBudget, ModelShape
+from embedding_server.engine.requests import EmbedJob
+from embedding_server.errors import NotServing, Overloaded
+from embedding_server.models.loader import BUILTIN_MODEL
+from embedding_server.models.types import Priority
+
+from tests.support.inprocess import serve_in_process
+from tests.support.polling import until
+from tests.test_batching import builtin, make_embedder, sentence, started  # noqa: F401  (module fixture)
+
+BATCH = Priority.BATCH
+INTERACTIVE = Priority.INTERACTIVE
+
+
+def ids_of(builtin, text: str) -> tuple[int, ...]:  # noqa: F811
+    return tuple(builtin.model.tokenize([text], 0, False)[0].ids.tolist())
+
+
+def job(texts: list[str], priority: Priority, flow: object = None) -> EmbedJob:
+    return EmbedJob(inputs=texts, priority=priority, flow=flow)
+
+
+async def hold_one_run(embedder, sessions, text: str, priority: Priority) -> asyncio.Task:
+    """Hold the gate and start one request whose run is stuck there."""
+    sessions.hold()
+    blocker = asyncio.create_task(embedder.embed(job([text], priority)))
+    await asyncio.to_thread(sessions.entered.acquire)
+    return blocker
+
+
+async def test_interactive_queued_behind_batch_work_runs_first(builtin):  # noqa: F811
+    embedder, sessions = make_embedder(builtin, interactive_slot=False)
+    await started(embedder, sessions)
+    batcher = embedder.batchers[BUILTIN_MODEL]
+    blocker = await hold_one_run(embedder, sessions, "a bulk run holds the only slot", BATCH)
+    bulk = [asyncio.create_task(embedder.embed(job([sentence(i)], BATCH, "corpus"))) for i in range(8)]
+    await until(lambda: batcher.depth(BATCH) == 8, "the bulk work queued")
+    query = asyncio.create_task(embedder.embed(job(["where is my query"], INTERACTIVE)))
+    await until(lambda: batcher.depth(INTERACTIVE) == 1, "the query queued after the bulk work")
+    sessions.release()
+    await asyncio.gather(blocker, query, *bulk)
+    await embedder.close()
+    assert sessions.runs[1].rows == [ids_of(builtin, "where is my query")]  # first after the held run
+
+
+async def test_a_query_does_not_wait_for_a_long_bulk_run(builtin):  # noqa: F811
+    """Every regular slot holds a bulk run: the query gets the extra slot and runs at once."""
+    embedder, sessions = make_embedder(builtin)
+    await started(embedder, sessions)
+    blocker = await hold_one_run(embedder, sessions, "a long bulk run", BATCH)
+    query = asyncio.create_task(embedder.embed(job(["urgent query"], INTERACTIVE)))
+    await asyncio.to_thread(sessions.entered.acquire)  # a second run started while the bulk one is held
+    assert sessions.runs[1].rows == [ids_of(builtin, "urgent query")]
+    assert not blocker.done()
+    sessions.release()
+    await asyncio.gather(blocker, query)
+    await embedder.close()
+
+
+async def test_batch_work_is_not_starved_by_endless_queries(builtin):  # noqa: F811
+    """With queries always waiting, one bulk run still goes every ``batch_share`` query runs."""
+    embedder, sessions = make_embedder(builtin, interactive_slot=False, max_batch_size=1, batch_share=4)
+    await started(embedder, sessions)
+    batcher = embedder.batchers[BUILTIN_MODEL]
+    blocker = await hold_one_run(embedder, sessions, "held", INTERACTIVE)
+    bulk = asyncio.create_task(embedder.embed(job(["bulk text that must not starve"], BATCH)))
+    queries = [asyncio.create_task(embedder.embed(job([f"query {i}"], INTERACTIVE))) for i in range(20)]
+    await until(lambda: batcher.depth(INTERACTIVE) == 20 and batcher.depth(BATCH) == 1, "all queued")
+    sessions.release()
+    await asyncio.gather(blocker, bulk, *queries)
+    await embedder.close()
+    order = [run.rows[0] for run in sessions.runs]
+    position = order.index(ids_of(builtin, "bulk text that must not starve"))
+    assert position == 1 + 4  # the held run, four queries, then the bulk run (15 queries still waited)
+
+
+async def test_two_flows_share_runs_fairly_whatever_their_request_sizes(builtin):  # noqa: F811
+    """Flow A sends short texts, flow B texts ~5x longer; served padded tokens stay level."""
+    embedder, sessions = make_embedder(builtin, interactive_slot=False, max_batch_tokens=256)
+    await started(embedder, sessions)
+    batcher = embedder.batchers[BUILTIN_MODEL]
+    blocker = await hold_one_run(embedder, sessions, "held", BATCH)
+    short = [f"alpha {i}" for i in range(120)]
+    long = [" ".join(["beta"] * 20) + f" {i}" for i in range(40)]
+    a = asyncio.create_task(embedder.embed(job(short, BATCH, "a")))
+    b = asyncio.create_task(embedder.embed(job(long, BATCH, "b")))
+    await until(lambda: batcher.depth(BATCH) == 160, "both flows queued")
+    sessions.release()
+    await asyncio.gather(blocker, a, b)
+    await embedder.close()
+    alpha, beta = ids_of(builtin, "alpha")[1], ids_of(builtin, "beta")[1]
+    served = {alpha: 0, beta: 0}
+    gaps = []
+    left = {alpha: 120, beta: 40}
+    for run in sessions.runs[1:]:
+        word = run.rows[0][1]
+        served[word] += max(map(len, run.rows)) * len(run.rows)
+        left[word] -= len(run.rows)
+        if left[alpha] and left[beta]:  # both still had work waiting
+            gaps.append(abs(served[alpha] - served[beta]))
+    assert gaps and max(gaps) <= 256  # never more than one run's tokens apart
+    assert {len(run.rows) for run in sessions.runs[1:] if run.rows[0][1] == alpha} != {1}  # batched
+
+
+async def test_streams_of_one_connection_are_one_flow(builtin):  # noqa: F811
+    """Fair shares are per client connection: many streams on one channel count once."""
+    embedder, sessions = make_embedder(builtin, interactive_slot=False)
+    async with serve_in_process(embedder) as server:
+        batcher = embedder.batchers[BUILTIN_MODEL]
+        blocker = await hold_one_run(embedder, sessions, "held", BATCH)
+        # A second connection (channels of one process share connections unless told not to).
+        other = grpc.aio.insecure_channel(server.target, options=[("grpc.use_local_subchannel_pool", 1)])
+        calls = [server.stub.StreamEmbed(iter([pb.EmbedRequest(inputs=[f"one {i}"])])) for i in range(4)]
+        calls.append(
+            embedding_pb2_grpc.EmbeddingServiceStub(other).StreamEmbed(
+                iter([pb.EmbedRequest(inputs=["two"])])
+            )
+        )
+        await until(lambda: batcher.depth(BATCH) == 5, "five streamed requests queued")
+        assert len(batcher._flows) == 2  # four streams of one channel, one of another
+        sessions.release()
+        for call in calls:
+            assert [len(r.embeddings) async for r in call] == [1]
+        await blocker
+        await other.close()
+
+
+async def test_a_sequence_over_the_memory_budget_is_refused_and_the_engine_keeps_serving(builtin):  # noqa: F811
+    shape = ModelShape(hidden=384, heads=12)
+    budget = MemoryBudget(shape, run_bytes=shape.run_bytes(1, 64), queue_tokens=10_000)
+    embedder, sessions = make_embedder(builtin, memory=budget)
+    async with serve_in_process(embedder) as server:
+        long_text = " ".join(["memory"] * 150)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await server.stub.Embed(pb.EmbedRequest(inputs=["short", long_text]), timeout=30)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert info.value.details().startswith("inputs[1]: ")
+        assert "memory budget" in info.value.details()
+        assert sessions.runs == []  # nothing of the refused request ran
+        reply = await server.stub.Embed(pb.EmbedRequest(inputs=["still serving"] * 8), timeout=30)
+        assert len(reply.embeddings) == 8
+    # and batches were cut to the budget: every run fits it
+    assert all(budget.fits(len(run.rows), max(map(len, run.rows))) for run in sessions.runs)
+
+
+async def test_batches_are_cut_to_the_memory_budget(builtin):  # noqa: F811
+    shape = ModelShape(hidden=384, heads=12)
+    budget = MemoryBudget(shape, run_bytes=shape.run_bytes(4, 40), queue_tokens=100_000)
+    embedder, sessions = make_embedder(builtin, memory=budget)
+    await started(embedder, sessions)
+    texts = [" ".join(["cut"] * 30) + f" {i}" for i in range(32)]
+    result = await embedder.embed(EmbedJob(inputs=texts))
+    await embedder.close()
+    assert len(result.vectors) == 32
+    assert max(len(run.rows) for run in sessions.runs) <= 4 < 32
+
+
+async def test_refused_requests_are_never_tokenized(builtin, monkeypatch):  # noqa: F811
+    embedder, sessions = make_embedder(builtin, max_queue_requests=1)
+    await started(embedder, sessions)
+    tokenized: list[list[str]] = []
+    real_tokenize = builtin.model.tokenize
+
+    def counting(texts, task, truncate):
+        tokenized.append(list(texts))
+        return real_tokenize(texts, task, truncate)
+
+    monkeypatch.setattr(builtin.model, "tokenize", counting)
+    blocker = await hold_one_run(embedder, sessions, "admitted", INTERACTIVE)
+    assert tokenized == [["admitted"]]  # the counter sees the tokenizer's calls
+    for priority in (INTERACTIVE, BATCH):
+        with pytest.raises(Overloaded) as info:
+            await embedder.embed(job(["refused before any work"], priority))
+        assert info.value.reason == "QUEUE_FULL"
+    assert tokenized == [["admitted"]]  # the refused requests never reached the tokenizer
+    sessions.release()
+    await blocker
+    await embedder.close()
+
+
+async def test_batch_work_cannot_fill_the_admission_queries_need(builtin):  # noqa: F811
+    embedder, sessions = make_embedder(builtin, max_queue_requests=4)
+    await started(embedder, sessions)
+    blocker = await hold_one_run(embedder, sessions, "held", BATCH)
+    bulk = [asyncio.create_task(embedder.embed(job([sentence(i)], BATCH))) for i in range(2)]
+    batcher = embedder.batchers[BUILTIN_MODEL]
+    await until(lambda: batcher.admitted == 3, "bulk work admitted")
+    with pytest.raises(Overloaded):  # batch work may hold 3 of the 4 places
+        await embedder.embed(job(["one bulk request too many"], BATCH))
+    query = asyncio.create_task(embedder.embed(job(["a query still gets in"], INTERACTIVE)))
+    await until(lambda: batcher.admitted == 4, "the query admitted")
+    sessions.release()
+    await asyncio.gather(blocker, query, *bulk)
+    await embedder.close()
+
+
+async def test_close_fails_waiting_work_instead_of_leaving_it_hanging(builtin):  # noqa: F811
+    embedder, sessions = make_embedder(builtin, interactive_slot=False)
+    await started(embedder, sessions)
+    blocker = await hold_one_run(embedder, sessions, "running", INTERACTIVE)
+    waiting = asyncio.create_task(embedder.embed(job(["waiting"], INTERACTIVE)))
+    batcher = embedder.batchers[BUILTIN_MODEL]
+    await until(lambda: batcher.queue_depth == 1, "the second request queued")
+    closing = asyncio.create_task(embedder.close())
+    await until(waiting.done, "the waiting request answered")
+    assert isinstance(waiting.exception(), NotServing)
+    sessions.release()
+    await closing
+    assert len((await blocker).vectors) == 1  # the run in progress finished
+
+
+async def test_a_failed_dispatcher_fails_waiting_work_and_refuses_new_work(builtin):  # noqa: F811
+    embedder, sessions = make_embedder(builtin, interactive_slot=False)
+    failures: list[BaseException] = []
+    embedder.on_failure(failures.append)
+    await started(embedder, sessions)
+    batcher = embedder.batchers[BUILTIN_MODEL]
+    blocker = await hold_one_run(embedder, sessions, "running", INTERACTIVE)
+
+    def broken(priority: Priority) -> list:
+        raise RuntimeError("injected fault in batch selection")
+
+    batcher._take = broken  # type: ignore[method-assign]  # fault injection: the next dispatch raises
+    waiting = asyncio.create_task(embedder.embed(job(["waiting"], INTERACTIVE)))
+    sessions.release()  # the held run ends; the dispatcher takes the next batch and fails
+    with pytest.raises(NotServing) as info:
+        await waiting
+    assert info.value.reason == "ENGINE_FAILED" and "injected fault" in info.value.message
+    assert [str(f) for f in failures] == ["injected fault in batch selection"]
+    with pytest.raises(NotServing):
+        await embedder.embed(job(["after the failure"], INTERACTIVE))
+    await blocker
+    await embedder.close()
+
+
+async def test_list_models_and_tokenize_never_wait_behind_embedding_work(builtin):  # noqa: F811
+    embedder, sessions = make_embedder(builtin, interactive_slot=False)
+    async with serve_in_process(embedder) as server:
+        blocker = await hold_one_run(embedder, sessions, "held", BATCH)
+        queued = [
+            asyncio.ensure_future(server.stub.Embed(pb.EmbedRequest(inputs=[sentence(i)] * 8), timeout=60))
+            for i in range(4)
+        ]
+        batcher = embedder.batchers[BUILTIN_MODEL]
+        await until(lambda: batcher.queue_depth == 32, "embedding work queued behind the held run")
+        models = await server.stub.ListModels(pb.ListModelsRequest(), timeout=30)
+        tokens = await server.stub.Tokenize(pb.TokenizeRequest(inputs=["count me"]), timeout=30)
+        assert not blocker.done() and batcher.queue_depth == 32  # answered while the work still waits
+        assert models.models[0].name == BUILTIN_MODEL and tokens.results[0].tokens
+        sessions.release()
+        await asyncio.gather(blocker, *queued)
+
+
+async def test_a_failed_engine_turns_the_server_not_serving():
+    """The whole server: a dispatcher failure turns health NOT_SERVING and calls get UNAVAILABLE."""
+    from embedding_server.app import EmbeddingApp
+    from embedding_server.settings import Settings
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tests.support.server import free_port
+
+    # A generous --memory-limit: the budget starts from this process's RSS, which holds the test's models too.
+    app = EmbeddingApp(Settings(host="127.0.0.1", port=free_port(), rest_port=0, memory_limit=8 << 30))
+    await app.start()
+    try:
+        batcher = app.state.embedder.batchers[BUILTIN_MODEL]  # type: ignore[union-attr]
+
+        def broken(priority: Priority) -> list:
+            raise RuntimeError("injected fault in batch selection")
+
+        batcher._take = broken  # type: ignore[method-assign]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.bound_port}") as channel:
+            stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await stub.Embed(pb.EmbedRequest(inputs=["x"]), timeout=30)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "engine failed" in info.value.details()
+            health = health_pb2_grpc.HealthStub(channel)
+            await until_async_health(health, health_pb2.HealthCheckResponse.NOT_SERVING)
+    finally:
+        await app.shutdown()
+
+
+async def until_async_health(stub, status: int) -> None:
+    from grpc_health.v1 import health_pb2
+
+    for _ in range(3000):
+        reply = await stub.Check(health_pb2.HealthCheckRequest(), timeout=10)
+        if reply.status == status:
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError(f"health never became {status}")
