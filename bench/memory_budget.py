@@ -1,4 +1,4 @@
-"""What a session run costs in memory: the numbers behind session_pool.py and engine/memory.py.
+"""What a session run costs in memory: the numbers behind models/sessions.py and engine/memory.py.
 
 ``memory_budget.py``: ONNX Runtime's CPU memory arena on or off, peak RSS and
 speed, default model, 2 concurrent runs; each setting in a fresh process
@@ -27,8 +27,8 @@ def child(arena: str, extend: str) -> None:
 
     import numpy as np
     import onnxruntime as ort
-    from embedding_server.engine.session_pool import session_options
     from embedding_server.models.loader import builtin_files
+    from embedding_server.models.sessions import session_options
 
     options = session_options(1)
     options.enable_cpu_mem_arena = arena == "on"
@@ -84,8 +84,8 @@ def shape_child(batch: int, length: int) -> None:
 
     import numpy as np
     import onnxruntime as ort
-    from embedding_server.engine.session_pool import session_options
     from embedding_server.models.loader import builtin_files
+    from embedding_server.models.sessions import session_options
 
     def status(key: str) -> float:
         text = Path("/proc/self/status").read_text()

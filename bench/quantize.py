@@ -40,10 +40,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import start_server  # noqa: E402
-from embedding_server.engine.session_pool import session_options  # noqa: E402
 from embedding_server.models.base import EmbeddingModel  # noqa: E402
 from embedding_server.models.files import locate  # noqa: E402
 from embedding_server.models.loader import build_model, builtin_files, builtin_root  # noqa: E402
+from embedding_server.models.sessions import session_options  # noqa: E402
 from embedding_server.models.types import Task  # noqa: E402
 from embedding_server.quantize.calibration import default_texts  # noqa: E402
 from embedding_server.quantize.core import activation_maxima, quantize_directory  # noqa: E402

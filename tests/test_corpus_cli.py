@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from embedding_client.corpus_input import CorpusInputError, count_records, read_records
+from embedding_client.corpus_formats import count_records, read_records
+from embedding_client.corpus_input import CorpusInputError
 from embedding_client.proto import embedding_pb2 as pb
 
 from tests.support.server import RunningServer, free_port

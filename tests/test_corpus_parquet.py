@@ -14,7 +14,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from embedding_client.corpus_input import CorpusInputError, count_records, read_records
+from embedding_client.corpus_formats import count_records, read_records
+from embedding_client.corpus_input import CorpusInputError
 from embedding_client.corpus_parquet import ROW_GROUP_ROWS
 
 from tests import test_corpus_cli

@@ -94,23 +94,12 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
-# Edges that close a cycle in files other branches are editing, to be removed when they merge
-# (issue 13 "Wiring as a DAG"). Empty this set then: nothing else may be skipped.
-PENDING_EDGES = {
-    ("embedding_server.rest.inprocess", "embedding_server.app"),
-    ("embedding_server.models.loader", "embedding_server.engine.session_pool"),
-}
-
-
 def our_graph() -> dict[str, set[str]]:
     modules: dict[str, Path] = {}
     for package in PACKAGES:
         modules.update(module_files(package))
     modules = {name: path for name, path in modules.items() if not name.startswith(GENERATED + ".")}
-    graph = import_graph(modules)
-    for source, target in PENDING_EDGES:
-        graph[source].discard(target)
-    return graph
+    return import_graph(modules)
 
 
 def layers(graph: dict[str, set[str]]) -> dict[str, set[str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from embedding_server.app import StartupError, batch_settings
+from embedding_server.app import batch_settings
 from embedding_server.engine.memory import (
     MIB,
     MemoryBudget,
@@ -13,6 +13,7 @@ from embedding_server.engine.memory import (
     cgroup_memory_limit,
     parse_size,
 )
+from embedding_server.errors import StartupError
 from embedding_server.models.loader import BUILTIN_MODEL, ModelSpec, load
 from embedding_server.settings import Settings, parse_settings
 

@@ -22,8 +22,9 @@ import numpy as np
 from .channel import count_addresses
 from .client import DEFAULT_TARGET, DEFAULT_WINDOW, EmbeddingClient
 from .corpus import CorpusJob, run_corpus
+from .corpus_formats import SUFFIXES
 from .corpus_input import CorpusInputError
-from .corpus_output import SUFFIXES, CorpusOutputError
+from .corpus_output import CorpusOutputError
 from .enums import TASK_NAMES, output_name, parse_outputs, parse_task, task_name
 from .errors import EmbeddingError
 from .requests import DEFAULT_BATCH_SIZE

@@ -19,15 +19,9 @@ from typing import Any
 from tqdm import tqdm
 
 from .client import EmbeddingClient
-from .corpus_input import (
-    count_chunks,
-    count_records,
-    parse_document,
-    parse_record,
-    read_records,
-    whole_documents,
-)
-from .corpus_output import open_output, partial_path
+from .corpus_formats import count_chunks, count_records, open_output, read_records, whole_documents
+from .corpus_input import parse_document, parse_record
+from .corpus_output import partial_path
 from .enums import task_name
 
 

@@ -43,12 +43,8 @@ class Document:
     chunks: list[str]
 
 
-def count_records(path: Path) -> int:
+def count_lines(path: Path) -> int:
     """Non-blank lines: the number of records, read fast without parsing them."""
-    if path.suffix == ".parquet":
-        from . import corpus_parquet  # pyarrow: only for Parquet
-
-        return corpus_parquet.count_records(path)
     count = 0
     with open(path, "rb") as lines:
         for raw in lines:
@@ -57,18 +53,13 @@ def count_records(path: Path) -> int:
     return count
 
 
-def read_records(
+def read_lines(
     path: Path, skip: int = 0, parse: Callable[[Path, int, bytes], Any] | None = None
 ) -> Iterator[Any]:
     """The records in file order, after the first ``skip`` (which are not parsed).
 
     ``parse`` reads one line (default :func:`parse_record`; :func:`parse_document` for late chunking).
     """
-    if path.suffix == ".parquet":
-        from . import corpus_parquet  # pyarrow: only for Parquet
-
-        yield from corpus_parquet.read_records(path, skip, documents=parse is parse_document)
-        return
     parse = parse or parse_record
     seen = 0
     with open(path, "rb") as lines:
@@ -113,19 +104,3 @@ def parse_document(path: Path, number: int, raw: bytes) -> Document:
         if not isinstance(chunk, str) or not chunk.strip():
             raise CorpusInputError(path, number, f'"chunks"[{index}] must be a non-blank string')
     return Document(line=number, id=value.get("id"), chunks=chunks)
-
-
-def count_chunks(path: Path) -> int:
-    """All chunks of a late-chunking corpus (parses every line: the rows of a .npy output)."""
-    return sum(len(document.chunks) for document in read_records(path, parse=parse_document))
-
-
-def whole_documents(path: Path, rows: int) -> tuple[int, int]:
-    """Of ``rows`` chunk rows written, the documents wholly written and the rows they fill."""
-    documents = filled = 0
-    for document in read_records(path, parse=parse_document):
-        if filled + len(document.chunks) > rows:
-            break
-        documents += 1
-        filled += len(document.chunks)
-    return documents, filled

@@ -35,7 +35,6 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-SUFFIXES = (".jsonl", ".npy", ".parquet")
 ROW_DTYPE = np.dtype("<f4")
 
 
@@ -224,16 +223,3 @@ def _last_newline_end(data: BinaryIO) -> int:
             return start + found + 1
         position = start
     return 0
-
-
-def open_output(path: Path, records: int) -> CorpusOutput:
-    """``records``: the rows the finished file holds (records, or chunks for late chunking to .npy)."""
-    if path.suffix == ".jsonl":
-        return JsonlOutput(path, records)
-    if path.suffix == ".npy":
-        return NpyOutput(path, records)
-    if path.suffix == ".parquet":
-        from .corpus_parquet import ParquetOutput  # pyarrow: only for Parquet
-
-        return ParquetOutput(path, records)
-    raise CorpusOutputError(f"{path}: unknown output format; use one of {', '.join(SUFFIXES)}")

@@ -30,14 +30,14 @@ from .engine.memory import (
     cgroup_memory_limit,
     current_rss,
 )
-from .errors import ModelLoadError
+from .errors import ModelLoadError, StartupError
 from .grpc_api.interceptors import AuthInterceptor, InFlight, ObservingInterceptor
 from .grpc_api.server import NOT_SERVING, SERVING, build_server, set_health
 from .grpc_api.servicer import EmbeddingServicer
 from .grpc_api.state import Phase, ServingState
 from .metrics import Metrics, MetricsHttpServer, metrics_route
 from .models.files import locate
-from .models.loader import BUILTIN_MODEL, LoadedModel, ModelSpec, load
+from .models.loader import BUILTIN_MODEL, LoadedModel, ModelSpec, load, model_files
 from .ports import PortUnavailable, ensure_free, grpc_address
 from .rest.inprocess import InProcessShim
 from .settings import Settings, session_count, threads_per_session
@@ -49,10 +49,6 @@ FLUSH_SECONDS = 1.0  # after the drain: time for the last replies to leave befor
 #: The drain ends only after this long without a new call, so calls sent the moment another returned
 #: get UNAVAILABLE from the servicer instead of CANCELLED from a stopping gRPC server.
 QUIET_SECONDS = 0.25
-
-
-class StartupError(Exception):
-    """A configuration problem found at start: one line for the operator, exit 1."""
 
 
 def engine_settings(settings: Settings) -> EngineSettings:
@@ -119,16 +115,22 @@ def load_models(settings: Settings, metrics: Metrics | None = None) -> list[Load
         raise StartupError(f"--model: name {duplicates[0]!r} is used twice")
     threads = threads_per_session(settings)
     loaded = []
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
     for spec in specs:
         started = time.monotonic()
+        files = model_files(spec, cache_dir)
+        if settings.quantize == "int8":
+            from .quantize.cache import int8_files  # onnx and the quantizer: only when asked for
+
+            files = int8_files(spec.name, files, cache_dir)
         loaded.append(
             load(
                 spec,
                 sessions=session_count(settings),
                 threads=threads,
                 layout=settings.session_layout,
-                cache_dir=Path(settings.cache_dir) if settings.cache_dir else None,
-                quantize=settings.quantize,
+                cache_dir=cache_dir,
+                files=files,
             )
         )
         loaded[-1].sessions.add_wide(available_cpus())  # lone interactive runs use every core
@@ -236,6 +238,8 @@ class EmbeddingApp:
                 self.settings,
                 self.server,
                 self.state,
+                self.api_keys,
+                self.tls,
                 routes=[metrics_route(self.metrics, self.api_keys)],
                 observe=self.metrics.observe_call,
             )

@@ -6,7 +6,8 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from .app import StartupError, serve
+from .app import serve
+from .errors import StartupError
 from .logging_setup import configure
 from .settings import parse_settings
 

@@ -12,7 +12,7 @@ import threading
 from dataclasses import dataclass, field
 
 import numpy as np
-from embedding_server.engine.session_pool import SessionPool
+from embedding_server.models.sessions import SessionPool
 
 
 @dataclass

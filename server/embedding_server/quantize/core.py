@@ -23,10 +23,11 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from ..engine.session_pool import open_session, session_options
 from ..models.base import EmbeddingModel
 from ..models.build_minilm import file_digest
 from ..models.files import ModelFiles, external_data_extents
+from ..models.loader import build_model
+from ..models.sessions import open_session, session_options
 from .fidelity import Floor, OutputStats, as_dict, compare, reference_vectors, tasks_of, vectors, worst
 from .report import write_report
 from .rewrite import (
@@ -139,8 +140,6 @@ def quantize_directory(
     log: Callable[[str], None] = lambda line: None,
 ) -> dict[str, Any]:
     """Write an int8 copy of ``source`` to ``destination`` with its report; QuantizeRefused below floor."""
-    from ..models.loader import build_model
-
     fp32 = onnx.load(str(source.onnx))
     name_nodes(fp32)
     candidates = weight_matmuls(fp32)

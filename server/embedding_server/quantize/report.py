@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-REPORT_JSON = "quantization_report.json"
+from ..models.files import QUANTIZATION_REPORT as REPORT_JSON
+
 REPORT_MD = "quantization_report.md"
 
 

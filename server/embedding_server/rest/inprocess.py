@@ -24,20 +24,15 @@ import grpc
 from starlette.routing import BaseRoute
 
 from ..auth import ApiKeys
+from ..errors import StartupError
 from ..grpc_api.state import ServingState
 from ..settings import Settings
-from ..tls import load_tls
+from ..tls import TlsFiles
 from .app import Observer, build_app
 from .serving import RestServer, bind
 from .upstream import Upstream
 
 log = logging.getLogger(__name__)
-
-
-def _startup_error(message: str) -> Exception:
-    from ..app import StartupError  # app.py imports this module: import late
-
-    return StartupError(message)
 
 
 class InProcessShim:
@@ -48,11 +43,15 @@ class InProcessShim:
         settings: Settings,
         grpc_server: grpc.aio.Server,
         state: ServingState,
+        api_keys: ApiKeys,
+        tls: TlsFiles | None,
         routes: Sequence[BaseRoute] = (),
         observe: Observer | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
+        self.api_keys = api_keys  # checked by EmbeddingApp already, like the TLS files
+        self.tls = tls
         self.routes = routes
         self.observe = observe
         self._dir = Path(tempfile.mkdtemp(prefix="embedding-rest-"))  # mode 0700: this user only
@@ -69,28 +68,24 @@ class InProcessShim:
         settings = self.settings
         address = f"{settings.host}:{settings.rest_port}"
         try:
-            api_keys = ApiKeys.from_sources(settings.api_keys, settings.api_key_file)
-        except (OSError, ValueError) as exc:  # EmbeddingApp has reported these already
-            raise _startup_error(f"--api-key-file: cannot read {settings.api_key_file}: {exc}") from exc
-        try:
             sock = bind(settings.host, settings.rest_port)
         except OSError as exc:
-            raise _startup_error(f"--rest-port: cannot listen on {address} ({exc.strerror or exc})") from exc
+            raise StartupError(f"--rest-port: cannot listen on {address} ({exc.strerror or exc})") from exc
         self.upstream = Upstream(self.grpc_target, serving=self._serving)
         app = build_app(
             self.upstream,
-            api_keys,
+            self.api_keys,
             max_body_bytes=int(settings.rest_max_body_mb * 1024 * 1024),
             routes=self.routes,
             observe=self.observe,
         )
-        tls = load_tls(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+        tls = self.tls
         try:
             self.server = RestServer(app, sock, tls)
             await self.server.start()
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
             sock.close()
-            raise _startup_error(f"--rest-port: cannot serve on {address}: {exc}") from exc
+            raise StartupError(f"--rest-port: cannot serve on {address}: {exc}") from exc
         log.info("REST shim listening on %s%s", address, " (TLS)" if tls else "")
 
     async def stop(self) -> None:

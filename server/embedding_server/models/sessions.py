@@ -35,7 +35,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import ModelLoadError
-from ..models.files import missing_external_data, truncated_external_data
+from .files import missing_external_data, truncated_external_data
 
 
 def session_options(threads: int) -> ort.SessionOptions:
