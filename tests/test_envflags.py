@@ -7,9 +7,12 @@ variable and its value, never Python's wording ("invalid literal for int()") or 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Mapping
+from unittest import mock
 
 import pytest
+from embedding_client.cli import build_parser as client_parser
 from embedding_client.envflags import apply_environment, parse_boolean, variable_name
 from embedding_client.healthcheck import build_parser as healthcheck_parser
 from embedding_server.rest.standalone import parse_args as rest_args
@@ -19,13 +22,21 @@ COMMANDS: dict[str, Callable[[Mapping[str, str]], object]] = {
     "server": lambda environ: parse_settings([], environ),
     "rest": lambda environ: rest_args(["--target", "h:1"], environ),
     "healthcheck": lambda environ: healthcheck_parser(environ).parse_args([]),
+    "client": lambda environ: _client_args(environ),
 }
+
+
+def _client_args(environ: Mapping[str, str]) -> argparse.Namespace:
+    with mock.patch.dict(os.environ, environ, clear=True):  # embedding-client reads os.environ
+        return client_parser().parse_args(["models"])
 
 
 @pytest.mark.parametrize(
     ("command", "variable", "value"),
     [
+        ("server", "EMBEDDING_PORT", "xyz"),
         ("server", "EMBEDDING_PORT", "99999"),
+        ("server", "EMBEDDING_MAX_INPUTS", "many"),
         ("server", "EMBEDDING_LOG_JSON", "maybe"),
         ("rest", "EMBEDDING_REST_PORT", "xyz"),
         ("rest", "EMBEDDING_REST_MAX_BODY_MB", "big"),
@@ -46,7 +57,12 @@ def test_a_bad_value_is_one_line_naming_the_variable(capsys, command, variable, 
     assert "invalid literal" not in err and "could not convert" not in err
 
 
-@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_the_client_reads_target_and_api_key_only():
+    args = _client_args({"EMBEDDING_TARGET": "h:9", "EMBEDDING_API_KEY": "k", "EMBEDDING_TIMEOUT": "x"})
+    assert (args.target, args.api_key, args.timeout) == ("h:9", "k", 60.0)
+
+
+@pytest.mark.parametrize("command", ["server", "rest", "healthcheck"])
 def test_good_values_become_defaults(command):
     prefix = {"server": "EMBEDDING_", "rest": "EMBEDDING_REST_", "healthcheck": "EMBEDDING_HEALTHCHECK_"}
     flag = {"server": "port", "rest": "port", "healthcheck": "timeout"}[command]

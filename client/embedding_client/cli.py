@@ -26,6 +26,7 @@ from .corpus_formats import SUFFIXES
 from .corpus_input import CorpusInputError
 from .corpus_output import CorpusOutputError
 from .enums import TASK_NAMES, output_name, parse_outputs, parse_task, task_name
+from .envflags import apply_environment
 from .errors import EmbeddingError
 from .requests import DEFAULT_BATCH_SIZE
 from .results import Embeddings
@@ -57,13 +58,12 @@ def _connection_flags() -> argparse.ArgumentParser:
     g = p.add_argument_group("connection")
     g.add_argument(
         "--target",
-        default=os.environ.get("EMBEDDING_TARGET", DEFAULT_TARGET),
+        default=DEFAULT_TARGET,
         help="gRPC target: HOST:PORT, ipv4:A:P,B:P (replicas), dns:///HOST:PORT "
         f"(default $EMBEDDING_TARGET or {DEFAULT_TARGET})",
     )
     g.add_argument(
         "--api-key",
-        default=os.environ.get("EMBEDDING_API_KEY"),
         help="bearer token (default $EMBEDDING_API_KEY)",
     )
     g.add_argument("--tls", action="store_true", help="connect with TLS (system roots unless --ca-cert)")
@@ -72,6 +72,8 @@ def _connection_flags() -> argparse.ArgumentParser:
     g.add_argument("--client-key", help="PEM client key (mTLS)")
     g.add_argument("--server-name", help="the name to verify in the server's certificate")
     g.add_argument("--timeout", type=float, default=60.0, help="seconds per unary call (default 60)")
+    # the two variables the server's deployment already sets; the rest are flags only
+    apply_environment(p, os.environ, "EMBEDDING_", only=("target", "api_key"))
     return p
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import NoReturn
+from typing import Any
+
+from embedding_client.envflags import OneLineParser, apply_environment, port_number
 
 from .cpus import available_cpus
 from .engine.memory import parse_size
@@ -55,8 +57,8 @@ class Settings:
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/embedding-service
 
 
-def _positive(kind: type) -> object:
-    def parse(text: str) -> object:
+def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
         value = kind(text)
         if value < 0:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
@@ -76,44 +78,23 @@ def _size(text: str) -> int:
 _size.__name__ = "size"
 
 
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"not a port number: {text}")
-    return value
-
-
-_port.__name__ = "port"  # argparse says "invalid port value: 'http'"
-
-
-class _OneLineParser(argparse.ArgumentParser):
-    """A bad flag value is one line on stderr (no usage dump) and exit status 2."""
-
-    def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
 class _AppendOverridingDefault(argparse._AppendAction):
     """A repeatable flag whose first use replaces the default (e.g. from the environment), not extends it."""
 
-    def __call__(self, parser, namespace, values, option_string=None):  # type: ignore[no-untyped-def]
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[Any] | None,
+        option_string: str | None = None,
+    ) -> None:
         if getattr(namespace, self.dest, None) is self.default:
             setattr(namespace, self.dest, [])
         super().__call__(parser, namespace, values, option_string)
 
 
-_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
-
-
-def _boolean(text: str) -> bool:
-    word = text.strip().lower()
-    if word not in _TRUE + _FALSE:
-        raise ValueError(f"expected one of {', '.join(_TRUE + _FALSE[:-1])}")
-    return word in _TRUE
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
+    p = OneLineParser(
         prog="embedding-server",
         description="gRPC embedding server (and OpenAI-compatible REST shim) on ONNX Runtime CPU sessions. "
         f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>, e.g. EMBEDDING_PORT.",
@@ -121,8 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.register("action", "append", _AppendOverridingDefault)
     add = p.add_argument
     add("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    add("--port", type=_port, default=50051, help="gRPC port (default 50051)")
-    add("--rest-port", type=_port, default=8000, help="REST shim port; 0 turns the shim off (default 8000)")
+    add("--port", type=port_number, default=50051, help="gRPC port (default 50051)")
+    add(
+        "--rest-port",
+        type=port_number,
+        default=8000,
+        help="REST shim port; 0 turns the shim off (default 8000)",
+    )
     add(
         "--rest-max-body-mb",
         type=_positive(float),
@@ -224,7 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tls-cert", default=None, help="PEM certificate chain: serve gRPC and REST over TLS")
     add("--tls-key", default=None, help="PEM private key for --tls-cert")
     add("--tls-client-ca", default=None, help="PEM CA bundle: require client certificates (mTLS)")
-    add("--metrics-port", type=_port, default=0, help="Prometheus /metrics port when the REST shim is off")
+    add(
+        "--metrics-port",
+        type=port_number,
+        default=0,
+        help="Prometheus /metrics port when the REST shim is off",
+    )
     add(
         "--quantize",
         choices=["none", "int8"],
@@ -244,32 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _apply_environment(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> None:
-    """Use EMBEDDING_<FLAG> as each flag's default; the command line still wins."""
-    for action in parser._actions:
-        if not action.option_strings or action.dest == "help":
-            continue
-        flag = action.option_strings[0].lstrip("-")
-        raw = environ.get(ENV_PREFIX + flag.upper().replace("-", "_"))
-        if raw is None:
-            continue
-        try:
-            if isinstance(action, argparse._AppendAction):
-                value: object = [part.strip() for part in raw.split(",") if part.strip()]
-            elif isinstance(action, argparse.BooleanOptionalAction):
-                value = _boolean(raw)
-            else:
-                value = action.type(raw) if action.type else raw  # type: ignore[operator]
-            if action.choices and value not in action.choices:
-                raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
-        except (ValueError, argparse.ArgumentTypeError) as exc:
-            parser.error(f"{ENV_PREFIX}{flag.upper().replace('-', '_')}={raw!r}: {exc}")
-        parser.set_defaults(**{action.dest: value})
-
-
 def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     parser = build_parser()
-    _apply_environment(parser, os.environ if environ is None else environ)
+    apply_environment(parser, os.environ if environ is None else environ, ENV_PREFIX)
     args = parser.parse_args(argv)
     at_least_one = ("max_inputs", "sessions", "stream_window", "max_batch_size", "max_batch_tokens")
     for name in (*at_least_one, "max_message_mb", "max_queue_requests"):

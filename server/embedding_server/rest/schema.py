@@ -20,16 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from embedding_client.enums import TASK_NAMES
+
 from .errors import bad_request
 
-#: REST task names (jina's adapter names) → embedding.v1.Task values.
-TASKS: dict[str, int] = {
-    "retrieval.query": 1,
-    "retrieval.passage": 2,
-    "separation": 3,
-    "classification": 4,
-    "text-matching": 5,
-}
+#: REST task names (jina's adapter names) → embedding.v1.Task values: the client's one table.
+TASKS: dict[str, int] = {name: int(task) for name, task in TASK_NAMES.items()}
 #: REST priority names → embedding.v1.Priority values (absent: interactive, like Embed).
 PRIORITIES: dict[str, int] = {"interactive": 1, "batch": 2}
 ENCODING_FORMATS = ("float", "base64")
