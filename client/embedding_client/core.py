@@ -19,7 +19,7 @@ import dataclasses
 from collections import deque
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import grpc
 
@@ -177,7 +177,7 @@ class ClientCore:
         self, texts: str | Iterable[str], model: str | None, task: TaskLike
     ) -> pb.TokenizeRequest:
         return pb.TokenizeRequest(
-            model=model or self.model, inputs=as_text_list(texts), task=int(parse_task(task))
+            model=model or self.model, inputs=as_text_list(texts), task=cast(pb.Task, int(parse_task(task)))
         )
 
     @staticmethod

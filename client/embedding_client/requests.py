@@ -72,7 +72,7 @@ class EmbedOptions:
             late_chunking=self.late_chunking,
             outputs=[cast(pb.OutputType, int(o)) for o in self.outputs],
             truncate=self.truncate,
-            priority=int(self.priority),
+            priority=cast(pb.Priority, int(self.priority)),
         )
 
 

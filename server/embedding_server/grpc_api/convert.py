@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 from embedding_client.proto import embedding_pb2 as pb
 
@@ -69,8 +71,9 @@ def model_info(description: ModelDescription, is_default: bool) -> pb.ModelInfo:
         family=description.family,
         dimensions=description.dimensions,
         max_tokens=description.max_tokens,
-        tasks=[int(t) for t in description.tasks],
-        outputs=[int(o) for o in description.outputs],
+        # protoc's stubs type enum fields as their wrapper class; the values are the same ints
+        tasks=[cast(pb.Task, int(t)) for t in description.tasks],
+        outputs=[cast(pb.OutputType, int(o)) for o in description.outputs],
         matryoshka_dimensions=list(description.matryoshka_dimensions),
         is_default=is_default,
         max_document_tokens=description.max_document_tokens,

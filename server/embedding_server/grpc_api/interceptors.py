@@ -26,7 +26,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import grpc
 
@@ -50,7 +50,10 @@ TOTAL_TIME_KEY = "x-total-time-ms"
 MISSING_KEY_MESSAGE = "missing API key: send metadata 'authorization: Bearer <key>'"
 WRONG_KEY_MESSAGE = "invalid API key"
 
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+# grpc-stubs makes these generic in the request and reply types; interceptors see every method.
+Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
 
 
 def method_label(full_method: str) -> str:
@@ -76,7 +79,7 @@ def metadata_value(metadata: Any, key: str) -> str | None:
     return None
 
 
-def _with_behavior(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any]) -> grpc.RpcMethodHandler:
+def _with_behavior(handler: Handler, behavior: Callable[..., Any]) -> Handler:
     """A handler of the same kind and (de)serializers as ``handler`` around a new behavior."""
     if handler.unary_unary:
         make = grpc.unary_unary_rpc_method_handler
@@ -89,11 +92,13 @@ def _with_behavior(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any])
     return make(behavior, handler.request_deserializer, handler.response_serializer)
 
 
-def _inner_behavior(handler: grpc.RpcMethodHandler) -> Callable[..., Any]:
-    return handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+def _inner_behavior(handler: Handler) -> Callable[..., Any]:
+    behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
+    assert behavior is not None, "a method handler has one behavior"
+    return behavior
 
 
-def _streams_responses(handler: grpc.RpcMethodHandler) -> bool:
+def _streams_responses(handler: Handler) -> bool:
     return bool(handler.unary_stream or handler.stream_stream)
 
 
@@ -109,7 +114,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None or not self.keys.enabled or self.exempt(handler_call_details.method):
             return handler
@@ -121,16 +126,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         return _refusing(handler, Unauthenticated(MISSING_KEY_MESSAGE, reason="MISSING_API_KEY"))
 
 
-def _refusing(handler: grpc.RpcMethodHandler, error: Unauthenticated) -> grpc.RpcMethodHandler:
+def _refusing(handler: Handler, error: Unauthenticated) -> Handler:
     if _streams_responses(handler):
 
-        async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def refuse_stream(request: Any, context: Context) -> AsyncIterator[Any]:
             await abort(context, error, "auth")
-            yield  # pragma: no cover - abort raises
+            # abort raises; the yield only makes this an async generator, as a streaming handler must be
+            yield  # type: ignore[unreachable]  # pragma: no cover
 
         return _with_behavior(handler, refuse_stream)
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def refuse(request: Any, context: Context) -> Any:
         await abort(context, error, "auth")
 
     return _with_behavior(handler, refuse)
@@ -183,8 +189,8 @@ class InFlight:
             await asyncio.sleep(quiet - calm)
 
 
-def _code_name(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
-    code = context.code()
+def _code_name(context: Context, error: BaseException | None) -> str:
+    code: object = context.code()  # None until the handler sets one, whatever the stubs say
     if isinstance(code, grpc.StatusCode):
         return code.name
     if error is None:
@@ -217,7 +223,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
@@ -226,7 +232,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         inner = _inner_behavior(handler)
         if _streams_responses(handler) and inspect.isasyncgenfunction(inner):
 
-            async def stream_behavior(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
                 call, token, started = self._begin(quiet, clean_request_id(offered_id))
                 error: BaseException | None = None
                 try:
@@ -243,7 +249,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
             return _with_behavior(handler, stream_behavior)
 
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def behavior(request: Any, context: Context) -> Any:
             call, token, started = self._begin(
                 quiet, clean_request_id(offered_id or getattr(request, "request_id", None))
             )
@@ -271,7 +277,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         self,
         method: str,
         quiet: bool,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         error: BaseException | None,
         token: Any,
         started: float,
@@ -294,7 +300,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 leave_call(token)
 
 
-def _send_trailers(context: grpc.aio.ServicerContext, call: CallContext, started: float) -> None:
+def _send_trailers(context: Context, call: CallContext, started: float) -> None:
     """Before the last reply leaves: the call's timings go out as trailing metadata."""
     context.set_trailing_metadata(
         (

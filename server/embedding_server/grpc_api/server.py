@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from embedding_client.proto import embedding_pb2 as pb
@@ -20,7 +21,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 def embedding_handler(servicer: EmbeddingServicer) -> grpc.GenericRpcHandler:
     """Method handlers with parsers that turn undecodable bytes into INVALID_ARGUMENT, not INTERNAL."""
     serialize = lambda message: message.SerializeToString()  # noqa: E731
-    handlers = {
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Embed": grpc.unary_unary_rpc_method_handler(servicer.Embed, safe_parser(pb.EmbedRequest), serialize),
         "StreamEmbed": grpc.stream_stream_rpc_method_handler(
             servicer.StreamEmbed, safe_parser(pb.EmbedRequest), serialize

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
 
 import grpc
 from embedding_client.proto import embedding_pb2 as pb
+from google.protobuf.descriptor import Descriptor
+from google.protobuf.message import Message
 
 from ..call_context import record_engine_time
 from ..engine.requests import EmbedResult
@@ -34,12 +37,13 @@ class MalformedRequest:
         self.error = InvalidArgument(message, field=field, index=index, reason="MALFORMED_REQUEST")
 
 
-def safe_parser(message_class: type) -> object:
-    def parse(data: bytes) -> object:
+def safe_parser(message_class: type[Message]) -> Callable[[bytes], Message | MalformedRequest]:
+    def parse(data: bytes) -> Message | MalformedRequest:
         try:
             return message_class.FromString(data)
         except Exception as exc:  # protobuf's DecodeError and friends
-            bad = bad_utf8_field(message_class.DESCRIPTOR, data)
+            # the stubs type DESCRIPTOR as the pure-Python or the upb class; both have the same interface
+            bad = bad_utf8_field(cast(Descriptor, message_class.DESCRIPTOR), data)
             if bad is not None:
                 field, index = bad
                 path = field if index is None else f"{field}[{index}]"
@@ -62,7 +66,7 @@ def _recorded(result: EmbedResult) -> EmbedResult:
     return result
 
 
-def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
     remaining = context.time_remaining()
     return None if remaining is None else time.monotonic() + remaining
 
@@ -74,7 +78,9 @@ class EmbeddingServicer:
         self.state = state
         self.stream_window = stream_window
 
-    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext) -> pb.EmbedResponse:
+    async def Embed(
+        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.EmbedResponse:
         try:
             _check_parsed(request)
             embedder = self.state.require()
@@ -85,7 +91,7 @@ class EmbeddingServicer:
             await abort(context, exc, "Embed")
 
     async def ListModels(
-        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
         try:
             embedder = self.state.require()
@@ -98,7 +104,7 @@ class EmbeddingServicer:
             await abort(context, exc, "ListModels")
 
     async def Tokenize(
-        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext
+        self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.TokenizeResponse:
         try:
             _check_parsed(request)
@@ -109,7 +115,7 @@ class EmbeddingServicer:
             await abort(context, exc, "Tokenize")
 
     async def StreamEmbed(
-        self, requests: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext
+        self, requests: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.EmbedResponse]:
         """Every request answered once, in completion order, at most ``stream_window`` in flight.
 

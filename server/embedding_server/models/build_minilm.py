@@ -24,10 +24,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import ModelLoadError
+
+if TYPE_CHECKING:  # onnx is imported when a graph is built, not when the server starts
+    import onnx
 
 BUILTIN_MODEL = "all-minilm-l6-v2"
 
@@ -94,8 +98,8 @@ def writable_cache(cache_dir: Path | None, subdir: str) -> Path:
 
 
 def build_graph(
-    weights: dict[str, np.ndarray], config: dict[str, object], attention: str = "mha"
-):  # -> onnx.ModelProto
+    weights: dict[str, np.ndarray], config: dict[str, Any], attention: str = "mha"
+) -> onnx.ModelProto:
     """The BERT encoder as an ONNX model: inputs ids/mask/types [B,S], output last_hidden_state [B,S,H].
 
     ``attention``: "mha", ONNX Runtime's fused MultiHeadAttention (the default), or "plain"
@@ -103,13 +107,12 @@ def build_graph(
     texts once the projections are int8. Residuals are Add + LayerNormalization: ONNX
     Runtime's SkipLayerNormalization measured 5x slower than the pair on this CPU.
     """
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    hidden = int(config["hidden_size"])  # type: ignore[arg-type]
-    heads = int(config["num_attention_heads"])  # type: ignore[arg-type]
-    layers = int(config["num_hidden_layers"])  # type: ignore[arg-type]
-    eps = float(config.get("layer_norm_eps", 1e-12))  # type: ignore[arg-type]
+    hidden = int(config["hidden_size"])
+    heads = int(config["num_attention_heads"])
+    layers = int(config["num_hidden_layers"])
+    eps = float(config.get("layer_norm_eps", 1e-12))
     if config.get("hidden_act", "gelu") != "gelu":
         raise ModelLoadError(f"MiniLM builder: hidden_act {config.get('hidden_act')!r} is not gelu")
     nodes: list[onnx.NodeProto] = []
@@ -119,7 +122,7 @@ def build_graph(
         initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
-    def op(op_type: str, inputs: list[str], name: str, domain: str = "", **attrs: object) -> str:
+    def op(op_type: str, inputs: list[str], name: str, domain: str = "", **attrs: Any) -> str:
         nodes.append(helper.make_node(op_type, inputs, [name], name=name, domain=domain, **attrs))
         return name
 

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from .base import EmbeddingModel, signature_of
 from .bge_m3 import BgeM3Model
-from .build_minilm import BUILTIN_MODEL, built_fp32_model, builtin_root
+from .build_minilm import BUILTIN_MODEL as BUILTIN_MODEL
+from .build_minilm import built_fp32_model
+from .build_minilm import builtin_root as builtin_root
 from .family import BGE_M3, JINA_V3, detect_family
 from .files import QUANTIZATION_REPORT as REPORT_JSON
 from .files import ModelFiles, locate

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ..models.files import QUANTIZATION_REPORT as REPORT_JSON
+from ..models.files import QUANTIZATION_REPORT
 
+REPORT_JSON = QUANTIZATION_REPORT
 REPORT_MD = "quantization_report.md"
 
 

@@ -9,7 +9,7 @@ a Python float per value, and base64 is taken straight from the float32 bytes
 from __future__ import annotations
 
 import base64
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from embedding_client.proto import embedding_pb2 as pb
@@ -38,12 +38,13 @@ def to_embed_request(request: EmbeddingsRequest) -> tuple[pb.EmbedRequest, list[
         message = pb.EmbedRequest(
             model=request.model,
             inputs=request.inputs,
-            task=request.task,
+            # protoc's stubs type enum fields as their wrapper class; the values are the same ints
+            task=cast(pb.Task, request.task),
             dimensions=request.dimensions,
             late_chunking=request.late_chunking,
-            outputs=outputs,
+            outputs=[cast(pb.OutputType, output) for output in outputs],
             truncate=request.truncate,
-            priority=request.priority,
+            priority=cast(pb.Priority, request.priority),
         )
     except (ValueError, TypeError) as exc:  # e.g. a string protobuf cannot encode as UTF-8
         raise bad_request(f"input: cannot be encoded as UTF-8 text ({exc})", "input") from None
