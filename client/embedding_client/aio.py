@@ -160,7 +160,7 @@ class AsyncEmbeddingClient(ClientCore):
         elif length_sort:
             source = async_sorted_requests(_async_batches(texts, length_sort, max_chars=2**62), size, plans)
         elif late_chunking:
-            source = _async_documents(texts)  # type: ignore[arg-type]
+            source = _async_documents(texts)
         else:
             source = _async_batches(texts, size)
         run = AsyncStreamRun(self.stub, core, source, self._stream_metadata(metadata))

@@ -10,6 +10,7 @@ import itertools
 import queue
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import grpc
 
@@ -102,8 +103,8 @@ class EmbeddingClient(ClientCore):
     ) -> list[Embeddings]:
         """At most ``max_concurrency`` requests in flight; over round_robin they spread over replicas."""
         results: list[Embeddings | None] = [None] * len(parts)
-        finished: queue.SimpleQueue[tuple[int, grpc.Future]] = queue.SimpleQueue()
-        running: dict[int, grpc.Future] = {}
+        finished: queue.SimpleQueue[tuple[int, grpc.Future[Any]]] = queue.SimpleQueue()
+        running: dict[int, grpc.Future[Any]] = {}
         size = len(parts[0])
 
         def start(index: int) -> None:
@@ -132,7 +133,7 @@ class EmbeddingClient(ClientCore):
         finally:
             for future in running.values():
                 future.cancel()
-        return results  # type: ignore[return-value]
+        return results  # type: ignore[return-value]  # every slot is filled once the loop ends
 
     def list_models(self, *, timeout: Timeout = USE_CLIENT_DEFAULT) -> list[ModelInfo]:
         try:

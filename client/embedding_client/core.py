@@ -214,10 +214,11 @@ class ClientCore:
     ) -> Iterable[list[str]]:
         """The requests' inputs, lazily, from a plain iterable (aio adds async iterables)."""
         if length_sort:
+            # without late chunking the items are texts, not documents (the caller checked)
             return sorted_requests(texts, size, length_sort, plans)  # type: ignore[arg-type]
         if late_chunking:
             return (as_text_list(document) for document in texts)
-        return batches(texts, size)  # type: ignore[arg-type]
+        return batches(texts, size)  # type: ignore[arg-type]  # texts here, as for sorted_requests
 
     def _stream_core(
         self,

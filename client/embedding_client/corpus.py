@@ -124,9 +124,11 @@ def run_corpus(
             for batch in run:
                 if job.late_chunking:  # one reply per document, a vector per chunk
                     records_done = 1
+                    # the corpus job asks for dense vectors only, so every batch has them
                     output.write_document(ids.popleft(), batch.dense)  # type: ignore[arg-type]
                 else:
                     records_done = batch.count
+                    # the corpus job asks for dense vectors only, so every batch has them
                     output.write([ids.popleft() for _ in range(records_done)], batch.dense)  # type: ignore[arg-type]
                 embedded += records_done
                 model = batch.model or model

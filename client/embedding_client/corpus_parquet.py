@@ -75,7 +75,7 @@ def read_records(path: Path, skip: int = 0, documents: bool = False) -> Iterator
             path, None, f'"{column}" must be {wanted}, got {file.schema_arrow.field(column).type}'
         )
     columns = [column, "id"] if "id" in names else [column]
-    row, groups = 0, []
+    row, groups = 0, list[int]()
     for group in range(file.num_row_groups):
         rows = file.metadata.row_group(group).num_rows
         if not groups and row + rows <= skip:
@@ -107,7 +107,7 @@ def _document(path: Path, row: int, id_: Any, chunks: list[str | None] | None) -
     for index, chunk in enumerate(chunks):
         if chunk is None or not chunk.strip():
             raise ParquetInputError(path, row, f'"chunks"[{index}] must be a non-blank string')
-    return Document(line=row + 1, id=id_, chunks=chunks)  # type: ignore[arg-type]
+    return Document(line=row + 1, id=id_, chunks=[chunk for chunk in chunks if chunk is not None])
 
 
 class ParquetOutput(CorpusOutput):

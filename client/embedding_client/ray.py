@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -60,7 +60,7 @@ IN_PROCESS_WINDOW = 32
 #: In-process engines use one session per CPU the actor was given, up to this many.
 MAX_IN_PROCESS_SESSIONS = 4
 
-Batch = pa.Table | dict[str, Any] | Any  # what map_batches hands over: Arrow, numpy dict or pandas
+Batch: TypeAlias = "pa.Table | dict[str, Any] | Any"  # what map_batches hands: Arrow, numpy dict or pandas
 
 
 class EmbedBatches:
@@ -251,7 +251,8 @@ def default_engine_args() -> list[str]:
     cpus = 1
     if ray.is_initialized():  # (get_runtime_context() would start a local Ray outside one)
         try:
-            cpus = int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1) or 1)
+            resources = ray.get_runtime_context().get_assigned_resources()  # type: ignore[no-untyped-call]  # Ray leaves it unannotated
+            cpus = int(resources.get("CPU", 1) or 1)
         except AssertionError:  # Ray's answer in the driver, which is given no resources
             cpus = 1
     sessions = max(1, min(cpus, MAX_IN_PROCESS_SESSIONS))
@@ -282,7 +283,7 @@ def as_table(batch: Batch) -> pa.Table:
 def column_values(table: pa.Table, name: str, kind: type) -> list[Any]:
     if name not in table.column_names:
         raise KeyError(f"{name}: no such column (columns: {', '.join(table.column_names)})")
-    values = table.column(name).to_pylist()
+    values: list[Any] = table.column(name).to_pylist()
     for index, value in enumerate(values):
         if not isinstance(value, kind) or (kind is str and not value):
             found = "null" if value is None else repr(value)[:40]
@@ -308,8 +309,10 @@ def text_columns(result: Embeddings, outputs: Sequence[Output]) -> dict[Output, 
     columns: dict[Output, pa.Array] = {}
     for output in outputs:
         if output == Output.DENSE:
+            # an output asked for is in every result (results.py)
             columns[output] = fixed_rows(result.dense, np.float32)  # type: ignore[arg-type]
         elif output == Output.BINARY:
+            # an output asked for is in every result (results.py)
             columns[output] = fixed_rows(result.binary, np.uint8)  # type: ignore[arg-type]
         elif output == Output.SPARSE:
             sparse = result.sparse or []

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -189,9 +190,7 @@ class Metrics:
         """Queue depth is read from each batcher's per-class counters (plain ints) when Prometheus scrapes."""
         for name, batcher in embedder.batchers.items():
             for priority in (Priority.INTERACTIVE, Priority.BATCH):
-                self.queue_depth.labels(name, _class(priority)).set_function(
-                    lambda b=batcher, p=priority: b.depth(p)
-                )
+                self.queue_depth.labels(name, _class(priority)).set_function(partial(batcher.depth, priority))
 
     def model_loaded(self, model: str, seconds: float) -> None:
         self.model_load_seconds.labels(model).set(seconds)

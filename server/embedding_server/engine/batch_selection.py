@@ -61,7 +61,8 @@ def select_batch(
         if right is None or (
             left is not None and target - by_length[left].length <= by_length[right].length - target
         ):
-            low = left  # type: ignore[assignment]
+            assert left is not None  # not both None: the loop stopped above
+            low = left
         else:
             high = right
     return by_length[low : high + 1]

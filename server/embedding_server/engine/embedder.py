@@ -213,7 +213,10 @@ class Embedder:
         self, document: LateChunkedDocument, windows: list[SequenceVectors], dimensions: int
     ) -> list[SequenceVectors]:
         """Stitch a document's window states and pool its chunks (off the event loop: H can be large)."""
-        states = [window.token_states for window in windows]
+        states: list[np.ndarray] = []
+        for window in windows:
+            assert window.token_states is not None  # a late-chunking window comes back unpooled
+            states.append(window.token_states)
         dense = await asyncio.get_running_loop().run_in_executor(
             self._tokenize_threads, chunk_vectors, document, states, dimensions
         )

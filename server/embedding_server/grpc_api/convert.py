@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import cast
 
-import numpy as np
 from embedding_client.proto import embedding_pb2 as pb
 
 from ..engine.requests import EmbedJob, EmbedResult, TokenizedResult
@@ -46,19 +45,24 @@ def to_response(request_id: str, result: EmbedResult) -> pb.EmbedResponse:
 
 
 def _embedding(index: int, output: Output, vectors: SequenceVectors) -> pb.Embedding:
+    # the model's postprocess fills every output the row asked for (models/base.py)
     if output == Output.DENSE:
-        return pb.Embedding(index=index, dense=pb.DenseVector(values=vectors.dense[0].tolist()))  # type: ignore[index]
+        assert vectors.dense is not None
+        return pb.Embedding(index=index, dense=pb.DenseVector(values=vectors.dense[0].tolist()))
     if output == Output.BINARY:
-        dense = vectors.dense[0]  # type: ignore[index]
+        assert vectors.dense is not None
+        dense = vectors.dense[0]
         bits = pack_sign_bits(dense).tobytes()
         return pb.Embedding(index=index, binary=pb.BinaryVector(bits=bits, dimensions=int(dense.shape[0])))
     if output == Output.SPARSE:
         sparse = vectors.sparse
+        assert sparse is not None
         return pb.Embedding(
             index=index,
-            sparse=pb.SparseVector(indices=sparse.ids.tolist(), values=sparse.weights.tolist()),  # type: ignore[union-attr]
+            sparse=pb.SparseVector(indices=sparse.ids.tolist(), values=sparse.weights.tolist()),
         )
-    colbert: np.ndarray = vectors.colbert  # type: ignore[assignment]
+    colbert = vectors.colbert
+    assert colbert is not None
     return pb.Embedding(
         index=index,
         colbert=pb.MultiVector(dimensions=int(colbert.shape[1]), values=colbert.ravel().tolist()),

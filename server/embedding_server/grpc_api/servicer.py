@@ -165,6 +165,7 @@ class EmbeddingServicer:
         try:
             _check_parsed(request)
             embedder = self.state.require()
+            # _check_parsed raised for a MalformedRequest: this is an EmbedRequest
             job = convert.to_job(request, deadline, Priority.BATCH, flow)  # type: ignore[arg-type]
             result = _recorded(await embedder.embed(job))
             return convert.to_response(request.request_id, result)

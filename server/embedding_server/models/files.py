@@ -28,7 +28,8 @@ class ModelFiles:
 
     def config(self, relative: str) -> dict[str, Any] | list[Any] | None:
         """Parse a JSON file under ``root``; None when it does not exist."""
-        return read_json(self.root / relative)
+        parsed: dict[str, Any] | list[Any] | None = read_json(self.root / relative)
+        return parsed
 
     def exists(self, relative: str) -> bool:
         return (self.root / relative).is_file()

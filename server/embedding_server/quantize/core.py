@@ -119,7 +119,8 @@ def activation_maxima(
         for value, array in zip(values, results[len(output_names) :], strict=True):
             channel_max = np.abs(array).reshape(-1, array.shape[-1]).max(axis=0)
             maxima[value] = np.maximum(maxima.get(value, 0.0), channel_max)
-        return results[: len(output_names)]
+        kept: list[np.ndarray] = results[: len(output_names)]
+        return kept
 
     for task in tasks_of(model):
         vectors(model, capture, texts, task)
@@ -207,16 +208,17 @@ def quantize_directory(
                 f"(at most {limit}); use --force to write it anyway"
             )
         speed_texts = texts[:BATCH_FOR_SPEED]
-        speed = {
+        fp32_ms = timed(reference_session, model, speed_texts)
+        all_int8_ms = timed(all_int8.session, model, speed_texts)
+        int8_ms = all_int8_ms if best is all_int8 else timed(best.session, model, speed_texts)
+        speed: dict[str, object] = {
             "batch": f"{len(speed_texts)} calibration texts",
-            "fp32_ms": timed(reference_session, model, speed_texts),
-            "all_int8_ms": timed(all_int8.session, model, speed_texts),
+            "fp32_ms": fp32_ms,
+            "all_int8_ms": all_int8_ms,
+            "int8_ms": int8_ms,
+            "speedup": fp32_ms / int8_ms,
+            "kept_cost": int8_ms / all_int8_ms - 1,
         }
-        speed["int8_ms"] = (
-            speed["all_int8_ms"] if best is all_int8 else timed(best.session, model, speed_texts)
-        )
-        speed["speedup"] = speed["fp32_ms"] / speed["int8_ms"]
-        speed["kept_cost"] = speed["int8_ms"] / speed["all_int8_ms"] - 1
         report = {
             "model": name,
             "source": str(source.onnx),

@@ -55,7 +55,8 @@ def worst(outputs: dict[str, OutputStats], floor: Floor) -> tuple[str, OutputSta
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
     b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-    return (a * b).sum(-1)
+    cosines: np.ndarray = (a * b).sum(-1)
+    return cosines
 
 
 def sparse_cosine(a: SparseWeights, b: SparseWeights) -> float:

@@ -206,7 +206,7 @@ def document(auth: bool) -> dict[str, Any]:
         "responses": {"200": {"description": "OpenAPI 3.1"}},
     }
     schemas = {"EmbeddingsRequest": request_schema(), **_response_schemas()}
-    security = {"security": [{"bearer": []}]} if auth else {}
+    security: dict[str, list[dict[str, list[str]]]] = {"security": [{"bearer": []}]} if auth else {}
     return {
         "openapi": "3.1.0",
         "info": {"title": "embedding-server REST shim", "version": "1"},
