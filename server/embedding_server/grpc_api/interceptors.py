@@ -53,7 +53,7 @@ WRONG_KEY_MESSAGE = "invalid API key"
 # grpc-stubs makes these generic in the request and reply types; interceptors see every method.
 Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
-Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]
+Continuation: TypeAlias = "Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]]"
 
 
 def method_label(full_method: str) -> str:
