@@ -20,7 +20,8 @@ import pytest
 from embedding_client.proto import embedding_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.server import RunningServer, free_port, start_server, wait_until
+from tests.support.polling import until_sync
+from tests.support.server import RunningServer, free_port, start_server
 
 MODEL = "all-minilm-l6-v2"
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -207,7 +208,7 @@ def test_a_cancelled_stream_leaves_the_in_flight_count(observed):
     runs = value(before, "embedding_batch_size_count", model=MODEL)
     next(call)  # the stream is up and counted; now stop reading
     # Replies pile up unread: the server has answered 10 more requests (4 runs each at batch size 2).
-    wait_until(
+    until_sync(
         lambda: value(scrape(observed), "embedding_batch_size_count", model=MODEL) >= runs + 44,
         "replies the client does not read",
     )

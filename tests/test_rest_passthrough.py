@@ -7,7 +7,7 @@ import socket
 import time
 import urllib.request
 
-from tests.support.server import wait_until
+from tests.support.polling import until_sync
 
 
 def cancelled_embeds(rest_url: str) -> float:
@@ -33,7 +33,7 @@ def test_hanging_up_cancels_the_grpc_call(default_server):
             + body
         )
         # the call reached the server (~65k tokens: seconds of work) before the client hangs up
-        wait_until(lambda: default_server.metric("embedding_in_flight_requests") >= 1, "the call in flight")
+        until_sync(lambda: default_server.metric("embedding_in_flight_requests") >= 1, "the call in flight")
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and cancelled_embeds(default_server.rest_url) == before:
         time.sleep(0.1)

@@ -22,7 +22,8 @@ import openai
 import pytest
 from embedding_client.proto import embedding_pb2 as pb
 
-from tests.support.server import RunningServer, free_port, server_command, start_server, wait_until
+from tests.support.polling import until_sync
+from tests.support.server import RunningServer, free_port, server_command, start_server
 
 KEY = "test-key-0123"
 
@@ -149,7 +150,7 @@ def test_sigterm_health_503_while_rest_work_in_flight_finishes():
             concurrent.futures.ThreadPoolExecutor(1) as pool,
         ):
             in_flight = pool.submit(http.post, "/v1/embeddings", json={"input": texts})
-            wait_until(lambda: server.metric("embedding_in_flight_requests") >= 1, "the request in flight")
+            until_sync(lambda: server.metric("embedding_in_flight_requests") >= 1, "the request in flight")
             assert not in_flight.done(), "the request finished too fast to test the drain"
             server.process.send_signal(signal.SIGTERM)
             health = None

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,18 +99,6 @@ class RunningServer:
                 self.process.kill()
                 self.process.wait()
         return self.process.returncode
-
-
-def wait_until(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
-    """Poll ``condition`` until it is true; AssertionError naming ``what`` after ``timeout`` s.
-
-    For waiting on the server's state (a metric, a log line) instead of sleeping a guessed time.
-    """
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout:g} s")
-        time.sleep(0.01)
 
 
 def server_command(args: Sequence[str]) -> list[str]:
