@@ -449,7 +449,13 @@ def test_corpus_cli_late_chunking(server_b, refs, tmp_path: Path):
     again = run_cli("corpus", str(source), str(resumed), *flags)
     assert again.returncode == 0, again.stderr
     assert "resuming: 1 of 3" in again.stderr
-    assert resumed.read_bytes() == output.read_bytes()
+    # Same rows, the first kept byte for byte; re-embedded vectors equal to float32 rounding only:
+    # a document's windows may share a run with another's, and which do depends on timing.
+    assert resumed.read_bytes().startswith(first_line)
+    again_lines = [json.loads(line) for line in resumed.read_text().splitlines()]
+    assert [line["id"] for line in again_lines] == ["d0", "d1", "d2"]
+    for got, want in zip(again_lines, lines, strict=True):
+        np.testing.assert_allclose(got["embeddings"], want["embeddings"], atol=1e-6)
 
     # .npy: a float32 row per chunk, in input order
     npy = tmp_path / "chunks.npy"
@@ -458,7 +464,7 @@ def test_corpus_cli_late_chunking(server_b, refs, tmp_path: Path):
     rows = np.load(npy)
     everything = np.array([v for line in lines for v in line["embeddings"]], np.float32)
     assert rows.shape == everything.shape
-    np.testing.assert_array_equal(rows, everything)
+    np.testing.assert_allclose(rows, everything, atol=1e-6)  # another run: rounding only (above)
     # killed in the middle of the second document: resumed from the last whole document, same bytes
     whole = npy.read_bytes()
     header = len(whole) - rows.nbytes
@@ -469,7 +475,9 @@ def test_corpus_cli_late_chunking(server_b, refs, tmp_path: Path):
     again = run_cli("corpus", str(source), str(resumed_npy), *flags)
     assert again.returncode == 0, again.stderr
     assert "resuming: 1 of 3" in again.stderr
-    assert resumed_npy.read_bytes() == whole
+    kept = header + 4 * rows.shape[1] * len(documents[0])  # the header and the first whole document
+    assert resumed_npy.read_bytes()[:kept] == whole[:kept]
+    np.testing.assert_allclose(np.load(resumed_npy), rows, atol=1e-6)
     plain = tmp_path / "plain.jsonl"
     plain.write_text(json.dumps({"id": 1, "text": "no chunks here"}) + "\n")
     bad = run_cli("corpus", str(plain), str(tmp_path / "bad.jsonl"), *flags)

@@ -40,13 +40,20 @@ embed_parquet = runpy.run_path(str(ROOT / "examples" / "ray_parquet.py"))["embed
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[None]:
-    ray.init(
-        num_cpus=2,
-        object_store_memory=300 * 1024**2,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    options = {
+        "num_cpus": 2,
+        "object_store_memory": 300 * 1024**2,
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "configure_logging": False,
+    }
+    try:
+        ray.init(**options)
+    except Exception as exc:  # Ray gives its raylet a fixed 30 s to register: a busy machine can miss it
+        if "timed out during startup" not in str(exc):
+            raise
+        ray.shutdown()
+        ray.init(**options)
     yield
     ray.shutdown()
 

@@ -29,6 +29,7 @@ from .engine.memory import (
     ModelShape,
     cgroup_memory_limit,
     current_rss,
+    release_freed_memory,
 )
 from .errors import ModelLoadError, StartupError
 from .grpc_api.interceptors import AuthInterceptor, InFlight, ObservingInterceptor
@@ -265,6 +266,7 @@ class EmbeddingApp:
         except Exception as exc:  # e.g. a tokenizer file the library cannot parse: still one line
             log.debug("model load failed", exc_info=True)
             raise StartupError(load_failure(exc)) from None
+        release_freed_memory()  # what building or quantizing at load freed is not the models' size
         embedder = Embedder(
             models,
             engine_settings(self.settings),

@@ -125,7 +125,11 @@ class Embedder:
         """The model for a request's ``model`` field ("" = the default)."""
         model = self._models.get(name or self.default_model)
         if model is None:
-            raise ModelNotFound(f"model: {name!r} is not served here (models: {', '.join(self._models)})")
+            raise ModelNotFound(
+                f"model: {name!r} is not served here (models: {', '.join(self._models)})",
+                field="model",
+                reason="UNKNOWN_MODEL",
+            )
         return model
 
     def batcher(self, name: str) -> ModelBatcher:

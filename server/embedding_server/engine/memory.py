@@ -21,6 +21,9 @@ the 15 % of the limit left unplanned the rest).
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import math
 import re
 from dataclasses import dataclass
@@ -71,6 +74,19 @@ def parse_size(text: str) -> int:
         raise ValueError(f"expected a size like 1GiB, 768MiB or a number of bytes, got {text!r}")
     number, unit = float(match.group(1)), match.group(2).upper()
     return int(number * 1024 ** " KMGT".index(unit or " "))
+
+
+def release_freed_memory() -> None:
+    """Hand memory that Python and the allocator freed back to the OS before RSS becomes a baseline.
+
+    Building or quantizing a model at load frees hundreds of MiB that glibc
+    keeps in its arenas (measured: 560 MiB resident after ``--quantize int8``
+    of the built-in model, 127 MiB after ``malloc_trim``); counted as the
+    models' size, they would shrink the batch budget for nothing.
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def current_rss() -> int:
