@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -60,7 +60,10 @@ IN_PROCESS_WINDOW = 32
 #: In-process engines use one session per CPU the actor was given, up to this many.
 MAX_IN_PROCESS_SESSIONS = 4
 
-Batch: TypeAlias = "pa.Table | dict[str, Any] | Any"  # what map_batches hands: Arrow, numpy dict or pandas
+if TYPE_CHECKING:  # pyarrow has no type information: to mypy the union is Any
+    Batch: TypeAlias = Any
+else:  # what map_batches hands over: Arrow, numpy dict or pandas (Ray reads the annotation)
+    Batch = pa.Table | dict[str, Any] | Any
 
 
 class EmbedBatches:
