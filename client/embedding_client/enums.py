@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import IntEnum
+from typing import TypeVar
 
 from .proto import embedding_pb2 as pb
 
@@ -58,6 +59,8 @@ TASK_NAMES: dict[str, Task] = {
 }
 OUTPUT_NAMES: dict[str, Output] = {output.name.lower(): output for output in Output}
 
+E = TypeVar("E", bound=IntEnum)
+
 TaskLike = Task | int | str | None
 OutputLike = Output | int | str
 PriorityLike = Priority | int | str | None
@@ -72,12 +75,7 @@ def parse_priority(priority: PriorityLike) -> Priority:
         if name in Priority.__members__:
             return Priority[name]
         raise ValueError(f"priority: unknown priority {priority!r}; expected 'interactive' or 'batch'")
-    if isinstance(priority, bool) or not isinstance(priority, int):
-        raise TypeError(f"priority: expected a Priority, an int or a name, got {type(priority).__name__}")
-    try:
-        return Priority(priority)
-    except ValueError:
-        raise ValueError(f"priority: unknown priority value {priority}") from None
+    return _member(Priority, priority, "priority", "priority")
 
 
 def parse_task(task: TaskLike) -> Task:
@@ -92,12 +90,7 @@ def parse_task(task: TaskLike) -> Task:
         if name in Task.__members__:
             return Task[name]
         raise ValueError(f"task: unknown task {task!r}; expected one of {', '.join(TASK_NAMES)}")
-    if isinstance(task, bool) or not isinstance(task, int):
-        raise TypeError(f"task: expected a Task, an int or a name, got {type(task).__name__}")
-    try:
-        return Task(task)
-    except ValueError:
-        raise ValueError(f"task: unknown task value {task}") from None
+    return _member(Task, task, "task", "task")
 
 
 def parse_output(output: OutputLike) -> Output:
@@ -107,14 +100,22 @@ def parse_output(output: OutputLike) -> Output:
         if name in OUTPUT_NAMES:
             return OUTPUT_NAMES[name]
         raise ValueError(f"outputs: unknown output {output!r}; expected one of {', '.join(OUTPUT_NAMES)}")
-    if isinstance(output, bool) or not isinstance(output, int):
-        raise TypeError(f"outputs: expected an Output, an int or a name, got {type(output).__name__}")
-    if output == pb.OUTPUT_TYPE_UNSPECIFIED:
+    if isinstance(output, int) and not isinstance(output, bool) and output == pb.OUTPUT_TYPE_UNSPECIFIED:
         return Output.DENSE  # the proto's documented meaning
+    return _member(Output, output, "outputs", "output")
+
+
+def _member(enum: type[E], value: object, field: str, kind: str) -> E:
+    """The enum member of a protobuf value; a bool or a non-int is a TypeError naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        article = "an" if enum.__name__[0] in "AEIOU" else "a"
+        raise TypeError(
+            f"{field}: expected {article} {enum.__name__}, an int or a name, got {type(value).__name__}"
+        )
     try:
-        return Output(output)
+        return enum(value)
     except ValueError:
-        raise ValueError(f"outputs: unknown output value {output}") from None
+        raise ValueError(f"{field}: unknown {kind} value {value}") from None
 
 
 def parse_outputs(outputs: OutputLike | Iterable[OutputLike] | None) -> tuple[Output, ...]:
