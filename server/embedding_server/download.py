@@ -1,6 +1,6 @@
 """``embedding-download``: fetch a jina-v3 or bge-m3 model directory from the Hugging Face hub.
 
-    pip install 'embedding-service[download]'
+    pip install './server[download]'     # from a checkout: embedding-server's download extra
     embedding-download jina-v3 models/jina-v3
     embedding-server --model jina-v3=models/jina-v3
 
@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = download(args.model, args.destination, args.revision)
     except ImportError:
         print(
-            "embedding-download: needs huggingface_hub: pip install 'embedding-service[download]'",
+            "embedding-download: needs huggingface_hub: pip install 'embedding-server[download]'",
             file=sys.stderr,
         )
         return 1
