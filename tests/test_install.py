@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_server.errors import ModelLoadError
 from embedding_server.models.sessions import open_session
@@ -269,3 +270,15 @@ def test_a_broken_model_is_one_line_even_without_onnx(
     message = str(plain.value)
     assert "\n" not in message
     assert message.startswith(f"{graph}: ONNX Runtime cannot load it ("), message
+
+
+def test_server_pins_the_client_built_beside_it() -> None:
+    """The two distributions are released together: embedding-server requires exactly the
+    embedding-client version in client/ (else the README's server install cannot resolve)."""
+    client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
+    server = tomllib.loads((ROOT / "server" / "pyproject.toml").read_text())["project"]
+    assert server["version"] == client["version"]
+    assert f"embedding-client=={client['version']}" in server["dependencies"]
+    assert not {"onnxruntime", "tokenizers", "onnx"} & {
+        re.split(r"[<>=\[ ;]", d)[0] for d in client["dependencies"]
+    }
