@@ -4,9 +4,10 @@ Nothing is published yet, so the README installs from a checkout: ``pip install 
 a microservice, ``pip install ./client ./server`` plus the built-in model's files for a server.
 Each test copies client/ and server/ as a clone has them, creates a virtual environment (no
 system site packages, so nothing of the test's own environment leaks in), puts it first on PATH
-as an activated one would be, and runs the README's block with bash. The wheels come from pip's
-cache and this machine's pip configuration, so the two installs take about 40 s together on two
-busy cores.
+as an activated one would be, and runs the README's block with bash. pip finds the wheels where
+``make setup`` found them (the index, or a local mirror that the machine's pip configuration
+names). The two installs run side by side: about 35 s of CPU for the whole file, 89 s wall on two
+cores shared with a dozen other busy processes.
 
 - client only: no ONNX Runtime and no server code installed; every module of ``embedding_client``
   imports (except the ``parquet`` and ``ray`` extras' own); the client and the health probe talk
@@ -104,12 +105,18 @@ class Env:
 
 
 def fresh_env(path: Path) -> Env:
-    """``python3 -m venv --upgrade-deps PATH``, as the README says: no system site packages, so
-    nothing of the test's own environment leaks in; today's pip resolves in a third of the CPU
-    time the pip bundled with Python 3.11 takes."""
-    venv.create(path, with_pip=True, upgrade_deps=True)
+    """A new virtual environment with a current pip and nothing else, as the README's
+    ``python3 -m venv --upgrade-deps ENV`` makes (less setuptools, which pip's isolated builds
+    fetch themselves). No system site packages: nothing of the test's own environment leaks in.
+    pip is installed by this environment's pip, not by ensurepip and an upgrade: a sixth of the
+    CPU time, and today's pip resolves in a third of the time the pip bundled with Python 3.11
+    takes."""
+    venv.create(path, with_pip=False)
     assert "include-system-site-packages = false" in (path / "pyvenv.cfg").read_text()
-    return Env(path)
+    env = Env(path)
+    pip = [sys.executable, "-m", "pip", "--python", str(env.bin / "python")]
+    env.run([*pip, "install", "--quiet", "pip"], timeout=300)
+    return env
 
 
 def checkout(root: Path) -> Path:
