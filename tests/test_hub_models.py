@@ -209,3 +209,14 @@ def test_a_repository_never_fetched_stops_an_offline_server_with_one_line(tmp_pa
         "(no network, or HF_HUB_OFFLINE=1) and nothing is cached yet "
         "(the model needs tokenizer.json, config.json and model.onnx or onnx/model.onnx)"
     ]
+
+
+def test_an_unwritable_cache_is_one_line_naming_the_flag(tmp_path, st_repo):
+    not_a_directory = tmp_path / "file"
+    not_a_directory.write_text("")
+    hub = FakeHub({REPO: {"main": st_repo.path}})
+    with pytest.raises(
+        ModelLoadError, match=r"^hf:example-org/tiny-st: cannot write .*; give a writable --cache-dir$"
+    ):
+        fetch_hub_model(REPO, None, not_a_directory, snapshot=hub)
+    assert hub.calls == []

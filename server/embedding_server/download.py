@@ -154,6 +154,11 @@ def fetch_hub_model(
     started = time.monotonic()
     try:
         destination.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"{label}: cannot write {destination} ({exc.strerror or exc}); give a writable --cache-dir"
+        ) from None
+    try:
         snapshot(
             repo_id=repo_id, revision=revision, local_dir=str(destination), allow_patterns=list(patterns)
         )
