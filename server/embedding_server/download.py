@@ -76,7 +76,7 @@ def download(
         local_dir=str(destination),
         allow_patterns=list(preset.files),
     )
-    missing = [f for f in preset.files if not (destination / f).is_file()]
+    missing = missing_files(destination, preset.files)
     if missing:
         raise FileNotFoundError(f"{preset.repo_id}: the download lacks {', '.join(missing)}")
     return destination
@@ -164,8 +164,7 @@ def fetch_hub_model(
         )
     except Exception as exc:
         raise ModelLoadError(f"{label}: {_hub_failure(exc, revision)} (the model needs {needs})") from None
-    required = preset.files if preset else ("tokenizer.json", "config.json")
-    missing = [f for f in required if not (destination / f).is_file()]
+    missing = missing_files(destination, preset.files if preset else ("tokenizer.json", "config.json"))
     if not preset and not any((destination / f).is_file() for f in ("model.onnx", "onnx/model.onnx")):
         missing.append("model.onnx or onnx/model.onnx")
     if missing:
@@ -194,6 +193,11 @@ def _hub_failure(exc: Exception, revision: str | None) -> str:
 
 def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [""])[0]
+
+
+def missing_files(directory: Path, files: Sequence[str]) -> list[str]:
+    """Those of ``files`` (relative paths) that a fetch left absent from ``directory``."""
+    return [f for f in files if not (directory / f).is_file()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
