@@ -87,7 +87,8 @@ def test_a_hub_id_parses_with_and_without_a_revision():
     assert ModelSpec.parse(f"st=hf:{REPO}") == ModelSpec("st", None, HubRef(REPO))
     assert ModelSpec.parse(f"hf:{REPO}@v1.0") == ModelSpec("tiny-st", None, HubRef(REPO, "v1.0"))
     assert str(HubRef(REPO, "v1.0")) == f"hf:{REPO}@v1.0"
-    for bad in ("hf:just-org", "hf:org/", "hf:org/repo@", "hf:a/b/c"):
+    assert ModelSpec.parse("x=hf:org/repo@refs/pr/1").hub == HubRef("org/repo", "refs/pr/1")
+    for bad in ("hf:just-org", "hf:org/", "hf:/repo", "hf:org/repo@", "hf:a/b/c", "hf:org/..", "hf:o/r@../x"):
         with pytest.raises(ValueError, match="expected hf:ORG/REPO or hf:ORG/REPO@REVISION"):
             ModelSpec.parse(f"x={bad}")
 

@@ -50,13 +50,18 @@ class HubRef:
     def parse(cls, source: str) -> HubRef:
         """ValueError naming the expected form when ``source`` is not ``hf:ORG/REPO[@REVISION]``."""
         repo_id, at, revision = source.removeprefix(HUB_PREFIX).partition("@")
-        org, slash, repo = repo_id.partition("/")
-        if not (org and slash and repo) or "/" in repo or (at and not revision):
+        parts = repo_id.split("/") + (revision.split("/") if at else [])
+        if repo_id.count("/") != 1 or not all(map(_hub_part, parts)):
             raise ValueError(f"{source!r}: expected hf:ORG/REPO or hf:ORG/REPO@REVISION")
         return cls(repo_id, revision or None)
 
     def __str__(self) -> str:
         return HUB_PREFIX + self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def _hub_part(part: str) -> bool:
+    """A hub name or revision segment: letters, digits, ``-_.``; never ``..`` (it becomes a cache path)."""
+    return part.strip(".") != "" and all(c.isalnum() or c in "-_." for c in part)
 
 
 @dataclass(frozen=True)
