@@ -225,3 +225,25 @@ def test_a_bad_alias_stops_the_server_with_one_line():
     assert done.returncode == 1
     assert lines[-1].endswith("--model-alias a=nope: no model is served as 'nope' (served: all-minilm-l6-v2)")
     assert not any("loaded model" in line for line in lines)  # refused before loading anything
+
+
+def test_auto_truncate_is_the_rest_default_only_where_the_body_is_silent():
+    """The in-process shim's and ``embedding-rest``'s flag, from the flag or the environment."""
+    from embedding_server.rest import schema, standalone, translate
+
+    for body, flag, expected in [
+        ({"input": "x"}, True, True),
+        ({"input": "x", "truncate": None}, True, True),
+        ({"input": "x", "truncate": False}, True, False),
+        ({"input": "x"}, False, False),
+        ({"input": "x", "truncate": True}, False, True),
+    ]:
+        message, _ = translate.to_embed_request(schema.parse_body(body), flag)
+        assert message.truncate is expected, (body, flag)
+    assert parse_settings(["--auto-truncate"], environ={}).auto_truncate
+    assert parse_settings([], environ={"EMBEDDING_AUTO_TRUNCATE": "true"}).auto_truncate
+    assert not parse_settings([], environ={}).auto_truncate
+    assert standalone.parse_args(["--target", "h:1", "--auto-truncate"], environ={}).auto_truncate
+    assert standalone.parse_args(
+        ["--target", "h:1"], environ={"EMBEDDING_REST_AUTO_TRUNCATE": "1"}
+    ).auto_truncate
