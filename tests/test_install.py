@@ -6,8 +6,8 @@ Each test copies client/ and server/ as a clone has them, creates a virtual envi
 system site packages, so nothing of the test's own environment leaks in), puts it first on PATH
 as an activated one would be, and runs the README's block with bash. pip finds the wheels where
 ``make setup`` found them (the index, or a local mirror that the machine's pip configuration
-names). The two installs run side by side: about 35 s of CPU for the whole file, 89 s wall on two
-cores shared with a dozen other busy processes.
+names). The two installs run side by side: the file takes about 30 s of CPU, 27 s wall on two
+cores with little else running, 89 s on two cores shared with a dozen other busy processes.
 
 - client only: no ONNX Runtime and no server code installed; every module of ``embedding_client``
   imports (except the ``parquet`` and ``ray`` extras' own); the client and the health probe talk
@@ -84,8 +84,8 @@ class Env:
             "VIRTUAL_ENV": str(self.root),
             "PYTHONPATH": "",
             "PYTHONHOME": "",
-            # pip's --no-compile, which takes "0" to mean "do not compile" (a pip quirk): writing
-            # bytecode for every installed file was about a third of the install's CPU time.
+            # pip's --no-compile, which takes "0" to mean "do not compile" (a pip quirk): bytecode for
+            # every installed file (numpy, onnx, ...) is CPU time the test has no use for.
             "PIP_NO_COMPILE": "0",
         }
 
@@ -108,8 +108,8 @@ def fresh_env(path: Path) -> Env:
     """A new virtual environment with a current pip and nothing else, as the README's
     ``python3 -m venv --upgrade-deps ENV`` makes (less setuptools, which pip's isolated builds
     fetch themselves). No system site packages: nothing of the test's own environment leaks in.
-    pip is installed by this environment's pip, not by ensurepip and an upgrade: a sixth of the
-    CPU time, and today's pip resolves in a third of the time the pip bundled with Python 3.11
+    The test's own pip installs pip into it, rather than ensurepip and an upgrade: a sixth of the
+    CPU time; and today's pip resolves in a third of the time the pip bundled with Python 3.11
     takes."""
     venv.create(path, with_pip=False)
     assert "include-system-site-packages = false" in (path / "pyvenv.cfg").read_text()
