@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import embedding_server
 import numpy as np
 import pytest
 import tomllib
@@ -284,7 +285,7 @@ def test_server_pins_the_client_built_beside_it() -> None:
     embedding-client version in client/ (else the README's server install cannot resolve)."""
     client = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]
     server = tomllib.loads((ROOT / "server" / "pyproject.toml").read_text())["project"]
-    assert server["version"] == client["version"]
+    assert server["version"] == client["version"] == embedding_server.__version__
     assert f"embedding-client=={client['version']}" in server["dependencies"]
     assert not {"onnxruntime", "tokenizers", "onnx"} & {
         re.split(r"[<>=\[ ;]", d)[0] for d in client["dependencies"]
