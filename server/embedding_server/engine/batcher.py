@@ -53,9 +53,9 @@ import numpy as np
 from ..errors import DeadlineExpired, NotServing, Overloaded
 from ..models.base import RowRequest
 from ..models.loader import LoadedModel
-from ..models.pooling import truncate_and_normalize
 from ..models.types import Priority, SequenceVectors, Task
 from .batch_selection import select_batch
+from .finish import finish_batch
 from .memory import MemoryBudget
 from .requests import StageTimings
 from .work import PaddedBatch, WorkItem, pad
@@ -520,7 +520,7 @@ class ModelBatcher:
                 self._wake.set()
             self._record(batch, padded, time.monotonic() - started, priority, wide)
             post = threads if interactive else self._post_threads
-            vectors = await loop.run_in_executor(post, self._postprocess, batch, padded, outputs)
+            vectors = await loop.run_in_executor(post, self._finish, batch, padded, outputs)
         except BaseException as exc:
             _fail(batch, exc)
             return
@@ -540,15 +540,10 @@ class ModelBatcher:
             return padded, self.sessions.run(slot, self.model.output_names, feeds, wide=True)
         return padded, self.sessions.run(slot, self.model.output_names, feeds)
 
-    def _postprocess(
+    def _finish(
         self, batch: list[WorkItem], padded: PaddedBatch, outputs: dict[str, np.ndarray]
     ) -> list[SequenceVectors]:
-        rows = [item.row for item in batch]
-        vectors = self.model.postprocess(outputs, padded.input_ids, padded.attention_mask, rows)
-        for result, row in zip(vectors, rows, strict=True):
-            if result.dense is not None:  # late-chunking windows return token states, pooled by the engine
-                result.dense = truncate_and_normalize(result.dense, row.dimensions, self.model.normalizes)
-        return vectors
+        return finish_batch(self.model, outputs, padded, [item.row for item in batch])
 
     def _record(
         self, batch: list[WorkItem], padded: PaddedBatch, seconds: float, priority: Priority, wide: bool

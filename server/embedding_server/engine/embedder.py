@@ -23,10 +23,11 @@ import numpy as np
 from ..cpus import available_cpus
 from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
-from ..models.late_chunking import DEFAULT_OVERLAP, LateChunkedDocument, chunk_vectors, document_limit
+from ..models.late_chunking import DEFAULT_OVERLAP, LateChunkedDocument, document_limit
 from ..models.loader import LoadedModel
-from ..models.types import ModelDescription, Priority, SequenceVectors, Task
+from ..models.types import ModelDescription, Output, Priority, SequenceVectors, Task
 from .batcher import Admission, BatchSettings, EngineObserver, ModelBatcher, lower_thread_priority
+from .finish import finish_document
 from .requests import EmbedJob, EmbedResult, TokenizedResult
 from .validation import check_dimensions, check_inputs, check_late_chunking, parse_outputs, parse_task
 
@@ -163,7 +164,7 @@ class Embedder:
         if self.observer is not None:
             self.observer.on_request(model.name, timings.queue_seconds, timings.inference_seconds, priority)
         if tokenized.document is not None:
-            vectors = await self._pool_chunks(tokenized.document, vectors, job.dimensions)
+            vectors = await self._finish_document(tokenized.document, vectors, job.dimensions, outputs)
         return EmbedResult(
             model=model.name,
             outputs=outputs,
@@ -213,18 +214,17 @@ class Embedder:
             if priority != Priority.INTERACTIVE:
                 self._tokenizer_backlog.release()
 
-    async def _pool_chunks(
-        self, document: LateChunkedDocument, windows: list[SequenceVectors], dimensions: int
+    async def _finish_document(
+        self,
+        document: LateChunkedDocument,
+        windows: list[SequenceVectors],
+        dimensions: int,
+        outputs: tuple[Output, ...],
     ) -> list[SequenceVectors]:
-        """Stitch a document's window states and pool its chunks (off the event loop: H can be large)."""
-        states: list[np.ndarray] = []
-        for window in windows:
-            assert window.token_states is not None  # a late-chunking window comes back unpooled
-            states.append(window.token_states)
-        dense = await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_threads, chunk_vectors, document, states, dimensions
+        """The finish step of a late-chunked document (off the event loop: H can be large)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_threads, finish_document, document, windows, dimensions, outputs
         )
-        return [SequenceVectors(dense=chunk[None, :]) for chunk in dense]
 
     async def tokenize(self, model_name: str, inputs: list[str], task_value: int) -> list[TokenizedResult]:
         model = self.model(model_name)
