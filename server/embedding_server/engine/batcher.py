@@ -50,6 +50,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..cpus import ThreadBudget
 from ..errors import DeadlineExpired, NotServing, Overloaded
 from ..models.base import RowRequest
 from ..models.loader import LoadedModel
@@ -159,8 +160,22 @@ class ModelBatcher:
     """Queues, batches and runs the work of one model on its session pool."""
 
     def __init__(
-        self, loaded: LoadedModel, settings: BatchSettings, observer: EngineObserver | None = None
+        self,
+        loaded: LoadedModel,
+        settings: BatchSettings,
+        observer: EngineObserver | None = None,
+        threads: ThreadBudget | None = None,
     ) -> None:
+        """``threads``: the process's budget (its ``sessions`` are the pool's); None: one for the pool."""
+        if threads is None:
+            threads = ThreadBudget.plan(
+                sessions=loaded.sessions.size, threads_per_session=loaded.sessions.threads
+            )
+        elif threads.sessions != loaded.sessions.size:
+            raise ValueError(
+                f"the thread budget plans {threads.sessions} sessions, the pool has {loaded.sessions.size}"
+            )
+        self.threads = threads
         self.model = loaded.model
         self.sessions = loaded.sessions
         self.settings = settings
@@ -179,14 +194,19 @@ class ModelBatcher:
         self._runs = dict.fromkeys(CLASSES, 0)
         self._interactive_streak = 0
         self._wake = asyncio.Event()
-        slots = self.sessions.size
         self._bulk_threads = ThreadPoolExecutor(
-            slots, thread_name_prefix=f"bulk-{self.model.name}", initializer=lower_thread_priority
+            threads.bulk_run_threads,
+            thread_name_prefix=f"bulk-{self.model.name}",
+            initializer=lower_thread_priority,
         )
         self._post_threads = ThreadPoolExecutor(
-            1, thread_name_prefix=f"pool-{self.model.name}", initializer=lower_thread_priority
+            threads.pool_threads,
+            thread_name_prefix=f"pool-{self.model.name}",
+            initializer=lower_thread_priority,
         )
-        self._interactive_threads = ThreadPoolExecutor(slots + 1, thread_name_prefix=f"run-{self.model.name}")
+        self._interactive_threads = ThreadPoolExecutor(
+            threads.interactive_run_threads, thread_name_prefix=f"run-{self.model.name}"
+        )
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..cpus import available_cpus
+from ..cpus import ThreadBudget
 from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
 from ..models.late_chunking import DEFAULT_OVERLAP, LateChunkedDocument, document_limit
@@ -43,7 +43,7 @@ SPECIAL_TOKENS = 4
 class EngineSettings:
     max_inputs: int = DEFAULT_MAX_INPUTS
     batch: BatchSettings = field(default_factory=BatchSettings)
-    tokenizer_threads: int = max(1, min(4, available_cpus()))
+    threads: ThreadBudget | None = None  # None: planned from the CPUs and each model's session pool
     late_chunking_overlap: int = DEFAULT_OVERLAP  # tokens; a window uses min(this, its capacity // 2)
     max_document_tokens: int = 0  # longest late-chunked document; 0: 16 windows of each model
 
@@ -85,16 +85,19 @@ class Embedder:
         }
         per_model = batch_settings or {}
         self._batchers = {
-            m.model.name: ModelBatcher(m, per_model.get(m.model.name, settings.batch), observer)
+            m.model.name: ModelBatcher(
+                m, per_model.get(m.model.name, settings.batch), observer, settings.threads
+            )
             for m in models
         }
+        tokenizer_threads = (settings.threads or ThreadBudget.plan()).tokenizer_threads
         self._tokenize_threads = ThreadPoolExecutor(  # batch requests' tokenizing yields to queries'
-            settings.tokenizer_threads, thread_name_prefix="tokenize", initializer=lower_thread_priority
+            tokenizer_threads, thread_name_prefix="tokenize", initializer=lower_thread_priority
         )
         self._interactive_tokenize_threads = ThreadPoolExecutor(
-            settings.tokenizer_threads, thread_name_prefix="tokenize-interactive"
+            tokenizer_threads, thread_name_prefix="tokenize-interactive"
         )
-        self._tokenizer_backlog = asyncio.Semaphore(TOKENIZER_BACKLOG * settings.tokenizer_threads)
+        self._tokenizer_backlog = asyncio.Semaphore(TOKENIZER_BACKLOG * tokenizer_threads)
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         """``callback(error)`` when a model's dispatcher fails (the server turns NOT_SERVING)."""
