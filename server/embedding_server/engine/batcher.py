@@ -168,9 +168,7 @@ class ModelBatcher:
     ) -> None:
         """``threads``: the process's budget (its ``sessions`` are the pool's); None: one for the pool."""
         if threads is None:
-            threads = ThreadBudget.plan(
-                sessions=loaded.sessions.size, threads_per_session=loaded.sessions.threads
-            )
+            threads = ThreadBudget.plan(sessions=loaded.sessions.size)
         elif threads.sessions != loaded.sessions.size:
             raise ValueError(
                 f"the thread budget plans {threads.sessions} sessions, the pool has {loaded.sessions.size}"
