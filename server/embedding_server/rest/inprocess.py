@@ -78,6 +78,7 @@ class InProcessShim:
             max_body_bytes=int(settings.rest_max_body_mb * 1024 * 1024),
             routes=self.routes,
             observe=self.observe,
+            auto_truncate=settings.auto_truncate,
         )
         tls = self.tls
         try:

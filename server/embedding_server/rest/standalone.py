@@ -66,6 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=64.0,
         help="largest request body in MiB; more is 413 (default 64)",
     )
+    add(
+        "--auto-truncate",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="requests without a truncate field cut over-long inputs instead of a 400 (default: off)",
+    )
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     return p
 
@@ -101,7 +107,12 @@ def _prepare(args: argparse.Namespace) -> tuple[Upstream, RestServer]:
     except OSError as exc:
         raise StartupError(f"--target-ca: cannot read {args.target_ca} ({exc.strerror or exc})") from exc
     upstream = Upstream(args.target, credentials=credentials, target_api_key=args.target_api_key)
-    app = build_app(upstream, api_keys, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    app = build_app(
+        upstream,
+        api_keys,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        auto_truncate=args.auto_truncate,
+    )
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:
