@@ -1,0 +1,522 @@
+"""OpenTelemetry tracing: a client's trace continues into ours, with the engine's stages as children.
+
+The client side is a tracer provider of the test's own (another service), whose
+span's W3C ``traceparent`` goes out in gRPC metadata or an HTTP header. The
+server side is the real EmbeddingApp (gRPC, interceptors, in-process REST shim,
+engine, ONNX Runtime) on a tiny synthetic model, its spans caught by the SDK's
+InMemorySpanExporter; the live-process tests run ``embedding-server`` exporting
+over OTLP/gRPC to a collector the test runs on loopback, so the flag and the
+OTEL_* variables are proven in the real process.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+from embedding_client.proto import embedding_pb2 as pb
+from embedding_client.proto import embedding_pb2_grpc
+from embedding_server.app import EmbeddingApp
+from embedding_server.errors import StartupError
+from embedding_server.settings import Settings, parse_settings
+from embedding_server.tracing import (
+    STAGES,
+    STREAM_REQUEST_SPAN,
+    Tracing,
+    configure,
+    exporter_names,
+    new_provider,
+)
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import propagate, trace
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from tests.support.server import RunningServer, free_port, start_server
+from tests.support.synthetic import make_sentence_transformers
+
+ROOT = Path(__file__).resolve().parent.parent
+EMBED_SPAN = "/embedding.v1.EmbeddingService/Embed"
+STREAM_SPAN = "/embedding.v1.EmbeddingService/StreamEmbed"
+REST_SPAN = "POST /v1/embeddings"
+OTEL_VARIABLES = (
+    "OTEL_SDK_DISABLED",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_SERVICE_NAME",
+    "OTEL_RESOURCE_ATTRIBUTES",
+    "EMBEDDING_OTLP_ENDPOINT",
+)
+
+
+@pytest.fixture(autouse=True)
+def no_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever the CI machine sets, each test says itself what is configured."""
+    for name in OTEL_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_sentence_transformers(
+        tmp_path_factory.mktemp("st") / "st", pooling="mean", normalize=True
+    ).path
+
+
+# --- the client: another service's span -----------------------------------------------------
+
+
+class ClientService:
+    """A microservice of its own tracer provider; ``traceparent`` is what it sends on."""
+
+    def __init__(self) -> None:
+        self.provider = TracerProvider()
+        self.tracer = self.provider.get_tracer("client-service")
+
+    def span(self, name: str = "client call") -> tuple[trace.Span, dict[str, str]]:
+        span = self.tracer.start_span(name, kind=SpanKind.CLIENT)
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier, context=trace.set_span_in_context(span))
+        assert set(carrier) >= {"traceparent"}
+        return span, carrier
+
+
+# --- finding spans --------------------------------------------------------------------------
+
+
+def wait_for(
+    find: Callable[[], list[ReadableSpan] | None], what: str, timeout: float = 30
+) -> list[ReadableSpan]:
+    """Poll until ``find`` returns spans (an exporter may receive them just after the reply)."""
+    deadline = time.monotonic() + timeout
+    while (found := find()) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never exported: {what}")
+        time.sleep(0.01)
+    return found
+
+
+async def wait_for_async(
+    find: Callable[[], list[ReadableSpan] | None], what: str, timeout: float = 30
+) -> list[ReadableSpan]:
+    deadline = time.monotonic() + timeout
+    while (found := find()) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never exported: {what}")
+        await asyncio.sleep(0.01)
+    return found
+
+
+def in_trace(spans: list[ReadableSpan], trace_id: int) -> list[ReadableSpan]:
+    return [s for s in spans if s.context is not None and s.context.trace_id == trace_id]
+
+
+def children(spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
+    assert parent.context is not None
+    return [s for s in spans if s.parent is not None and s.parent.span_id == parent.context.span_id]
+
+
+def only(spans: list[ReadableSpan], name: str) -> ReadableSpan:
+    named = [s for s in spans if s.name == name]
+    assert len(named) == 1, f"{len(named)} spans named {name!r} in {[s.name for s in spans]}"
+    return named[0]
+
+
+def assert_stages_under(spans: list[ReadableSpan], parent: ReadableSpan) -> None:
+    """tokenize, queue, run and pool are children of ``parent``, in that order in time, none negative."""
+    stages = {s.name: s for s in children(spans, parent) if s.name in STAGES}
+    assert sorted(stages) == sorted(STAGES), [s.name for s in children(spans, parent)]
+    times = [(stages[name].start_time, stages[name].end_time) for name in STAGES]
+    for start, end in times:
+        assert start is not None and end is not None and start <= end
+    tokenize, queue, run, pool = times
+    assert tokenize[1] <= queue[0]  # queued after its tokens were ready
+    assert queue[1] == run[0]  # the queue ends when a session takes the work
+    assert run[1] == pool[0]  # pooling starts when the run returns
+
+
+# --- the server in this process with an in-memory exporter ---------------------------------
+
+
+class Traced:
+    def __init__(self, app: EmbeddingApp, exporter: InMemorySpanExporter) -> None:
+        self.app = app
+        self.exporter = exporter
+
+    def spans(self) -> list[ReadableSpan]:
+        return list(self.exporter.get_finished_spans())
+
+    def trace(
+        self, trace_id: int, until: Callable[[list[ReadableSpan]], bool]
+    ) -> Callable[[], list[ReadableSpan] | None]:
+        def find() -> list[ReadableSpan] | None:
+            spans = in_trace(self.spans(), trace_id)
+            return spans if until(spans) else None
+
+        return find
+
+
+@pytest.fixture
+async def traced(model_dir: Path) -> AsyncIterator[Traced]:
+    exporter = InMemorySpanExporter()
+    provider = new_provider()  # the server's own resource (service.name), the test's processor
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    settings = Settings(
+        host="127.0.0.1",
+        port=free_port(),
+        rest_port=free_port(),
+        models=[f"st={model_dir}"],
+        memory_limit=8 << 30,
+    )
+    app = EmbeddingApp(settings, tracing=Tracing(provider))
+    await app.start()
+    try:
+        yield Traced(app, exporter)
+    finally:
+        await app.shutdown()
+
+
+def has(*names: str) -> Callable[[list[ReadableSpan]], bool]:
+    def check(spans: list[ReadableSpan]) -> bool:
+        return all(any(s.name == name for s in spans) for name in names)
+
+    return check
+
+
+async def test_grpc_embed_continues_the_clients_trace(traced: Traced) -> None:
+    client = ClientService()
+    span, carrier = client.span()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced.app.bound_port}") as channel:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        reply = await stub.Embed(
+            pb.EmbedRequest(inputs=["a cat sat", "the dog"]), metadata=tuple(carrier.items())
+        )
+    span.end()
+    assert len(reply.embeddings) == 2
+    trace_id = span.get_span_context().trace_id
+    spans = await wait_for_async(traced.trace(trace_id, has(EMBED_SPAN, *STAGES)), "Embed and its stages")
+    rpc = only(spans, EMBED_SPAN)
+    assert rpc.kind == SpanKind.SERVER
+    assert rpc.parent is not None and rpc.parent.span_id == span.get_span_context().span_id
+    assert rpc.parent.is_remote
+    assert_stages_under(spans, rpc)
+    assert rpc.attributes is not None and rpc.attributes["embedding.model"] == "st"
+    assert rpc.attributes["embedding.inputs"] == 2
+    assert rpc.status.status_code != StatusCode.ERROR
+    assert rpc.resource.attributes["service.name"] == "embedding-server"
+
+
+async def test_rest_call_is_one_tree_through_the_grpc_hop(traced: Traced) -> None:
+    client = ClientService()
+    span, carrier = client.span()
+    rest_url = f"http://127.0.0.1:{traced.app.settings.rest_port}"
+    async with httpx.AsyncClient() as http:
+        reply = await http.post(
+            f"{rest_url}/v1/embeddings", json={"input": ["hello"], "model": "st"}, headers=carrier
+        )
+    span.end()
+    assert reply.status_code == 200, reply.text
+    trace_id = span.get_span_context().trace_id
+    spans = await wait_for_async(
+        traced.trace(trace_id, has(REST_SPAN, EMBED_SPAN, *STAGES)), "REST → gRPC → stages"
+    )
+    rest = only(spans, REST_SPAN)
+    assert rest.kind == SpanKind.SERVER
+    assert rest.parent is not None and rest.parent.span_id == span.get_span_context().span_id
+    rpc = only(spans, EMBED_SPAN)
+    assert rpc.parent is not None and rest.context is not None
+    assert rpc.parent.span_id == rest.context.span_id  # the shim's gRPC call carried the REST span's context
+    assert_stages_under(spans, rpc)
+
+
+async def test_stream_embed_has_a_span_per_request_with_its_stages(traced: Traced) -> None:
+    client = ClientService()
+    span, carrier = client.span()
+    requests = [pb.EmbedRequest(request_id=f"r{i}", inputs=[f"text number {i}"]) for i in range(3)]
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced.app.bound_port}") as channel:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        replies = [r async for r in stub.StreamEmbed(iter(requests), metadata=tuple(carrier.items()))]
+    span.end()
+    assert sorted(r.request_id for r in replies) == ["r0", "r1", "r2"]
+    trace_id = span.get_span_context().trace_id
+
+    def complete(spans: list[ReadableSpan]) -> bool:
+        return has(STREAM_SPAN)(spans) and sum(s.name == "pool" for s in spans) == 3
+
+    spans = await wait_for_async(traced.trace(trace_id, complete), "StreamEmbed and 3 requests")
+    rpc = only(spans, STREAM_SPAN)
+    assert rpc.parent is not None and rpc.parent.span_id == span.get_span_context().span_id
+    per_request = [s for s in children(spans, rpc) if s.name == STREAM_REQUEST_SPAN]
+    assert sorted(str((s.attributes or {})["embedding.request_id"]) for s in per_request) == [
+        "r0",
+        "r1",
+        "r2",
+    ]
+    for request_span in per_request:
+        assert_stages_under(spans, request_span)
+
+
+async def test_a_failed_call_is_an_error_span_and_probes_are_not_traced(traced: Traced) -> None:
+    client = ClientService()
+    span, carrier = client.span()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{traced.app.bound_port}") as channel:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await stub.Embed(pb.EmbedRequest(inputs=["x"], model="nope"), metadata=tuple(carrier.items()))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        health = health_pb2_grpc.HealthStub(channel)
+        await health.Check(health_pb2.HealthCheckRequest(), metadata=tuple(carrier.items()))
+        # a bad request inside a stream: that request's span is the error, the stream goes on
+        bad = [pb.EmbedRequest(request_id="bad", inputs=["x"], model="nope")]
+        replies = [r async for r in stub.StreamEmbed(iter(bad), metadata=tuple(carrier.items()))]
+        assert replies[0].HasField("error")
+    span.end()
+    trace_id = span.get_span_context().trace_id
+    spans = await wait_for_async(
+        traced.trace(trace_id, has(EMBED_SPAN, STREAM_SPAN, STREAM_REQUEST_SPAN)), "the failed calls"
+    )
+    rpc = only(spans, EMBED_SPAN)
+    assert rpc.status.status_code == StatusCode.ERROR
+    assert "NOT_FOUND" in (rpc.status.description or "")
+    assert not [s for s in children(spans, rpc) if s.name in STAGES]  # it never reached the engine
+    assert only(spans, STREAM_REQUEST_SPAN).status.status_code == StatusCode.ERROR
+    assert not [s for s in traced.spans() if "grpc.health" in s.name]
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "environ", "expected"),
+    [
+        (None, {}, []),
+        ("http://collector:4317", {}, ["otlp"]),
+        (None, {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317"}, ["otlp"]),
+        (None, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://collector:4317"}, ["otlp"]),
+        (None, {"OTEL_TRACES_EXPORTER": "console"}, ["console"]),
+        (None, {"OTEL_TRACES_EXPORTER": "otlp,console"}, ["otlp", "console"]),
+        (None, {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, []),
+        ("http://collector:4317", {"OTEL_SDK_DISABLED": "true"}, []),
+        (None, {"OTEL_SDK_DISABLED": "TRUE", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, []),
+        ("https://collector:4317", {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, ["otlp"]),
+        (None, {"OTEL_SERVICE_NAME": "embeddings"}, []),  # naming the service alone turns nothing on
+    ],
+)
+def test_tracing_is_off_unless_configured(
+    endpoint: str | None, environ: dict[str, str], expected: list[str]
+) -> None:
+    assert exporter_names(endpoint, environ) == expected
+    if not expected:
+        assert configure(endpoint, environ) is None
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "environ", "message"),
+    [
+        ("collector:4317", {}, "--otlp-endpoint collector:4317: give a URL"),
+        (None, {"OTEL_TRACES_EXPORTER": "zipkin"}, "OTEL_TRACES_EXPORTER=zipkin: 'zipkin' is not available"),
+        (
+            None,
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"},
+            "OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf: this server exports OTLP over gRPC only",
+        ),
+    ],
+)
+def test_a_setting_that_cannot_be_honoured_stops_the_start(
+    endpoint: str | None, environ: dict[str, str], message: str
+) -> None:
+    with pytest.raises(StartupError, match=message.replace("/", ".").replace("+", ".")):
+        exporter_names(endpoint, environ)
+
+
+def test_otlp_endpoint_flag_and_environment_variable() -> None:
+    assert parse_settings([], {}).otlp_endpoint is None
+    assert parse_settings([], {"EMBEDDING_OTLP_ENDPOINT": "http://c:4317"}).otlp_endpoint == "http://c:4317"
+    assert parse_settings(["--otlp-endpoint", "http://d:4317"], {}).otlp_endpoint == "http://d:4317"
+
+
+async def test_off_builds_no_interceptor_and_no_provider(model_dir: Path) -> None:
+    """Off costs nothing: no OpenTelemetry interceptor, middleware or provider exists."""
+    app = EmbeddingApp(Settings(host="127.0.0.1", port=free_port(), rest_port=0, models=[f"st={model_dir}"]))
+    assert app.tracing is None and app.servicer.tracing is None
+    assert [type(i).__name__ for i in app.interceptors] == ["ObservingInterceptor", "AuthInterceptor"]
+    assert not isinstance(trace.get_tracer_provider(), TracerProvider)  # nothing set a global one either
+
+
+def test_the_engine_does_not_import_opentelemetry() -> None:
+    """Layering: the engine records timestamps; only the API layer (tracing.py) knows OpenTelemetry."""
+    offenders = []
+    for package in ("engine", "models"):
+        for path in sorted((ROOT / "server" / "embedding_server" / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom)
+                    else []
+                )
+                offenders += [f"{path.name}: {n}" for n in names if n.startswith("opentelemetry")]
+    assert not offenders
+
+
+# --- the real process, exporting over OTLP to a collector on loopback ------------------------
+
+
+class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+    """The smallest OTLP/gRPC trace collector: keeps every span it is sent."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.spans: list[tuple[str, object]] = []  # (service.name, opentelemetry.proto Span)
+        self.server = grpc.server(futures.ThreadPoolExecutor(2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context: object) -> object:  # noqa: N802
+        with self.lock:
+            for resource_spans in request.resource_spans:
+                service = next(
+                    (
+                        a.value.string_value
+                        for a in resource_spans.resource.attributes
+                        if a.key == "service.name"
+                    ),
+                    "",
+                )
+                for scope_spans in resource_spans.scope_spans:
+                    self.spans += [(service, span) for span in scope_spans.spans]
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+    def of_trace(self, trace_id: int) -> list[tuple[str, object]]:
+        with self.lock:
+            return [(svc, s) for svc, s in self.spans if int.from_bytes(s.trace_id, "big") == trace_id]  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        self.server.stop(None)
+
+
+@pytest.fixture
+def collector() -> Iterator[Collector]:
+    running = Collector()
+    yield running
+    running.stop()
+
+
+def proto_tree_ok(spans: list[object], rpc_name: str, parent_id: bytes) -> None:
+    """In exported protos: the RPC span's parent is ``parent_id``; the four stages are its children, in order."""
+    by_name: dict[str, list[object]] = {}
+    for span in spans:
+        by_name.setdefault(span.name, []).append(span)  # type: ignore[attr-defined]
+    (rpc,) = by_name[rpc_name]
+    assert rpc.parent_span_id == parent_id  # type: ignore[attr-defined]
+    stages = [by_name[name][0] for name in STAGES]
+    for stage in stages:
+        assert stage.parent_span_id == rpc.span_id  # type: ignore[attr-defined]
+        assert stage.start_time_unix_nano <= stage.end_time_unix_nano  # type: ignore[attr-defined]
+    tokenize, queue, run, pool = stages
+    assert tokenize.end_time_unix_nano <= queue.start_time_unix_nano  # type: ignore[attr-defined]
+    assert queue.end_time_unix_nano == run.start_time_unix_nano  # type: ignore[attr-defined]
+    assert run.end_time_unix_nano == pool.start_time_unix_nano  # type: ignore[attr-defined]
+
+
+FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50"}  # ms between batch exports (default 5 s)
+
+
+def embed_with_trace(server: RunningServer, client: ClientService) -> tuple[int, bytes]:
+    span, carrier = client.span()
+    reply = server.stub().Embed(
+        pb.EmbedRequest(inputs=["a traced text"]), metadata=tuple(carrier.items()), timeout=30
+    )
+    span.end()
+    assert len(reply.embeddings) == 1
+    context = span.get_span_context()
+    return context.trace_id, context.span_id.to_bytes(8, "big")
+
+
+def test_live_server_exports_to_the_otlp_endpoint_flag(collector: Collector, model_dir: Path) -> None:
+    server = start_server(
+        "--model", f"st={model_dir}", "--otlp-endpoint", collector.endpoint, rest=True, env=FAST_EXPORT
+    )
+    try:
+        client = ClientService()
+        trace_id, parent = embed_with_trace(server, client)
+        exported = wait_for(
+            lambda: (
+                [s for _, s in collector.of_trace(trace_id)]
+                if len(collector.of_trace(trace_id)) >= 5
+                else None
+            ),
+            "the gRPC call's spans",
+        )
+        proto_tree_ok(exported, EMBED_SPAN, parent)
+        assert {svc for svc, _ in collector.of_trace(trace_id)} == {"embedding-server"}
+
+        span, carrier = client.span()
+        reply = httpx.post(
+            f"{server.rest_url}/v1/embeddings", json={"input": "over REST"}, headers=carrier, timeout=30
+        )
+        span.end()
+        assert reply.status_code == 200, reply.text
+        rest_trace = span.get_span_context().trace_id
+        exported = wait_for(
+            lambda: (
+                [s for _, s in collector.of_trace(rest_trace)]
+                if len(collector.of_trace(rest_trace)) >= 6
+                else None
+            ),
+            "the REST call's spans",
+        )
+        (rest,) = [s for s in exported if s.name == REST_SPAN]  # type: ignore[attr-defined]
+        assert rest.parent_span_id == span.get_span_context().span_id.to_bytes(8, "big")  # type: ignore[attr-defined]
+        proto_tree_ok(exported, EMBED_SPAN, rest.span_id)  # type: ignore[attr-defined]
+    finally:
+        assert server.stop() == 0, server.log()
+    assert "tracing on: otlp to " + collector.endpoint in server.log()
+
+
+def test_live_server_follows_the_standard_otel_variables(collector: Collector, model_dir: Path) -> None:
+    env = {
+        **FAST_EXPORT,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint,
+        "OTEL_SERVICE_NAME": "embeddings-eu",
+    }
+    server = start_server("--model", f"st={model_dir}", env=env)
+    try:
+        trace_id, parent = embed_with_trace(server, ClientService())
+        wait_for(lambda: [] if len(collector.of_trace(trace_id)) >= 5 else None, "the call's spans")
+        proto_tree_ok([s for _, s in collector.of_trace(trace_id)], EMBED_SPAN, parent)
+        assert {svc for svc, _ in collector.of_trace(trace_id)} == {"embeddings-eu"}
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_live_server_with_the_sdk_disabled_exports_nothing(collector: Collector, model_dir: Path) -> None:
+    """OTEL_SDK_DISABLED wins over an endpoint: after calls and a clean exit (which would flush), nothing came."""
+    env = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_SDK_DISABLED": "true"}
+    server = start_server("--model", f"st={model_dir}", "--otlp-endpoint", collector.endpoint, env=env)
+    try:
+        embed_with_trace(server, ClientService())
+    finally:
+        assert server.stop() == 0, server.log()
+    assert collector.spans == []
+    assert "tracing on" not in server.log()
