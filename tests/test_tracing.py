@@ -45,6 +45,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.support.server import RunningServer, free_port, start_server
 from tests.support.synthetic import make_sentence_transformers
+from tests.test_rest_servers import Standalone
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBED_SPAN = "/embedding.v1.EmbeddingService/Embed"
@@ -203,7 +204,8 @@ async def test_grpc_embed_continues_the_clients_trace(traced: Traced) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{traced.app.bound_port}") as channel:
         stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
         reply = await stub.Embed(
-            pb.EmbedRequest(inputs=["a cat sat", "the dog"]), metadata=tuple(carrier.items())
+            pb.EmbedRequest(request_id="q-1", inputs=["a cat sat", "the dog"]),
+            metadata=tuple(carrier.items()),
         )
     span.end()
     assert len(reply.embeddings) == 2
@@ -216,6 +218,7 @@ async def test_grpc_embed_continues_the_clients_trace(traced: Traced) -> None:
     assert_stages_under(spans, rpc)
     assert rpc.attributes is not None and rpc.attributes["embedding.model"] == "st"
     assert rpc.attributes["embedding.inputs"] == 2
+    assert rpc.attributes["embedding.request_id"] == "q-1"
     assert rpc.status.status_code != StatusCode.ERROR
     assert rpc.resource.attributes["service.name"] == "embedding-server"
 
@@ -249,7 +252,9 @@ async def test_stream_embed_has_a_span_per_request_with_its_stages(traced: Trace
     requests = [pb.EmbedRequest(request_id=f"r{i}", inputs=[f"text number {i}"]) for i in range(3)]
     async with grpc.aio.insecure_channel(f"127.0.0.1:{traced.app.bound_port}") as channel:
         stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
-        replies = [r async for r in stub.StreamEmbed(iter(requests), metadata=tuple(carrier.items()))]
+        call = stub.StreamEmbed(iter(requests), metadata=tuple(carrier.items()))
+        replies = [r async for r in call]
+        stream_id = dict(await call.initial_metadata())["x-request-id"]
     span.end()
     assert sorted(r.request_id for r in replies) == ["r0", "r1", "r2"]
     trace_id = span.get_span_context().trace_id
@@ -261,11 +266,13 @@ async def test_stream_embed_has_a_span_per_request_with_its_stages(traced: Trace
     rpc = only(spans, STREAM_SPAN)
     assert rpc.parent is not None and rpc.parent.span_id == span.get_span_context().span_id
     per_request = [s for s in children(spans, rpc) if s.name == STREAM_REQUEST_SPAN]
-    assert sorted(str((s.attributes or {})["embedding.request_id"]) for s in per_request) == [
+    assert sorted(str((s.attributes or {})["embedding.stream_request_id"]) for s in per_request) == [
         "r0",
         "r1",
         "r2",
     ]
+    # the call's request id (its log line, its x-request-id) on each, to go from the trace to the logs
+    assert {(s.attributes or {})["embedding.request_id"] for s in per_request} == {stream_id}
     for request_span in per_request:
         assert_stages_under(spans, request_span)
 
@@ -392,7 +399,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context: object) -> object:  # noqa: N802
+    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context: object) -> object:
         with self.lock:
             for resource_spans in request.resource_spans:
                 service = next(
@@ -423,7 +430,7 @@ def collector() -> Iterator[Collector]:
 
 
 def proto_tree_ok(spans: list[object], rpc_name: str, parent_id: bytes) -> None:
-    """In exported protos: the RPC span's parent is ``parent_id``; the four stages are its children, in order."""
+    """In exported protos: the RPC span's parent is ``parent_id``, the four stages its children, in order."""
     by_name: dict[str, list[object]] = {}
     for span in spans:
         by_name.setdefault(span.name, []).append(span)  # type: ignore[attr-defined]
@@ -453,43 +460,45 @@ def embed_with_trace(server: RunningServer, client: ClientService) -> tuple[int,
     return context.trace_id, context.span_id.to_bytes(8, "big")
 
 
+def exported(collector: Collector, trace_id: int, count: int, what: str) -> list[object]:
+    """The spans of one trace once the collector has ``count`` of them."""
+    wait_for(lambda: [] if len(collector.of_trace(trace_id)) >= count else None, what)
+    return [span for _, span in collector.of_trace(trace_id)]
+
+
+def check_rest_tree(collector: Collector, base_url: str, client: ClientService) -> set[str]:
+    """POST /v1/embeddings with a traceparent: client → REST span → Embed span → stages; the services."""
+    span, carrier = client.span()
+    reply = httpx.post(f"{base_url}/v1/embeddings", json={"input": "over REST"}, headers=carrier, timeout=30)
+    span.end()
+    assert reply.status_code == 200, reply.text
+    trace_id = span.get_span_context().trace_id
+    spans = exported(collector, trace_id, 6, f"the spans of a REST call to {base_url}")
+    (rest,) = [s for s in spans if s.name == REST_SPAN]  # type: ignore[attr-defined]
+    assert rest.parent_span_id == span.get_span_context().span_id.to_bytes(8, "big")  # type: ignore[attr-defined]
+    proto_tree_ok(spans, EMBED_SPAN, rest.span_id)  # type: ignore[attr-defined]
+    return {service for service, _ in collector.of_trace(trace_id)}
+
+
 def test_live_server_exports_to_the_otlp_endpoint_flag(collector: Collector, model_dir: Path) -> None:
-    server = start_server(
-        "--model", f"st={model_dir}", "--otlp-endpoint", collector.endpoint, rest=True, env=FAST_EXPORT
-    )
+    """gRPC, the in-process REST shim, and a standalone embedding-rest in front: one trace each."""
+    flag = ("--otlp-endpoint", collector.endpoint)
+    server = start_server("--model", f"st={model_dir}", *flag, rest=True, env=FAST_EXPORT)
+    shim = None
     try:
         client = ClientService()
         trace_id, parent = embed_with_trace(server, client)
-        exported = wait_for(
-            lambda: (
-                [s for _, s in collector.of_trace(trace_id)]
-                if len(collector.of_trace(trace_id)) >= 5
-                else None
-            ),
-            "the gRPC call's spans",
-        )
-        proto_tree_ok(exported, EMBED_SPAN, parent)
-        assert {svc for svc, _ in collector.of_trace(trace_id)} == {"embedding-server"}
+        proto_tree_ok(exported(collector, trace_id, 5, "the gRPC call's spans"), EMBED_SPAN, parent)
+        assert {service for service, _ in collector.of_trace(trace_id)} == {"embedding-server"}
 
-        span, carrier = client.span()
-        reply = httpx.post(
-            f"{server.rest_url}/v1/embeddings", json={"input": "over REST"}, headers=carrier, timeout=30
-        )
-        span.end()
-        assert reply.status_code == 200, reply.text
-        rest_trace = span.get_span_context().trace_id
-        exported = wait_for(
-            lambda: (
-                [s for _, s in collector.of_trace(rest_trace)]
-                if len(collector.of_trace(rest_trace)) >= 6
-                else None
-            ),
-            "the REST call's spans",
-        )
-        (rest,) = [s for s in exported if s.name == REST_SPAN]  # type: ignore[attr-defined]
-        assert rest.parent_span_id == span.get_span_context().span_id.to_bytes(8, "big")  # type: ignore[attr-defined]
-        proto_tree_ok(exported, EMBED_SPAN, rest.span_id)  # type: ignore[attr-defined]
+        assert check_rest_tree(collector, server.rest_url, client) == {"embedding-server"}
+
+        shim = Standalone(*flag, env={**FAST_EXPORT, "EMBEDDING_REST_TARGET": server.target})
+        # the standalone shim's span goes out from its process, the rest from the server's
+        assert check_rest_tree(collector, shim.url, client) == {"embedding-rest", "embedding-server"}
     finally:
+        if shim is not None:
+            assert shim.stop() == 0, shim.log.read_text()
         assert server.stop() == 0, server.log()
     assert "tracing on: otlp to " + collector.endpoint in server.log()
 
@@ -503,15 +512,14 @@ def test_live_server_follows_the_standard_otel_variables(collector: Collector, m
     server = start_server("--model", f"st={model_dir}", env=env)
     try:
         trace_id, parent = embed_with_trace(server, ClientService())
-        wait_for(lambda: [] if len(collector.of_trace(trace_id)) >= 5 else None, "the call's spans")
-        proto_tree_ok([s for _, s in collector.of_trace(trace_id)], EMBED_SPAN, parent)
+        proto_tree_ok(exported(collector, trace_id, 5, "the call's spans"), EMBED_SPAN, parent)
         assert {svc for svc, _ in collector.of_trace(trace_id)} == {"embeddings-eu"}
     finally:
         assert server.stop() == 0, server.log()
 
 
 def test_live_server_with_the_sdk_disabled_exports_nothing(collector: Collector, model_dir: Path) -> None:
-    """OTEL_SDK_DISABLED wins over an endpoint: after calls and a clean exit (which would flush), nothing came."""
+    """OTEL_SDK_DISABLED wins over an endpoint: calls, a clean exit (which would flush), and nothing came."""
     env = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_ENDPOINT": collector.endpoint, "OTEL_SDK_DISABLED": "true"}
     server = start_server("--model", f"st={model_dir}", "--otlp-endpoint", collector.endpoint, env=env)
     try:

@@ -44,6 +44,7 @@ import grpc
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, Status, StatusCode
 
+from .call_context import current_request_id
 from .engine.requests import EmbedResult, StageTimings
 from .errors import StartupError
 
@@ -106,7 +107,9 @@ def exporter_names(endpoint: str | None, environ: Mapping[str, str]) -> list[str
     return []
 
 
-def configure(endpoint: str | None, environ: Mapping[str, str] | None = None) -> Tracing | None:
+def configure(
+    endpoint: str | None, environ: Mapping[str, str] | None = None, service_name: str = SERVICE_NAME
+) -> Tracing | None:
     """The process's tracing, or None when nothing asks for it (then nothing of the SDK is loaded)."""
     environ = os.environ if environ is None else environ
     names = exporter_names(endpoint, environ)
@@ -122,7 +125,7 @@ def configure(endpoint: str | None, environ: Mapping[str, str] | None = None) ->
             exporters.append(OTLPSpanExporter(endpoint=endpoint))
         else:
             exporters.append(ConsoleSpanExporter())
-    tracing = Tracing(new_provider())
+    tracing = Tracing(new_provider(service_name))
     for exporter in exporters:
         tracing.provider.add_span_processor(BatchSpanProcessor(exporter))
     where = (
@@ -134,14 +137,14 @@ def configure(endpoint: str | None, environ: Mapping[str, str] | None = None) ->
     return tracing
 
 
-def new_provider() -> TracerProvider:
+def new_provider(service_name: str = SERVICE_NAME) -> TracerProvider:
     """A tracer provider with this service's resource (OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win)."""
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
 
     resource = Resource.create()
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
-        resource = resource.merge(Resource({"service.name": SERVICE_NAME}))
+        resource = resource.merge(Resource({"service.name": service_name}))
     return TracerProvider(resource=resource)
 
 
@@ -203,6 +206,7 @@ class Tracing:
                 "embedding.prompt_tokens": result.prompt_tokens,
             }
         )
+        _tag_request_id(parent)
         offset = time.time_ns() - time.monotonic_ns()
         bounds = (
             (timings.tokenize_start, timings.tokenize_end),
@@ -219,7 +223,7 @@ class Tracing:
     def stream_request(self, request_id: str) -> Iterator[Span]:
         """The span of one request of a StreamEmbed call (its stages go under it)."""
         with self.tracer.start_as_current_span(
-            STREAM_REQUEST_SPAN, attributes={"embedding.request_id": request_id}
+            STREAM_REQUEST_SPAN, attributes={"embedding.stream_request_id": request_id}
         ) as span:
             yield span
 
@@ -242,3 +246,11 @@ def mark_failed(code: grpc.StatusCode | int, message: str, span: Span | None = N
         status = _CODES.get(code, grpc.StatusCode.UNKNOWN) if isinstance(code, int) else code
         span.set_attribute("rpc.grpc.status_code", status.value[0])
         span.set_status(Status(StatusCode.ERROR, f"{status.name}: {message}"))
+        _tag_request_id(span)
+
+
+def _tag_request_id(span: Span) -> None:
+    """The call's request id (as in its log lines and ``x-request-id``), to go from a trace to the logs."""
+    request_id = current_request_id()
+    if request_id:
+        span.set_attribute("embedding.request_id", request_id)
