@@ -228,6 +228,8 @@ async def test_rest_call_is_one_tree_through_the_grpc_hop(traced: Traced) -> Non
     span, carrier = client.span()
     rest_url = f"http://127.0.0.1:{traced.app.settings.rest_port}"
     async with httpx.AsyncClient() as http:
+        for probe in ("/health", "/metrics"):  # probes and scrapes are not traced
+            assert (await http.get(rest_url + probe, headers=carrier)).status_code == 200
         reply = await http.post(
             f"{rest_url}/v1/embeddings", json={"input": ["hello"], "model": "st"}, headers=carrier
         )
@@ -244,6 +246,7 @@ async def test_rest_call_is_one_tree_through_the_grpc_hop(traced: Traced) -> Non
     assert rpc.parent is not None and rest.context is not None
     assert rpc.parent.span_id == rest.context.span_id  # the shim's gRPC call carried the REST span's context
     assert_stages_under(spans, rpc)
+    assert not [s for s in spans if "/health" in s.name or "/metrics" in s.name]
 
 
 async def test_stream_embed_has_a_span_per_request_with_its_stages(traced: Traced) -> None:
