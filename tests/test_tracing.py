@@ -307,6 +307,43 @@ async def test_a_failed_call_is_an_error_span_and_probes_are_not_traced(traced: 
     assert not [s for s in traced.spans() if "grpc.health" in s.name]
 
 
+# --- the engine's stage stamps (what the stage spans are drawn from) ------------------------
+
+
+async def test_engine_stamps_are_ordered_for_plain_and_late_chunked_jobs(tmp_path: Path) -> None:
+    """tokenize → enqueue → run → finish, consistent with the trailer timings; a late-chunked
+    document over several windows ends after its last run (its chunks are pooled after)."""
+    from embedding_server.engine.embedder import Embedder, EngineSettings
+    from embedding_server.engine.requests import EmbedJob
+    from embedding_server.models.loader import ModelSpec, load
+
+    from tests.support.synthetic import WORDS, make_jina_v3
+
+    model = make_jina_v3(tmp_path / "jina", seed=21, max_tokens=16)
+    embedder = Embedder([load(ModelSpec("jina", model.path), sessions=1, threads=1)], EngineSettings())
+    for batcher in embedder.batchers.values():
+        batcher.start()
+    try:
+        document = [" ".join(WORDS[i : i + 6]) for i in range(0, 60, 6)]  # ~60 tokens: several windows
+        for job in (
+            EmbedJob(inputs=["one query", "and another"], model="jina", task=3),
+            EmbedJob(inputs=document, model="jina", task=3, late_chunking=True),
+        ):
+            result = await embedder.embed(job)
+            t = result.timings
+            stamps = [t.tokenize_start, t.tokenize_end, t.enqueued, t.run_start, t.run_end, t.finished]
+            assert all(stamps) and stamps == sorted(stamps), stamps
+            assert t.queue_seconds == pytest.approx(t.run_start - t.enqueued, abs=1e-9)
+            if job.late_chunking:
+                assert len(result.vectors) == len(document)
+                assert embedder.batchers["jina"].stats.sequences >= 2 + 2  # 2 queries, 2+ windows
+                assert t.finished > t.run_end
+            else:
+                assert t.inference_seconds == pytest.approx(t.finished - t.run_start, abs=1e-9)
+    finally:
+        await embedder.close()
+
+
 # --- configuration ---------------------------------------------------------------------------
 
 
