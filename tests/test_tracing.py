@@ -12,9 +12,7 @@ OTEL_* variables are proven in the real process.
 from __future__ import annotations
 
 import ast
-import asyncio
 import threading
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -43,6 +41,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
+from tests.support.polling import until, until_sync
 from tests.support.server import RunningServer, free_port, start_server
 from tests.support.synthetic import make_sentence_transformers
 from tests.test_rest_servers import Standalone
@@ -99,29 +98,6 @@ class ClientService:
 # --- finding spans --------------------------------------------------------------------------
 
 
-def wait_for(
-    find: Callable[[], list[ReadableSpan] | None], what: str, timeout: float = 30
-) -> list[ReadableSpan]:
-    """Poll until ``find`` returns spans (an exporter may receive them just after the reply)."""
-    deadline = time.monotonic() + timeout
-    while (found := find()) is None:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never exported: {what}")
-        time.sleep(0.01)
-    return found
-
-
-async def wait_for_async(
-    find: Callable[[], list[ReadableSpan] | None], what: str, timeout: float = 30
-) -> list[ReadableSpan]:
-    deadline = time.monotonic() + timeout
-    while (found := find()) is None:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never exported: {what}")
-        await asyncio.sleep(0.01)
-    return found
-
-
 def in_trace(spans: list[ReadableSpan], trace_id: int) -> list[ReadableSpan]:
     return [s for s in spans if s.context is not None and s.context.trace_id == trace_id]
 
@@ -161,14 +137,12 @@ class Traced:
     def spans(self) -> list[ReadableSpan]:
         return list(self.exporter.get_finished_spans())
 
-    def trace(
-        self, trace_id: int, until: Callable[[list[ReadableSpan]], bool]
-    ) -> Callable[[], list[ReadableSpan] | None]:
-        def find() -> list[ReadableSpan] | None:
-            spans = in_trace(self.spans(), trace_id)
-            return spans if until(spans) else None
-
-        return find
+    async def of_trace(
+        self, trace_id: int, complete: Callable[[list[ReadableSpan]], bool], what: str
+    ) -> list[ReadableSpan]:
+        """The trace's spans once ``complete`` holds (an exporter may get the last just after the reply)."""
+        await until(lambda: complete(in_trace(self.spans(), trace_id)), what)
+        return in_trace(self.spans(), trace_id)
 
 
 @pytest.fixture
@@ -210,7 +184,7 @@ async def test_grpc_embed_continues_the_clients_trace(traced: Traced) -> None:
     span.end()
     assert len(reply.embeddings) == 2
     trace_id = span.get_span_context().trace_id
-    spans = await wait_for_async(traced.trace(trace_id, has(EMBED_SPAN, *STAGES)), "Embed and its stages")
+    spans = await traced.of_trace(trace_id, has(EMBED_SPAN, *STAGES), "Embed and its stages")
     rpc = only(spans, EMBED_SPAN)
     assert rpc.kind == SpanKind.SERVER
     assert rpc.parent is not None and rpc.parent.span_id == span.get_span_context().span_id
@@ -236,9 +210,7 @@ async def test_rest_call_is_one_tree_through_the_grpc_hop(traced: Traced) -> Non
     span.end()
     assert reply.status_code == 200, reply.text
     trace_id = span.get_span_context().trace_id
-    spans = await wait_for_async(
-        traced.trace(trace_id, has(REST_SPAN, EMBED_SPAN, *STAGES)), "REST → gRPC → stages"
-    )
+    spans = await traced.of_trace(trace_id, has(REST_SPAN, EMBED_SPAN, *STAGES), "REST → gRPC → stages")
     rest = only(spans, REST_SPAN)
     assert rest.kind == SpanKind.SERVER
     assert rest.parent is not None and rest.parent.span_id == span.get_span_context().span_id
@@ -265,7 +237,7 @@ async def test_stream_embed_has_a_span_per_request_with_its_stages(traced: Trace
     def complete(spans: list[ReadableSpan]) -> bool:
         return has(STREAM_SPAN)(spans) and sum(s.name == "pool" for s in spans) == 3
 
-    spans = await wait_for_async(traced.trace(trace_id, complete), "StreamEmbed and 3 requests")
+    spans = await traced.of_trace(trace_id, complete, "StreamEmbed and 3 requests")
     rpc = only(spans, STREAM_SPAN)
     assert rpc.parent is not None and rpc.parent.span_id == span.get_span_context().span_id
     per_request = [s for s in children(spans, rpc) if s.name == STREAM_REQUEST_SPAN]
@@ -296,8 +268,8 @@ async def test_a_failed_call_is_an_error_span_and_probes_are_not_traced(traced: 
         assert replies[0].HasField("error")
     span.end()
     trace_id = span.get_span_context().trace_id
-    spans = await wait_for_async(
-        traced.trace(trace_id, has(EMBED_SPAN, STREAM_SPAN, STREAM_REQUEST_SPAN)), "the failed calls"
+    spans = await traced.of_trace(
+        trace_id, has(EMBED_SPAN, STREAM_SPAN, STREAM_REQUEST_SPAN), "the failed calls"
     )
     rpc = only(spans, EMBED_SPAN)
     assert rpc.status.status_code == StatusCode.ERROR
@@ -502,7 +474,7 @@ def embed_with_trace(server: RunningServer, client: ClientService) -> tuple[int,
 
 def exported(collector: Collector, trace_id: int, count: int, what: str) -> list[object]:
     """The spans of one trace once the collector has ``count`` of them."""
-    wait_for(lambda: [] if len(collector.of_trace(trace_id)) >= count else None, what)
+    until_sync(lambda: len(collector.of_trace(trace_id)) >= count, what)
     return [span for _, span in collector.of_trace(trace_id)]
 
 
