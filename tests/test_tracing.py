@@ -36,6 +36,7 @@ from embedding_server.tracing import (
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import propagate, trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.trace.v1.trace_pb2 import Span as ProtoSpan
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -401,7 +402,7 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.spans: list[tuple[str, object]] = []  # (service.name, opentelemetry.proto Span)
+        self.spans: list[tuple[str, ProtoSpan]] = []  # (service.name, opentelemetry.proto Span)
         self.server = grpc.server(futures.ThreadPoolExecutor(2))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(self, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -426,9 +427,9 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
                     self.spans += [(service, span) for span in scope_spans.spans]
         return trace_service_pb2.ExportTraceServiceResponse()
 
-    def of_trace(self, trace_id: int) -> list[tuple[str, object]]:
+    def of_trace(self, trace_id: int) -> list[tuple[str, ProtoSpan]]:
         with self.lock:
-            return [(svc, s) for svc, s in self.spans if int.from_bytes(s.trace_id, "big") == trace_id]  # type: ignore[attr-defined]
+            return [(svc, s) for svc, s in self.spans if int.from_bytes(s.trace_id, "big") == trace_id]
 
     def stop(self) -> None:
         self.server.stop(None)
@@ -441,21 +442,21 @@ def collector() -> Iterator[Collector]:
     running.stop()
 
 
-def proto_tree_ok(spans: list[object], rpc_name: str, parent_id: bytes) -> None:
+def proto_tree_ok(spans: list[ProtoSpan], rpc_name: str, parent_id: bytes) -> None:
     """In exported protos: the RPC span's parent is ``parent_id``, the four stages its children, in order."""
-    by_name: dict[str, list[object]] = {}
+    by_name: dict[str, list[ProtoSpan]] = {}
     for span in spans:
-        by_name.setdefault(span.name, []).append(span)  # type: ignore[attr-defined]
+        by_name.setdefault(span.name, []).append(span)
     (rpc,) = by_name[rpc_name]
-    assert rpc.parent_span_id == parent_id  # type: ignore[attr-defined]
+    assert rpc.parent_span_id == parent_id
     stages = [by_name[name][0] for name in STAGES]
     for stage in stages:
-        assert stage.parent_span_id == rpc.span_id  # type: ignore[attr-defined]
-        assert stage.start_time_unix_nano <= stage.end_time_unix_nano  # type: ignore[attr-defined]
+        assert stage.parent_span_id == rpc.span_id
+        assert stage.start_time_unix_nano <= stage.end_time_unix_nano
     tokenize, queue, run, pool = stages
-    assert tokenize.end_time_unix_nano <= queue.start_time_unix_nano  # type: ignore[attr-defined]
-    assert queue.end_time_unix_nano == run.start_time_unix_nano  # type: ignore[attr-defined]
-    assert run.end_time_unix_nano == pool.start_time_unix_nano  # type: ignore[attr-defined]
+    assert tokenize.end_time_unix_nano <= queue.start_time_unix_nano
+    assert queue.end_time_unix_nano == run.start_time_unix_nano
+    assert run.end_time_unix_nano == pool.start_time_unix_nano
 
 
 FAST_EXPORT = {"OTEL_BSP_SCHEDULE_DELAY": "50"}  # ms between batch exports (default 5 s)
@@ -472,7 +473,7 @@ def embed_with_trace(server: RunningServer, client: ClientService) -> tuple[int,
     return context.trace_id, context.span_id.to_bytes(8, "big")
 
 
-def exported(collector: Collector, trace_id: int, count: int, what: str) -> list[object]:
+def exported(collector: Collector, trace_id: int, count: int, what: str) -> list[ProtoSpan]:
     """The spans of one trace once the collector has ``count`` of them."""
     until_sync(lambda: len(collector.of_trace(trace_id)) >= count, what)
     return [span for _, span in collector.of_trace(trace_id)]
@@ -486,9 +487,9 @@ def check_rest_tree(collector: Collector, base_url: str, client: ClientService) 
     assert reply.status_code == 200, reply.text
     trace_id = span.get_span_context().trace_id
     spans = exported(collector, trace_id, 6, f"the spans of a REST call to {base_url}")
-    (rest,) = [s for s in spans if s.name == REST_SPAN]  # type: ignore[attr-defined]
-    assert rest.parent_span_id == span.get_span_context().span_id.to_bytes(8, "big")  # type: ignore[attr-defined]
-    proto_tree_ok(spans, EMBED_SPAN, rest.span_id)  # type: ignore[attr-defined]
+    (rest,) = [s for s in spans if s.name == REST_SPAN]
+    assert rest.parent_span_id == span.get_span_context().span_id.to_bytes(8, "big")
+    proto_tree_ok(spans, EMBED_SPAN, rest.span_id)
     return {service for service, _ in collector.of_trace(trace_id)}
 
 
