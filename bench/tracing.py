@@ -12,8 +12,9 @@ a time (an idle server: the latency a query sees), every call carrying a W3C
 - **on**: this checkout with ``--otlp-endpoint`` to a collector in this process
   that accepts and drops the spans (the export is real OTLP/gRPC).
 
-Rounds alternate the order of the servers; each round's per-call median, then
-the median over rounds. Prints the ratios and each server's peak RSS (VmHWM).
+Calls go to the servers in turn (so each sees the same load from the rest of
+the machine), the order shifting every round; each round's per-call median,
+then the median over rounds. Prints the ratios and each server's peak RSS (VmHWM).
 """
 
 from __future__ import annotations
@@ -52,14 +53,26 @@ class DroppingCollector(trace_service_pb2_grpc.TraceServiceServicer):
         return trace_service_pb2.ExportTraceServiceResponse()
 
 
-def median_call_ms(stub: embedding_pb2_grpc.EmbeddingServiceStub, calls: int) -> float:
-    request = pb.EmbedRequest(inputs=["how long does one traced query take"])
-    times = []
+REQUEST = pb.EmbedRequest(inputs=["how long does one traced query take"])
+
+
+def call_ms(stub: embedding_pb2_grpc.EmbeddingServiceStub) -> float:
+    started = time.perf_counter()
+    stub.Embed(REQUEST, metadata=TRACEPARENT, timeout=30)
+    return (time.perf_counter() - started) * 1000
+
+
+def round_medians(
+    stubs: dict[str, embedding_pb2_grpc.EmbeddingServiceStub], calls: int, shift: int
+) -> dict[str, float]:
+    """One call to each server in turn, ``calls`` times: every server sees the same machine load."""
+    names = list(stubs)
+    order = names[shift % len(names) :] + names[: shift % len(names)]
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(calls):
-        started = time.perf_counter()
-        stub.Embed(request, metadata=TRACEPARENT, timeout=30)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+        for name in order:
+            times[name].append(call_ms(stubs[name]))
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def start_main(checkout: Path) -> ServerProcess:
@@ -91,14 +104,12 @@ def main() -> None:
         servers["on"] = start_server("--otlp-endpoint", f"http://127.0.0.1:{collector.port}", rest=False)
         channels = {name: grpc.insecure_channel(s.target) for name, s in servers.items()}
         stubs = {name: embedding_pb2_grpc.EmbeddingServiceStub(c) for name, c in channels.items()}
-        for stub in stubs.values():
-            median_call_ms(stub, 50)  # warm up
+        round_medians(stubs, 50, 0)  # warm up
         samples: dict[str, list[float]] = {name: [] for name in stubs}
-        names = list(stubs)
         for round_ in range(args.rounds):
-            order = names[round_ % len(names) :] + names[: round_ % len(names)]
-            for name in order:
-                samples[name].append(median_call_ms(stubs[name], args.calls))
+            for name, median in round_medians(stubs, args.calls, round_).items():
+                samples[name].append(median)
+        names = list(stubs)
         ms = {name: statistics.median(values) for name, values in samples.items()}
         print(f"idle Embed, 1 short input, {args.rounds} rounds x {args.calls} calls (median ms per call)")
         for name in names:
