@@ -541,3 +541,16 @@ def test_live_server_with_the_sdk_disabled_exports_nothing(collector: Collector,
         assert server.stop() == 0, server.log()
     assert collector.spans == []
     assert "tracing on" not in server.log()
+
+
+def test_an_unreachable_collector_does_not_hold_up_the_exit(model_dir: Path) -> None:
+    """The exporter would retry for 60 s; SIGTERM still exits 0 within 30 s, and says what it dropped."""
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {**FAST_EXPORT, "OTEL_EXPORTER_OTLP_TIMEOUT": "60"}
+    server = start_server("--model", f"st={model_dir}", "--otlp-endpoint", dead, env=env)
+    try:
+        embed_with_trace(server, ClientService())
+        assert server.logged("Transient error")  # the exporter is retrying now
+    finally:
+        assert server.stop(timeout=30) == 0, server.log()
+    assert "spans still unexported after 3s at shutdown" in server.log()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -63,6 +64,8 @@ STAGES = ("tokenize", "queue", "run", "pool")
 #: REST paths that are probes or scrapes, not work: no span.
 UNTRACED_PATHS = "/health$,/metrics$,/openapi.json$"
 EXPORTERS = ("otlp", "console")
+#: At shutdown, the most seconds spent exporting what is buffered.
+SHUTDOWN_SECONDS = 3.0
 
 Metadata = tuple[tuple[str, str], ...]
 
@@ -145,7 +148,7 @@ def new_provider(service_name: str = SERVICE_NAME) -> TracerProvider:
     resource = Resource.create()
     if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
         resource = resource.merge(Resource({"service.name": service_name}))
-    return TracerProvider(resource=resource)
+    return TracerProvider(resource=resource, shutdown_on_exit=False)  # Tracing.shutdown, bounded
 
 
 def _ns(monotonic: float, offset_ns: int) -> int:
@@ -227,9 +230,14 @@ class Tracing:
         ) as span:
             yield span
 
-    def shutdown(self) -> None:
-        """Export what is still buffered, then stop (the batch processor's thread too)."""
-        self.provider.shutdown()
+    def shutdown(self, timeout: float = SHUTDOWN_SECONDS) -> None:
+        """Export what is still buffered and stop, waiting at most ``timeout`` s: an unreachable
+        collector (the exporter retries for OTEL_EXPORTER_OTLP_TIMEOUT, 10 s) must not hold up the exit."""
+        closing = threading.Thread(target=self.provider.shutdown, name="tracing-shutdown", daemon=True)
+        closing.start()
+        closing.join(timeout)
+        if closing.is_alive():
+            log.warning("tracing: spans still unexported after %.0fs at shutdown; dropping them", timeout)
 
 
 _CODES = {code.value[0]: code for code in grpc.StatusCode}
