@@ -13,7 +13,7 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import grpc
@@ -21,6 +21,7 @@ from grpc_health.v1 import health
 
 from .auth import ApiKeys
 from .cpus import available_cpus
+from .download import fetch_hub_model
 from .engine.batcher import BatchSettings
 from .engine.embedder import Embedder, EngineSettings
 from .engine.memory import (
@@ -38,6 +39,7 @@ from .grpc_api.server import NOT_SERVING, SERVING, build_server, set_health
 from .grpc_api.servicer import EmbeddingServicer
 from .grpc_api.state import Phase, ServingState
 from .metrics import Metrics, MetricsHttpServer, metrics_route
+from .models.build_minilm import default_cache_dir
 from .models.files import locate
 from .models.loader import BUILTIN_MODEL, LoadedModel, ModelSpec, load, model_files
 from .ports import PortUnavailable, ensure_free, grpc_address
@@ -110,17 +112,59 @@ def batch_settings(settings: Settings, models: list[LoadedModel], baseline: int)
     return planned
 
 
+@dataclass(frozen=True)
+class ServedModels:
+    """What ``--model`` and ``--model-alias`` ask for: the models to load, and the other names they get.
+
+    Two ``--model`` of one source are one model (loaded once) under both names; the first
+    name is the model's own (metrics, logs), the others are aliases like ``--model-alias``.
+    """
+
+    specs: list[ModelSpec]  # one per source, in --model order; the first is the default
+    aliases: dict[str, str]  # another served name → the loaded model's name
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServedModels:
+        """ValueError with one line naming the flag for a name used twice or an alias of nothing."""
+        given = [ModelSpec.parse(text) for text in settings.models] or [ModelSpec(BUILTIN_MODEL, None)]
+        specs: dict[str, ModelSpec] = {}  # by source
+        names: dict[str, str] = {}  # every served name → the loaded model's name
+        for spec in given:
+            if spec.name in names:
+                raise ValueError(f"--model: name {spec.name!r} is used twice")
+            first = specs.setdefault(spec.source, spec)
+            names[spec.name] = first.name
+        for text in settings.model_aliases:
+            alias, sep, target = text.partition("=")
+            if not (sep and alias and target):
+                raise ValueError(f"--model-alias {text!r}: expected ALIAS=NAME")
+            if alias in names:
+                raise ValueError(f"--model-alias {text}: {alias!r} is already a served name")
+            if target not in names:
+                raise ValueError(
+                    f"--model-alias {text}: no model is served as {target!r} (served: {', '.join(names)})"
+                )
+            names[alias] = names[target]
+        return cls(list(specs.values()), {name: model for name, model in names.items() if name != model})
+
+
+def fetched(spec: ModelSpec, cache_dir: Path | None) -> ModelSpec:
+    """A hub spec as the directory its files were fetched into (first start) or found in (later)."""
+    if spec.hub is None:
+        return spec
+    root = cache_dir or default_cache_dir()
+    label = f"--model {spec.name}={spec.hub}"
+    path = fetch_hub_model(spec.hub.repo_id, spec.hub.revision, root, label=label)
+    return replace(spec, path=path)
+
+
 def load_models(settings: Settings, metrics: Metrics | None = None) -> list[LoadedModel]:
-    specs = [ModelSpec.parse(text) for text in settings.models] or [ModelSpec(BUILTIN_MODEL, None)]
-    names = [spec.name for spec in specs]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise StartupError(f"--model: name {duplicates[0]!r} is used twice")
     threads = threads_per_session(settings)
     loaded = []
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
-    for spec in specs:
+    for spec in ServedModels.from_settings(settings).specs:
         started = time.monotonic()
+        spec = fetched(spec, cache_dir)
         files = model_files(spec, cache_dir)
         if settings.quantize == "int8":
             from .quantize.cache import int8_files  # onnx and the quantizer: only when asked for
@@ -164,10 +208,12 @@ def tls_files(settings: Settings) -> TlsFiles | None:
 
 
 def check_model_paths(settings: Settings) -> None:
-    """The quick checks of every --model (directory, ONNX file, tokenizer) before any port opens."""
+    """The quick checks of every --model (names, directory, ONNX file, tokenizer) before any port opens.
+
+    A hub model (``hf:``) is fetched after the ports are bound, so health answers meanwhile.
+    """
     try:
-        for text in settings.models:
-            spec = ModelSpec.parse(text)
+        for spec in ServedModels.from_settings(settings).specs:
             if spec.path is not None:
                 locate(spec.path)
     except (ModelLoadError, ValueError) as exc:
@@ -281,6 +327,7 @@ class EmbeddingApp:
             engine_settings(self.settings),
             observer=self.metrics,
             batch_settings=batch_settings(self.settings, models, current_rss()),
+            aliases=ServedModels.from_settings(self.settings).aliases,
         )
         embedder.on_failure(self._engine_failed)
         await embedder.start()

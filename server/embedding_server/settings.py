@@ -28,6 +28,8 @@ class Settings:
     rest_port: int = 8000
     rest_max_body_mb: float = 64.0
     models: list[str] = field(default_factory=list)
+    model_aliases: list[str] = field(default_factory=list)
+    auto_truncate: bool = False
     max_inputs: int = 2048
     sessions: int | None = None  # None: auto (default_sessions)
     threads_per_session: int = 0  # 0: cores / sessions
@@ -121,9 +123,29 @@ def build_parser() -> argparse.ArgumentParser:
         dest="models",
         action="append",
         default=[],
-        metavar="[NAME=]PATH",
-        help="a model directory to serve, repeatable; the first is the default. "
-        "With none, the built-in all-minilm-l6-v2; the bare name all-minilm-l6-v2 names it.",
+        metavar="[NAME=]SOURCE",
+        help="a model to serve under NAME, repeatable; the first is the default. SOURCE: a model directory "
+        "(NAME defaults to its name), all-minilm-l6-v2 (the built-in model) or hf:ORG/REPO[@REVISION] "
+        "(fetched from the Hugging Face hub into --cache-dir on first start). "
+        "Default: the built-in all-minilm-l6-v2",
+    )
+    add(
+        "--model-alias",
+        dest="model_aliases",
+        action="append",
+        default=[],
+        metavar="ALIAS=NAME",
+        help="serve the model named NAME under ALIAS too (one model, loaded once), repeatable, "
+        "e.g. text-embedding-3-small=all-minilm-l6-v2 for tools that hard-code OpenAI's names "
+        "(default: none)",
+    )
+    add(
+        "--auto-truncate",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="REST requests without a truncate field cut over-long inputs to the model's max tokens instead "
+        "of answering 400 (for OpenAI tools, which cannot send truncate). gRPC is unchanged: its truncate "
+        "has no presence, false is a request for the error (default: off)",
     )
     add("--max-inputs", type=_positive(int), default=2048, help="most inputs per request (default 2048)")
     add(
@@ -228,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--cache-dir",
         default=None,
-        help="where built and quantized models are cached "
+        help="where built, quantized and hub (hf:) models are cached "
         "(default $XDG_CACHE_HOME/embedding-service, else ~/.cache/embedding-service)",
     )
     add(

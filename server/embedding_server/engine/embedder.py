@@ -58,7 +58,13 @@ class Tokenized:
 
 
 class Embedder:
-    """Every served model, by name, with its batcher."""
+    """Every served model, by name, with its batcher.
+
+    A loaded model may be served under several names (``--model-alias``, or
+    two ``--model`` of one source): one model, one set of sessions and one
+    batcher, keyed by the model's own name; ``aliases`` maps the other names
+    to it. A response names the model as the request did.
+    """
 
     def __init__(
         self,
@@ -66,14 +72,26 @@ class Embedder:
         settings: EngineSettings,
         observer: EngineObserver | None = None,
         batch_settings: dict[str, BatchSettings] | None = None,
+        aliases: dict[str, str] | None = None,
     ) -> None:
-        """``batch_settings``: per model name, overriding ``settings.batch`` (memory budgets differ)."""
+        """``batch_settings``: per model name, overriding ``settings.batch`` (memory budgets differ);
+        ``aliases``: another served name → a loaded model's name."""
         if not models:
             raise ValueError("at least one model is needed")
         self.settings = settings
         self.default_model = models[0].model.name
         self.observer = observer
         self._models: dict[str, EmbeddingModel] = {m.model.name: m.model for m in models}
+        for alias, target in (aliases or {}).items():
+            if alias in self._models or target not in self._models:
+                raise ValueError(
+                    f"alias {alias!r} -> {target!r}: the name is taken or the model is not loaded"
+                )
+        #: every served name, in the order ListModels shows them: each model, then its aliases
+        self._served: dict[str, str] = {}
+        for name in self._models:
+            self._served[name] = name
+            self._served.update({a: t for a, t in (aliases or {}).items() if t == name})
         self._descriptions = {
             name: replace(
                 model.description,
@@ -120,18 +138,23 @@ class Embedder:
     # --- queries ---------------------------------------------------------------------
 
     def descriptions(self) -> list[ModelDescription]:
-        return list(self._descriptions.values())
+        """One per served name (an alias is listed as a model of its own, under its name)."""
+        return [replace(self._descriptions[model], name=name) for name, model in self._served.items()]
+
+    def served_name(self, name: str) -> str:
+        """The served name a request's ``model`` field means ("" = the default model's name)."""
+        return name or self.default_model
 
     def model(self, name: str) -> EmbeddingModel:
-        """The model for a request's ``model`` field ("" = the default)."""
-        model = self._models.get(name or self.default_model)
+        """The model for a request's ``model`` field ("" = the default), by any of its served names."""
+        model = self._served.get(self.served_name(name))
         if model is None:
             raise ModelNotFound(
-                f"model: {name!r} is not served here (models: {', '.join(self._models)})",
+                f"model: {name!r} is not served here (models: {', '.join(self._served)})",
                 field="model",
                 reason="UNKNOWN_MODEL",
             )
-        return model
+        return self._models[model]
 
     def batcher(self, name: str) -> ModelBatcher:
         return self._batchers[self.model(name).name]
@@ -170,7 +193,7 @@ class Embedder:
             vectors = await self._pool_chunks(tokenized.document, vectors, job.dimensions)
             timings = replace(timings, finished=time.monotonic())
         return EmbedResult(
-            model=model.name,
+            model=self.served_name(job.model),
             outputs=outputs,
             vectors=vectors,
             prompt_tokens=tokenized.prompt_tokens,

@@ -81,6 +81,7 @@ class InProcessShim:
             max_body_bytes=int(settings.rest_max_body_mb * 1024 * 1024),
             routes=self.routes,
             observe=self.observe,
+            auto_truncate=settings.auto_truncate,
             tracing=self.tracing,
         )
         tls = self.tls

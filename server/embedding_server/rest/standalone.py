@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="largest request body in MiB; more is 413 (default 64)",
     )
     add(
+        "--auto-truncate",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="requests without a truncate field cut over-long inputs instead of a 400 (default: off)",
+    )
+    add(
         "--otlp-endpoint",
         default=None,
         metavar="URL",
@@ -113,7 +119,13 @@ def _prepare(args: argparse.Namespace, tracing: Tracing | None) -> tuple[Upstrea
     upstream = Upstream(
         args.target, credentials=credentials, target_api_key=args.target_api_key, tracing=tracing
     )
-    app = build_app(upstream, api_keys, max_body_bytes=int(args.max_body_mb * 1024 * 1024), tracing=tracing)
+    app = build_app(
+        upstream,
+        api_keys,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        auto_truncate=args.auto_truncate,
+        tracing=tracing,
+    )
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:
