@@ -393,7 +393,7 @@ class EmbeddingApp:
         self.close_tracing()
 
     def close_tracing(self) -> None:
-        """Export the spans still buffered (bounded by OTEL_EXPORTER_OTLP_TIMEOUT) and stop the exporter."""
+        """Export the spans still buffered (for at most tracing.SHUTDOWN_SECONDS) and stop the exporter."""
         if self.tracing is not None:
             self.tracing.shutdown()
 
