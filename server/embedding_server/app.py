@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
 from grpc_health.v1 import health
 
 from .auth import ApiKeys
@@ -45,6 +46,7 @@ from .ports import PortUnavailable, ensure_free, grpc_address
 from .rest.inprocess import InProcessShim
 from .settings import Settings
 from .tls import TlsConfigError, TlsFiles, grpc_credentials, load_tls
+from .tracing import Tracing, configure
 
 log = logging.getLogger("embedding_server")
 
@@ -301,22 +303,28 @@ def load_failure(exc: Exception) -> str:
 class EmbeddingApp:
     """One server process: gRPC (and later the REST shim) around one Embedder."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracing: Tracing | None = None) -> None:
+        """``tracing``: given (tests: an in-memory exporter), else from --otlp-endpoint / OTEL_* (or off)."""
         self.settings = settings
+        self.tracing = tracing if tracing is not None else configure(settings.otlp_endpoint)
         self.state = ServingState()
         self.health = health.aio.HealthServicer()
-        self.servicer = EmbeddingServicer(self.state, stream_window=settings.stream_window)
+        self.servicer = EmbeddingServicer(
+            self.state, stream_window=settings.stream_window, tracing=self.tracing
+        )
         self.api_keys = api_keys(settings)
         self.tls = tls_files(settings)
         self.metrics = Metrics()
         self.in_flight = InFlight()
         self.metrics.watch_in_flight(lambda: self.in_flight.count)
-        interceptors = [
-            ObservingInterceptor(self.in_flight, self.metrics),  # outermost: counts refused calls too
+        self.interceptors: list[grpc.aio.ServerInterceptor] = [
+            ObservingInterceptor(self.in_flight, self.metrics),  # counts refused calls too
             AuthInterceptor(self.api_keys, protect_reflection=settings.auth_reflection),
         ]
+        if self.tracing is not None:  # outermost: the call's span covers the others' work
+            self.interceptors.insert(0, self.tracing.server_interceptor())
         self.server = build_server(
-            self.servicer, self.health, settings.max_message_mb * 1024 * 1024, interceptors=interceptors
+            self.servicer, self.health, settings.max_message_mb * 1024 * 1024, interceptors=self.interceptors
         )
         self.metrics_server: MetricsHttpServer | None = None
         self._stop = asyncio.Event()
@@ -345,6 +353,7 @@ class EmbeddingApp:
                 self.tls,
                 routes=[metrics_route(self.metrics, self.api_keys)],
                 observe=self.metrics.observe_call,
+                tracing=self.tracing,
             )
         await self.server.start()
         if self.rest:
@@ -440,6 +449,12 @@ class EmbeddingApp:
             await embedder.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
+        self.close_tracing()
+
+    def close_tracing(self) -> None:
+        """Export the spans still buffered (for at most tracing.SHUTDOWN_SECONDS) and stop the exporter."""
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
 
 async def serve(settings: Settings) -> int:
@@ -455,6 +470,7 @@ async def serve(settings: Settings) -> int:
             await app.rest.stop()
         if app.metrics_server is not None:
             app.metrics_server.close()
+        app.close_tracing()
         raise
     await app.wait()
     log.info("shutting down: draining work in flight (grace %.0fs)", settings.grace_period)

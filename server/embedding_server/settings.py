@@ -56,6 +56,7 @@ class Settings:
     log_json: bool = False
     quantize: str = "none"
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/embedding-service
+    otlp_endpoint: str | None = None  # None: tracing only if the standard OTEL_* variables ask for it
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
@@ -250,6 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="where built, quantized and hub (hf:) models are cached "
         "(default $XDG_CACHE_HOME/embedding-service, else ~/.cache/embedding-service)",
+    )
+    add(
+        "--otlp-endpoint",
+        default=None,
+        metavar="URL",
+        help="send OpenTelemetry traces over OTLP/gRPC to this collector, e.g. http://otel-collector:4317 "
+        "(https:// for TLS). Default: off, unless the standard variables OTEL_EXPORTER_OTLP_ENDPOINT or "
+        "OTEL_TRACES_EXPORTER ask for it; OTEL_SDK_DISABLED=true keeps it off",
     )
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     add("--log-json", action=argparse.BooleanOptionalAction, default=False, help="JSON log lines")

@@ -536,7 +536,10 @@ class ModelBatcher:
             finally:
                 self._runs[priority] -= 1  # the next run starts while this one is pooled
                 self._wake.set()
-            self._record(batch, padded, time.monotonic() - started, priority, wide)
+            ran = time.monotonic()
+            for item in batch:
+                item.ran = ran
+            self._record(batch, padded, ran - started, priority, wide)
             post = threads if interactive else self._post_threads
             vectors = await loop.run_in_executor(post, self._finish, batch, padded, outputs)
         except BaseException as exc:
@@ -616,7 +619,14 @@ def _stage_timings(items: list[WorkItem]) -> StageTimings:
     enqueued = min(item.enqueued for item in items)
     first_run = min(item.started or enqueued for item in items)
     last_vector = max(item.finished or first_run for item in items)
-    return StageTimings(queue_seconds=first_run - enqueued, inference_seconds=last_vector - first_run)
+    return StageTimings(
+        queue_seconds=first_run - enqueued,
+        inference_seconds=last_vector - first_run,
+        enqueued=enqueued,
+        run_start=first_run,
+        run_end=max(item.ran or first_run for item in items),
+        finished=last_vector,
+    )
 
 
 def _fail(batch: list[WorkItem], exc: BaseException) -> None:

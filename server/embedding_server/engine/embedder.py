@@ -14,6 +14,7 @@ tokenizing never delays a query; batch requests tokenize at most
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -181,7 +182,9 @@ class Embedder:
         batcher = self._batchers[model.name]
         admission = batcher.admit(priority)
         try:
+            tokenize_start = time.monotonic()
             tokenized = await self._tokenized(job, model, task, row, admission)
+            tokenize_end = time.monotonic()
             vectors, timings = await batcher.embed_timed(
                 tokenized.sequences, task, job.deadline, priority=priority, flow=job.flow, admission=admission
             )
@@ -189,8 +192,10 @@ class Embedder:
             admission.release()
         if self.observer is not None:
             self.observer.on_request(model.name, timings.queue_seconds, timings.inference_seconds, priority)
+        timings = replace(timings, tokenize_start=tokenize_start, tokenize_end=tokenize_end)
         if tokenized.document is not None:
             vectors = await self._finish_document(tokenized.document, vectors, job.dimensions, outputs)
+            timings = replace(timings, finished=time.monotonic())
         return EmbedResult(
             model=self.served_name(job.model),
             outputs=outputs,
