@@ -14,19 +14,21 @@ tokenizing never delays a query; batch requests tokenize at most
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..cpus import available_cpus
+from ..cpus import ThreadBudget
 from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
-from ..models.late_chunking import DEFAULT_OVERLAP, LateChunkedDocument, chunk_vectors, document_limit
+from ..models.late_chunking import DEFAULT_OVERLAP, LateChunkedDocument, document_limit
 from ..models.loader import LoadedModel
-from ..models.types import ModelDescription, Priority, SequenceVectors, Task
+from ..models.types import ModelDescription, Output, Priority, SequenceVectors, Task
 from .batcher import Admission, BatchSettings, EngineObserver, ModelBatcher, lower_thread_priority
+from .finish import finish_document
 from .requests import EmbedJob, EmbedResult, TokenizedResult
 from .validation import check_dimensions, check_inputs, check_late_chunking, parse_outputs, parse_task
 
@@ -42,7 +44,7 @@ SPECIAL_TOKENS = 4
 class EngineSettings:
     max_inputs: int = DEFAULT_MAX_INPUTS
     batch: BatchSettings = field(default_factory=BatchSettings)
-    tokenizer_threads: int = max(1, min(4, available_cpus()))
+    threads: ThreadBudget | None = None  # None: planned from the CPUs and each model's session pool
     late_chunking_overlap: int = DEFAULT_OVERLAP  # tokens; a window uses min(this, its capacity // 2)
     max_document_tokens: int = 0  # longest late-chunked document; 0: 16 windows of each model
 
@@ -102,16 +104,19 @@ class Embedder:
         }
         per_model = batch_settings or {}
         self._batchers = {
-            m.model.name: ModelBatcher(m, per_model.get(m.model.name, settings.batch), observer)
+            m.model.name: ModelBatcher(
+                m, per_model.get(m.model.name, settings.batch), observer, settings.threads
+            )
             for m in models
         }
+        tokenizer_threads = (settings.threads or ThreadBudget.plan()).tokenizer_threads
         self._tokenize_threads = ThreadPoolExecutor(  # batch requests' tokenizing yields to queries'
-            settings.tokenizer_threads, thread_name_prefix="tokenize", initializer=lower_thread_priority
+            tokenizer_threads, thread_name_prefix="tokenize", initializer=lower_thread_priority
         )
         self._interactive_tokenize_threads = ThreadPoolExecutor(
-            settings.tokenizer_threads, thread_name_prefix="tokenize-interactive"
+            tokenizer_threads, thread_name_prefix="tokenize-interactive"
         )
-        self._tokenizer_backlog = asyncio.Semaphore(TOKENIZER_BACKLOG * settings.tokenizer_threads)
+        self._tokenizer_backlog = asyncio.Semaphore(TOKENIZER_BACKLOG * tokenizer_threads)
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         """``callback(error)`` when a model's dispatcher fails (the server turns NOT_SERVING)."""
@@ -177,7 +182,9 @@ class Embedder:
         batcher = self._batchers[model.name]
         admission = batcher.admit(priority)
         try:
+            tokenize_start = time.monotonic()
             tokenized = await self._tokenized(job, model, task, row, admission)
+            tokenize_end = time.monotonic()
             vectors, timings = await batcher.embed_timed(
                 tokenized.sequences, task, job.deadline, priority=priority, flow=job.flow, admission=admission
             )
@@ -185,8 +192,10 @@ class Embedder:
             admission.release()
         if self.observer is not None:
             self.observer.on_request(model.name, timings.queue_seconds, timings.inference_seconds, priority)
+        timings = replace(timings, tokenize_start=tokenize_start, tokenize_end=tokenize_end)
         if tokenized.document is not None:
-            vectors = await self._pool_chunks(tokenized.document, vectors, job.dimensions)
+            vectors = await self._finish_document(tokenized.document, vectors, job.dimensions, outputs)
+            timings = replace(timings, finished=time.monotonic())
         return EmbedResult(
             model=self.served_name(job.model),
             outputs=outputs,
@@ -236,18 +245,17 @@ class Embedder:
             if priority != Priority.INTERACTIVE:
                 self._tokenizer_backlog.release()
 
-    async def _pool_chunks(
-        self, document: LateChunkedDocument, windows: list[SequenceVectors], dimensions: int
+    async def _finish_document(
+        self,
+        document: LateChunkedDocument,
+        windows: list[SequenceVectors],
+        dimensions: int,
+        outputs: tuple[Output, ...],
     ) -> list[SequenceVectors]:
-        """Stitch a document's window states and pool its chunks (off the event loop: H can be large)."""
-        states: list[np.ndarray] = []
-        for window in windows:
-            assert window.token_states is not None  # a late-chunking window comes back unpooled
-            states.append(window.token_states)
-        dense = await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_threads, chunk_vectors, document, states, dimensions
+        """The finish step of a late-chunked document (off the event loop: H can be large)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_threads, finish_document, document, windows, dimensions, outputs
         )
-        return [SequenceVectors(dense=chunk[None, :]) for chunk in dense]
 
     async def tokenize(self, model_name: str, inputs: list[str], task_value: int) -> list[TokenizedResult]:
         model = self.model(model_name)

@@ -25,8 +25,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
 
 from ..auth import ApiKeys
+from ..tracing import Tracing
 from . import openapi, schema, translate
 from .errors import RestError
 from .upstream import Upstream
@@ -197,13 +199,15 @@ def build_app(
     routes: Sequence[BaseRoute] = (),
     observe: Observer | None = None,
     auto_truncate: bool = False,
-) -> Starlette:
+    tracing: Tracing | None = None,
+) -> ASGIApp:
     """The ASGI app; ``routes`` adds more (e.g. the server's ``/metrics``), ``observe`` counts calls,
-    ``auto_truncate`` cuts over-long inputs of bodies without ``truncate``."""
+    ``auto_truncate`` cuts over-long inputs of bodies without ``truncate``, ``tracing`` opens a span
+    per call (continuing the client's ``traceparent`` header)."""
     handlers = Handlers(upstream, api_keys or ApiKeys(()), max_body_bytes, auto_truncate)
     embeddings = _observed("POST /v1/embeddings", handlers.embeddings, observe)
     models = _observed("GET /v1/models", handlers.models, observe)
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/embeddings", embeddings, methods=["POST"]),
@@ -215,3 +219,4 @@ def build_app(
         ],
         exception_handlers={HTTPException: _http_error, Exception: _unexpected},
     )
+    return app if tracing is None else tracing.asgi(app)
