@@ -6,8 +6,8 @@ Each test copies client/ and server/ as a clone has them, creates a virtual envi
 system site packages, so nothing of the test's own environment leaks in), puts it first on PATH
 as an activated one would be, and runs the README's block with bash. pip finds the wheels where
 ``make setup`` found them (the index, or a local mirror that the machine's pip configuration
-names). The two installs run side by side: the file takes about 30 s of CPU, 27 s wall on two
-cores with little else running, 89 s on two cores shared with a dozen other busy processes.
+names). The two installs run side by side: the file takes about 35 s of CPU, 36 s wall on two
+cores with little else running, 57 s at a load of 6 and about 90 s at a load of 12.
 
 - client only: no ONNX Runtime and no server code installed; every module of ``embedding_client``
   imports (except the ``parquet`` and ``ray`` extras' own); the client and the health probe talk
