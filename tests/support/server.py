@@ -101,8 +101,10 @@ class RunningServer:
         return self.process.returncode
 
 
-def server_command(args: Sequence[str]) -> list[str]:
-    return [sys.executable, "-m", "embedding_server.cli", *args]
+def server_command(args: Sequence[str], program: Sequence[str] | None = None) -> list[str]:
+    """``program`` (default: this interpreter's ``embedding_server.cli``; tests/test_install.py
+    passes another environment's ``embedding-server``) followed by ``args``."""
+    return [*(program or (sys.executable, "-m", "embedding_server.cli")), *args]
 
 
 def start_server(
@@ -110,13 +112,14 @@ def start_server(
     rest: bool = False,
     env: dict[str, str] | None = None,
     timeout: float = 120,
+    program: Sequence[str] | None = None,
 ) -> RunningServer:
     """Launch ``embedding-server --host 127.0.0.1`` with fresh ports and wait for SERVING."""
     port = free_port()
     rest_port = free_port() if rest else 0
     log_path = Path(tempfile.mkstemp(prefix="embedding-server-", suffix=".log")[1])
     command = server_command(
-        ["--host", "127.0.0.1", "--port", str(port), "--rest-port", str(rest_port), *args]
+        ["--host", "127.0.0.1", "--port", str(port), "--rest-port", str(rest_port), *args], program
     )
     environment = {**os.environ, **(env or {})}
     with open(log_path, "wb") as log:

@@ -86,9 +86,16 @@ def truncated_external_data(onnx_path: Path) -> list[tuple[Path, int, int]]:
 
 
 def external_data_extents(onnx_path: Path) -> list[tuple[Path, int]]:
-    """Each external file the graph refers to, with the end of the last byte range it reads."""
-    import onnx  # imported lazily: only needed to diagnose a failed load
+    """Each external file the graph refers to, with the end of the last byte range it reads.
 
+    Needs ``onnx``, a dependency of the server distribution (it builds the built-in model's
+    graph). Without it (an environment trimmed by hand) nothing is found, and the caller reports
+    ONNX Runtime's own first line: still one line, not an ImportError traceback.
+    """
+    try:
+        import onnx  # imported lazily: only needed to diagnose a failed load, and by the quantizer
+    except ImportError:
+        return []
     try:
         graph = onnx.load(str(onnx_path), load_external_data=False)
     except Exception:  # the graph itself is unreadable; the caller reports that
