@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -313,8 +315,24 @@ def cmd_models(client: EmbeddingClient, args: argparse.Namespace) -> int:
 COMMANDS = {"corpus": cmd_corpus, "embed": cmd_embed, "models": cmd_models}
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM: raised in the main thread, so a corpus run stops the same way for both."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """The exit status: 0, 1 (failed), 2 (usage); interrupted, 128 + the signal (130 SIGINT, 143 SIGTERM)."""
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+        for stop in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop, _interrupt)
     try:
         with make_client(args) as client:
             return COMMANDS[args.command](client, args)
@@ -324,10 +342,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CorpusInputError, CorpusOutputError, OSError, ValueError) as exc:
         print(f"embedding-client: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
         if args.command == "corpus":
-            print("embedding-client: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+            print(f"embedding-client: stopped by {name}; rerun the same command to resume", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":
