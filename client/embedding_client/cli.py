@@ -332,7 +332,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if threading.current_thread() is threading.main_thread():  # handlers can only be set there
         for stop in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(stop, _interrupt)
+            if signal.getsignal(stop) is not signal.SIG_IGN:  # a background job's ignored SIGINT stays so
+                signal.signal(stop, _interrupt)
     try:
         with make_client(args) as client:
             return COMMANDS[args.command](client, args)

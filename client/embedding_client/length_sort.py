@@ -53,13 +53,26 @@ class LengthPool:
         self.texts: dict[int, str] = {}  # position -> text, unsent only
         self.read = 0  # texts read so far (the next one's position)
         self.oldest = 0  # the lowest unsent position (== read when the pool is empty)
+        self.ended = False
+        self.failure: Exception | None = None
 
     def wants(self) -> bool:
-        """Whether the reader may take another text (it stays within the look-ahead)."""
-        return self.read < self.oldest + self.lookahead
+        """Whether to read another text: the input goes on and the reader stays within the look-ahead."""
+        return not self.ended and self.read < self.oldest + self.lookahead
 
-    def __bool__(self) -> bool:
-        return bool(self.keys)
+    def end(self, failure: Exception | None = None) -> None:
+        """The input is over (or failed: the failure is raised once the texts before it went out)."""
+        self.ended, self.failure = True, failure
+
+    def next_request(self, plans: deque[Plan]) -> list[str] | None:
+        """The next request, its plan queued first; None when all is sent."""
+        if self.keys:
+            plan, request = self.take()
+            plans.append(plan)
+            return request
+        if self.failure is not None:
+            raise self.failure
+        return None
 
     def add(self, text: object) -> None:
         if not isinstance(text, str):
@@ -103,23 +116,19 @@ def sorted_requests(
     """
     pool = LengthPool(batch_size, lookahead)
     iterator = iter(texts)
-    failure: Exception | None = None
-    exhausted = False
-    while True:
-        while not exhausted and pool.wants():
-            try:
-                pool.add(next(iterator))
-            except StopIteration:
-                exhausted = True
-            except Exception as exc:  # the input failed (or held a non-string)
-                failure, exhausted = exc, True
-        if not pool:
-            break
-        plan, request = pool.take()
-        plans.append(plan)
+    while (request := _next_request(pool, iterator, plans)) is not None:
         yield request
-    if failure is not None:
-        raise failure
+
+
+def _next_request(pool: LengthPool, iterator: Iterator[str], plans: deque[Plan]) -> list[str] | None:
+    while pool.wants():
+        try:
+            pool.add(next(iterator))
+        except StopIteration:
+            pool.end()
+        except Exception as exc:  # the input failed (or held a non-string)
+            pool.end(exc)
+    return pool.next_request(plans)
 
 
 async def async_sorted_requests(
@@ -128,23 +137,21 @@ async def async_sorted_requests(
     """:func:`sorted_requests` for an async iterable."""
     pool = LengthPool(batch_size, lookahead)
     iterator = aiter(texts)
-    failure: Exception | None = None
-    exhausted = False
-    while True:
-        while not exhausted and pool.wants():
-            try:
-                pool.add(await anext(iterator))
-            except StopAsyncIteration:
-                exhausted = True
-            except Exception as exc:  # the input failed (or held a non-string)
-                failure, exhausted = exc, True
-        if not pool:
-            break
-        plan, request = pool.take()
-        plans.append(plan)
+    while (request := await _next_async_request(pool, iterator, plans)) is not None:
         yield request
-    if failure is not None:
-        raise failure
+
+
+async def _next_async_request(
+    pool: LengthPool, iterator: AsyncIterator[str], plans: deque[Plan]
+) -> list[str] | None:
+    while pool.wants():
+        try:
+            pool.add(await anext(iterator))
+        except StopAsyncIteration:
+            pool.end()
+        except Exception as exc:  # the input failed (or held a non-string)
+            pool.end(exc)
+    return pool.next_request(plans)
 
 
 class Reorder:
