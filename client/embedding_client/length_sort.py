@@ -7,8 +7,9 @@ each request (and the requests in flight together) pad little (see
 bench/corpus_throughput.py).
 
 Each request is anchored on the oldest text not yet sent and filled with the
-pooled texts closest to it in length (the server's own batch selection,
-engine/batch_selection.py, works the same way). So every request finishes
+oldest pooled texts within 5% of its length, or, if there are too few, with
+those closest to it in length (the server's own batch selection,
+engine/batch_selection.py, anchors on the oldest too). So every request finishes
 the oldest outstanding input, and the in-order prefix of finished inputs
 grows with every reply instead of once per sorted block: a consumer that
 writes what is done (the corpus command) keeps all but the last few replies
@@ -25,9 +26,11 @@ rows, handed-out rows are dropped).
 
 from __future__ import annotations
 
-from bisect import bisect_left, insort
+import heapq
+from bisect import bisect_left, bisect_right, insort
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -38,6 +41,11 @@ from .results import Embeddings, concatenate
 
 #: The input positions of one request's texts, in the request's order (a plan per request sent).
 Plan = np.ndarray
+#: Texts within this fraction of the anchor's length (in characters) pad alike; of those the oldest
+#: go first, so fewer finished rows wait for an earlier one. On mixed 5-60 word texts with a
+#: look-ahead of 4096: rows held back median 1189 (max 1654) instead of 2033 (3905) when always
+#: taking the closest in length, for 0.885 instead of 0.889 real/padded tokens per request.
+LENGTH_TOLERANCE = 0.05
 
 
 class LengthPool:
@@ -82,9 +90,31 @@ class LengthPool:
         self.read += 1
 
     def take(self) -> tuple[Plan, list[str]]:
-        """The next request: the oldest text and its closest neighbours in length (the pool is not empty)."""
-        keys = self.keys
+        """The next request: the oldest text, then the oldest of those about as long, else the closest."""
         target = len(self.texts[self.oldest])
+        low = bisect_left(self.keys, (int(target * (1 - LENGTH_TOLERANCE)), -1))
+        high = bisect_right(self.keys, (int(target * (1 + LENGTH_TOLERANCE)), self.read))
+        if high - low >= self.batch_size:
+            chosen = heapq.nsmallest(self.batch_size, self.keys[low:high], key=itemgetter(1))  # anchor first
+            chars = 0
+            for count, (length, _) in enumerate(chosen):
+                chars += length
+                if count and chars > self.max_chars:
+                    del chosen[count:]
+                    break
+            for key in chosen:
+                del self.keys[bisect_left(self.keys, key)]
+        else:
+            chosen = self._closest(target)
+        positions = [position for _, position in chosen]
+        texts = [self.texts.pop(position) for position in positions]
+        while self.oldest < self.read and self.oldest not in self.texts:
+            self.oldest += 1
+        return np.array(positions, dtype=np.int64), texts
+
+    def _closest(self, target: int) -> list[tuple[int, int]]:
+        """The oldest text and its closest neighbours in length, taken out of the pool."""
+        keys = self.keys
         low = high = bisect_left(keys, (target, self.oldest))
         chars = target
         while high - low + 1 < self.batch_size:
@@ -99,12 +129,9 @@ class LengthPool:
             else:
                 high = right
                 chars += keys[high][0]
-        positions = [position for _, position in keys[low : high + 1]]
+        chosen = keys[low : high + 1]
         del keys[low : high + 1]
-        texts = [self.texts.pop(position) for position in positions]
-        while self.oldest < self.read and self.oldest not in self.texts:
-            self.oldest += 1
-        return np.array(positions, dtype=np.int64), texts
+        return chosen
 
 
 def sorted_requests(
