@@ -24,7 +24,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from collections import deque
 from pathlib import Path
 
@@ -32,18 +31,21 @@ import numpy as np
 import pytest
 from embedding_client import EmbeddingClient
 from embedding_client.cli import DEFAULT_LENGTH_SORT
+from embedding_client.core import DEFAULT_WINDOW
 from embedding_client.corpus import CorpusJob, run_corpus
 from embedding_client.length_sort import Reorder, sorted_requests
+from embedding_client.requests import DEFAULT_BATCH_SIZE
 from embedding_client.results import Embeddings
 
+from tests.support.polling import until_sync
 from tests.support.server import RunningServer, start_server
 from tests.support.synthetic import WORDS, make_sentence_transformers
 from tests.test_corpus_cli import cli, run_cli
 
 N = 4 * DEFAULT_LENGTH_SORT
 #: What can still come back once the server is frozen: the look-ahead and the requests in flight
-#: (the stream's default max_ahead, 2 x 32 requests, of 64 texts).
-MOST_AFTER_FREEZE = DEFAULT_LENGTH_SORT + 2 * 32 * 64
+#: (the stream's default max_ahead, 2 x the window, of DEFAULT_BATCH_SIZE texts).
+MOST_AFTER_FREEZE = DEFAULT_LENGTH_SORT + 2 * DEFAULT_WINDOW * DEFAULT_BATCH_SIZE
 
 
 def text(i: int) -> str:
@@ -91,17 +93,22 @@ def interrupt_mid_run(server: RunningServer, args: list[str], partial: Path, sig
     """Start the CLI, freeze the server once rows are written, signal the CLI; its exit status and stderr."""
     process = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     frozen = False
+
+    def frozen_with_rows() -> bool:
+        """Freeze the server, then look: rows there, it stays frozen; none yet, it goes on."""
+        nonlocal frozen
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        server.process.send_signal(signal.SIGSTOP)
+        frozen = True
+        if complete_rows(partial):
+            return True
+        server.process.send_signal(signal.SIGCONT)
+        frozen = False
+        return False
+
     try:
-        while True:
-            assert process.poll() is None, "the run ended before it could be interrupted"
-            server.process.send_signal(signal.SIGSTOP)
-            frozen = True
-            seen = complete_rows(partial)
-            if seen:
-                break
-            server.process.send_signal(signal.SIGCONT)
-            frozen = False
-            time.sleep(0.005)  # a poll interval, not a wait for anything
+        until_sync(frozen_with_rows, "rows in the partial output")
+        seen = complete_rows(partial)
         # the CLI may still read replies already sent, never more than this: it cannot finish
         assert seen + MOST_AFTER_FREEZE < N, f"{seen} rows seen: too late to prove anything"
         process.send_signal(signum)
