@@ -16,7 +16,7 @@ import grpc
 from .channel import aio_channel
 from .core import DEFAULT_ROTATE_AFTER, DEFAULT_WINDOW, USE_CLIENT_DEFAULT, ClientCore, Timeout
 from .enums import OutputLike, PriorityLike, TaskLike
-from .length_sort import AsyncSortedRun, BlockPlan, async_sorted_requests
+from .length_sort import AsyncSortedRun, Plan, async_sorted_requests
 from .proto import embedding_pb2 as pb
 from .requests import DEFAULT_MAX_BATCH_CHARS, Batcher, EmbedOptions, as_text_list
 from .results import (
@@ -153,12 +153,12 @@ class AsyncEmbeddingClient(ClientCore):
             length_sort=length_sort,
         )
         size = batch_size or self.batch_size
-        plans: deque[BlockPlan] = deque()
+        plans: deque[Plan] = deque()
         source: AsyncIterable[list[str]] | Iterable[list[str]]
         if not isinstance(texts, AsyncIterable):
             source = self._stream_source(texts, size, late_chunking, length_sort, plans)
         elif length_sort:
-            source = async_sorted_requests(_async_batches(texts, length_sort, max_chars=2**62), size, plans)
+            source = async_sorted_requests(texts, size, length_sort, plans)
         elif late_chunking:
             source = _async_documents(texts)
         else:

@@ -25,7 +25,7 @@ from .core import (
     Timeout,
 )
 from .enums import OutputLike, PriorityLike, TaskLike
-from .length_sort import BlockPlan, SortedRun
+from .length_sort import Plan, SortedRun
 from .proto import embedding_pb2 as pb
 from .requests import EmbedOptions
 from .results import (
@@ -196,10 +196,11 @@ class EmbeddingClient(ClientCore):
         (``"yield"``). With ``late_chunking`` every item is one document: a
         list of its chunks, sent as one request.
 
-        ``length_sort=N`` reads N texts ahead, sorts them by length and cuts
-        them into requests of similar texts, so the server pads less (more
-        throughput on mixed-length corpora); each result is then a block of
-        N inputs, still in input order (see ``length_sort.py``).
+        ``length_sort=N`` reads up to N texts ahead and cuts requests of
+        texts alike in length, each anchored on the oldest unsent text, so the
+        server pads less (more throughput on mixed-length corpora); each
+        result is then the run of consecutive inputs that reply finished,
+        still in input order, with ``offset`` set (see ``length_sort.py``).
         """
         options = self._options(model, task, dimensions, outputs, late_chunking, truncate, priority)
         core = self._stream_core(
@@ -211,7 +212,7 @@ class EmbeddingClient(ClientCore):
             rotate_after=rotate_after,
             length_sort=length_sort,
         )
-        plans: deque[BlockPlan] = deque()
+        plans: deque[Plan] = deque()
         source = self._stream_source(texts, batch_size or self.batch_size, late_chunking, length_sort, plans)
         run = StreamRun(self.stub, core, source, self._stream_metadata(metadata))
         return SortedRun(run, plans) if length_sort else run

@@ -26,7 +26,7 @@ import grpc
 from .channel import ChannelSettings
 from .enums import OutputLike, PriorityLike, TaskLike, parse_task
 from .errors import EmbeddingError, from_rpc_error, metadata_value
-from .length_sort import BlockPlan, sorted_requests
+from .length_sort import Plan, sorted_requests
 from .proto import embedding_pb2 as pb
 from .proto import embedding_pb2_grpc
 from .requests import DEFAULT_BATCH_SIZE, EmbedOptions, as_text_list, batches, request_parts
@@ -210,7 +210,7 @@ class ClientCore:
         size: int,
         late_chunking: bool,
         length_sort: int | None,
-        plans: deque[BlockPlan],
+        plans: deque[Plan],
     ) -> Iterable[list[str]]:
         """The requests' inputs, lazily, from a plain iterable (aio adds async iterables)."""
         if length_sort:
@@ -237,7 +237,7 @@ class ClientCore:
                 raise ValueError("length_sort: late-chunking documents are sent whole, not sorted")
             if on_error != "raise":
                 raise ValueError(
-                    'length_sort: needs on_error="raise" (a block comes out whole or not at all)'
+                    'length_sort: needs on_error="raise" (a failed request would leave a gap in the order)'
                 )
         return StreamCore(
             options,

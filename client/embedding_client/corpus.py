@@ -1,9 +1,14 @@
 """``embedding-client corpus``: a JSON Lines corpus through StreamEmbed into a resumable output.
 
 Records flow lazily: reader → client stream (bounded window, reconnects,
-several replicas) → output in input order. The ids of records in flight wait
-in a deque that the in-order results pop, so ids and vectors cannot drift
-apart and memory stays bounded by the stream's window.
+several replicas; requests of similar-length texts from a sliding look-ahead,
+length_sort.py) → output in input order. Every reply hands out the inputs it
+finished in order and they are written at once, so an interruption keeps all
+the rows done but those held back by the reorder buffer (fewer than the
+look-ahead), and the progress bar moves with each reply. The ids of records
+in flight wait in a deque that the in-order results pop, so ids and vectors
+cannot drift apart and memory stays bounded by the stream's window and the
+look-ahead.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .corpus_formats import count_chunks, count_records, open_output, read_recor
 from .corpus_input import parse_document, parse_record
 from .corpus_output import partial_path
 from .enums import task_name
+from .length_sort import SortedRun
 
 
 @dataclass(frozen=True)
@@ -69,8 +75,18 @@ class CorpusSummary:
 
 
 def run_corpus(
-    client: EmbeddingClient, job: CorpusJob, log: Callable[[str], None] = lambda m: print(m, file=sys.stderr)
+    client: EmbeddingClient,
+    job: CorpusJob,
+    log: Callable[[str], None] = lambda m: print(m, file=sys.stderr),
+    on_reply: Callable[[int, int], None] | None = None,
 ) -> CorpusSummary:
+    """Embed ``job.input`` into ``job.output``, resuming a partial output.
+
+    ``on_reply(embedded, written)`` is called after each reply with the records
+    embedded and written so far in this run (the progress bar shows the first).
+    Interrupted (KeyboardInterrupt, which the CLI also raises on SIGTERM), it
+    logs how many records the partial output keeps and re-raises.
+    """
     started = time.monotonic()
     if job.output.exists() and not partial_path(job.output).exists():
         log(f"{job.output} exists and is complete; nothing to do (delete it to embed again)")
@@ -108,6 +124,11 @@ def run_corpus(
             priority="batch",  # a corpus job yields to interactive queries and shares fairly with others
         )
         embedded = 0
+
+        def received() -> int:
+            """Records embedded in this run: a sorted run's reorder buffer may hold some back."""
+            return run.received if isinstance(run, SortedRun) else embedded
+
         with (
             run,
             tqdm(
@@ -132,10 +153,19 @@ def run_corpus(
                     output.write([ids.popleft() for _ in range(records_done)], batch.dense)  # type: ignore[arg-type]
                 embedded += records_done
                 model = batch.model or model
-                bar.update(records_done)
+                bar.update(done + received() - bar.n)  # embedded, written or held back for order
+                if on_reply is not None:
+                    on_reply(received(), embedded)
         output.finish()
         return CorpusSummary(
             records, done, embedded, time.monotonic() - started, model, run.stats.broken_attempts
         )
+    except KeyboardInterrupt:
+        output.close()
+        saved = output.saved()
+        if chunk_rows:
+            saved = whole_documents(job.input, saved)[0]
+        log(f"stopped: {saved} of {records} records are saved in {output.partial}")
+        raise
     finally:
         output.close()

@@ -93,6 +93,11 @@ class CorpusOutput:
     def _recover(self) -> int:
         raise NotImplementedError
 
+    def saved(self) -> int:
+        """After :meth:`close`: the complete rows the partial file holds, read from the file itself
+        (a row torn by an interruption is cut off, as a resume would)."""
+        return self._recover() if self.partial.exists() else 0
+
     def write(self, ids: Sequence[Any], dense: np.ndarray) -> None:
         raise NotImplementedError
 
