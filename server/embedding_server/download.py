@@ -53,6 +53,16 @@ PRESETS: dict[str, Preset] = {
 
 Downloader = Callable[..., str]
 
+INSTALL_HINT = "pip install 'embedding-service[download]'"
+DESCRIPTION = """Fetch a jina-v3 or bge-m3 model directory from the Hugging Face hub: only the
+files the server reads (the ONNX graph, its external weights, tokenizer and
+configs, bge-m3's heads), not the PyTorch weights."""
+EPILOG = f"""example:
+  embedding-download jina-v3 models/jina-v3
+  embedding-server --model jina-v3=models/jina-v3
+
+needs huggingface_hub: {INSTALL_HINT}"""
+
 
 def download(
     name: str, destination: Path, revision: str | None = None, snapshot: Downloader | None = None
@@ -76,7 +86,12 @@ def download(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="embedding-download", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="embedding-download",
+        description=DESCRIPTION,
+        epilog=EPILOG,  # plain text for a terminal: the module docstring is reStructuredText
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model", choices=sorted(PRESETS), help="which model family to fetch")
     parser.add_argument("destination", type=Path, help="directory to create (then: --model NAME=DIR)")
     parser.add_argument("--revision", default=None, help="a hub revision (tag, branch or commit) to pin")
@@ -85,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         path = download(args.model, args.destination, args.revision)
     except ImportError:
         print(
-            "embedding-download: needs huggingface_hub: pip install 'embedding-service[download]'",
+            f"embedding-download: needs huggingface_hub: {INSTALL_HINT}",
             file=sys.stderr,
         )
         return 1

@@ -93,9 +93,34 @@ class _AppendOverridingDefault(argparse._AppendAction):
         super().__call__(parser, namespace, values, option_string)
 
 
+class DefaultsShown(argparse.HelpFormatter):
+    """Every flag's help ends with its default unless the text already says it: an operator reading
+    ``--help`` should not have to open the source to learn that a batch holds 16384 tokens."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if "default" in text or default is None or default is argparse.SUPPRESS or default == []:
+            return action.help
+        return f"{text} (default: {shown_default(default)})"
+
+
+def shown_default(value: object) -> str:
+    """A default as an operator would type it (``64``, not ``64.0``; ``off`` for a false switch),
+    escaped for argparse's %-formatting."""
+    if isinstance(value, bool):
+        text = "on" if value else "off"
+    elif isinstance(value, float) and value.is_integer():
+        text = str(int(value))
+    else:
+        text = str(value)
+    return text.replace("%", "%%")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="embedding-server",
+        formatter_class=DefaultsShown,
         description="gRPC embedding server (and OpenAI-compatible REST shim) on ONNX Runtime CPU sessions. "
         f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>, e.g. EMBEDDING_PORT.",
     )

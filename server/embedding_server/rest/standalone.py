@@ -15,7 +15,9 @@ environment variable ``EMBEDDING_REST_<FLAG>``, e.g. ``EMBEDDING_REST_TARGET``):
 - ``--max-body-mb``: largest request body (413 above).
 
 /health asks the target's ``grpc.health.v1`` service, and answers 503 once
-SIGTERM has started the drain.
+SIGTERM has started the drain. /metrics has the REST call series the in-process
+shim exports (``embedding_requests_total{method="POST /v1/embeddings",code}``,
+``embedding_request_seconds``) and the process collectors, behind the same key.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from embedding_client.envflags import OneLineParser, apply_environment, port_num
 
 from ..auth import ApiKeys
 from ..errors import StartupError
+from ..metrics import CallMetrics, metrics_route
 from ..tls import TlsConfigError, load_tls
 from .app import build_app
 from .serving import RestServer, bind
@@ -101,7 +104,14 @@ def _prepare(args: argparse.Namespace) -> tuple[Upstream, RestServer]:
     except OSError as exc:
         raise StartupError(f"--target-ca: cannot read {args.target_ca} ({exc.strerror or exc})") from exc
     upstream = Upstream(args.target, credentials=credentials, target_api_key=args.target_api_key)
-    app = build_app(upstream, api_keys, max_body_bytes=int(args.max_body_mb * 1024 * 1024))
+    metrics = CallMetrics()
+    app = build_app(
+        upstream,
+        api_keys,
+        max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        routes=[metrics_route(metrics, api_keys)],
+        observe=metrics.observe_call,
+    )
     try:
         sock = bind(args.host, args.port)
     except OSError as exc:
