@@ -178,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="padding tokens one more sequence may add to a session run; beyond it, it waits for a run "
         "of its own length (CPU cost is linear in padded tokens; 0: no limit; default 16)",
     )
-    add("--max-batch-wait-ms", type=_positive(float), default=0.0, help="extra wait for a batch to fill")
+    add(
+        "--max-batch-wait-ms", type=_positive(float), default=0.0, help="extra wait in ms for a batch to fill"
+    )
     add(
         "--max-queue-requests",
         type=_positive(int),
@@ -239,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-port",
         type=port_number,
         default=0,
-        help="Prometheus /metrics port when the REST shim is off",
+        help="Prometheus /metrics on a port of its own, without auth (for a scraper-only network, or "
+        "when the REST shim is off; 0: none)",
     )
     add(
         "--quantize",
