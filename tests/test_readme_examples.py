@@ -315,15 +315,20 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         server.stop()
 
 
-def run_bash(live: Live, script: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", live.substitute(script)],
-        cwd=live.workdir,
-        env=live.env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+def run(live: Live, command: list[str], where: str) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            command, cwd=live.workdir, env=live.env, capture_output=True, text=True, timeout=TIMEOUT
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"{where} did not finish in {TIMEOUT} s: a command that runs until stopped (a server) "
+            "needs a not-run or covered-by marker"
+        )
+
+
+def run_bash(live: Live, script: str, where: str) -> subprocess.CompletedProcess[str]:
+    return run(live, ["bash", "-euo", "pipefail", "-c", live.substitute(script)], where)
 
 
 @pytest.mark.parametrize("unit", UNITS, ids=lambda u: u.name)
@@ -331,20 +336,13 @@ def test_readme_example_runs_as_printed(live: Live, unit: Unit):
     where = ", ".join(f"README.md:{b.line}" for b in unit.blocks)
     if unit.language == "python":
         script = PRELUDE + "".join(f"\n# {where}\n{b.text}" for b in unit.blocks)
-        result = subprocess.run(
-            [sys.executable, "-c", live.substitute(script)],
-            cwd=live.workdir,
-            env=live.env,
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-        )
+        result = run(live, [sys.executable, "-c", live.substitute(script)], where)
         assert result.returncode == 0, f"{where} failed:\n{result.stdout}\n{result.stderr}"
     elif unit.language == "console":
         commands = console_commands(unit.blocks[0].text)
         assert commands, f"{where}: a console block without a $ command"
         for command in commands:
-            result = run_bash(live, command.command)
+            result = run_bash(live, command.command, where)
             shown = result.stdout + result.stderr
             failing = command.expected is not None and command.expected.startswith("ERROR:")
             assert (result.returncode != 0) == failing, f"{where}: $ {command.command}\n{shown}"
@@ -353,5 +351,5 @@ def test_readme_example_runs_as_printed(live: Live, unit: Unit):
                     f"{where}: $ {command.command}\nREADME shows:\n{command.expected}\nit printed:\n{shown}"
                 )
     else:
-        result = run_bash(live, unit.blocks[0].text)
+        result = run_bash(live, unit.blocks[0].text, where)
         assert result.returncode == 0, f"{where} failed:\n{result.stdout}\n{result.stderr}"
