@@ -19,7 +19,7 @@ How a block runs (the substitutions below are the only edits made to its text):
   ``EMBEDDING_TARGET`` names the live server (for commands that use their default target) and
   ``PATH`` starts with the virtual environment's ``bin`` (``grpcurl``, ``embedding-*``).
 - The working directory is a scratch directory holding the files the examples name
-  (``corpus.txt``, ``docs.jsonl``, ``ca.pem``) and ``.venv``, a link to the running environment.
+  (``corpus.txt``, ``ca.pem``) and ``.venv``, a link to the running environment.
 - ``sh`` / ``bash``: the block runs with ``bash -euo pipefail`` and must exit 0.
 - ``console``: each ``$ `` line (with ``\\`` continuations) runs in bash and must exit 0, unless
   its expected output starts with ``ERROR:`` (grpcurl's report of an error status). The lines after
@@ -297,9 +297,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     )
     workdir = tmp_path_factory.mktemp("readme")
     (workdir / "corpus.txt").write_text("".join(f"line {i} of a small corpus\n" for i in range(100)))
-    (workdir / "docs.jsonl").write_text(
-        "".join(f'{{"id": {i}, "text": "document {i}"}}\n' for i in range(20))
-    )
     (workdir / "ca.pem").write_bytes(make_pki(tmp_path_factory.mktemp("pki")).ca.cert.read_bytes())
     (workdir / ".venv").symlink_to(Path(sys.executable).parent.parent)
     bin_dir = str(Path(sys.executable).parent)
@@ -307,7 +304,6 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         **os.environ,
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         "EMBEDDING_TARGET": server.target,
-        "PYTHONPATH": str(ROOT),
     }
     try:
         yield Live(server, workdir, env)
