@@ -214,8 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="memory the server plans for, e.g. 1GiB, 768MiB (default: the container's cgroup memory limit, "
         "else 1GiB). Batches are cut and long inputs refused (RESOURCE_EXHAUSTED) to stay under it. "
-        "Measured peak RSS at default flags: all-minilm-l6-v2 (default) 0.7GiB under a 1GiB limit, "
-        "any input mix; give bge-m3 / jina-embeddings-v3 (fp32, 568M params, 2.2GB of weights) at least 4GiB",
+        "Measured peak RSS at default flags under a 1GiB limit: all-minilm-l6-v2 (default) 0.35GiB idle, "
+        "up to 0.8GiB after the longest inputs (README, Memory); give bge-m3 / jina-embeddings-v3 "
+        "(fp32, 568M params, 2.2GB of weights) at least 4GiB",
     )
     add("--stream-window", type=_positive(int), default=32, help="requests of one StreamEmbed call in flight")
     add("--max-message-mb", type=_positive(int), default=64, help="largest request message in MiB")
