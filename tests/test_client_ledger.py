@@ -149,3 +149,38 @@ def test_random_schedules_emit_every_input_exactly_once_in_order(sizes, window, 
             step("reply", pick)
     assert ledger.finished
     assert emitted == batches
+
+
+def test_each_stall_without_a_reply_doubles_the_stall_limit_and_a_reply_resets_it():
+    """A slow but alive server must not be cancelled forever (one busy core: every call is slow)."""
+    from embedding_client.requests import EmbedOptions
+    from embedding_client.retry import StreamRetry
+    from embedding_client.stream_core import StreamCore
+
+    core = StreamCore(
+        EmbedOptions(), window=4, streams=1, max_ahead=None, retry=StreamRetry(stall_timeout=1.0)
+    )
+    clock = FakeClock()
+    core.ledger.clock = clock
+    source = [["a"], ["b"]]
+
+    def open_and_send() -> tuple[int, object]:
+        attempt = core.ledger.open_attempt()
+        core.calls[attempt] = f"call-{attempt}"
+        return attempt, pull(core.ledger, attempt, source)
+
+    first, _ = open_and_send()
+    clock.now = 1.5
+    assert core.stalled_calls() == ["call-0"]  # past 1 s: stalled
+    core.ledger.end_attempt(first)
+    core.calls.pop(first)
+
+    second, batch = open_and_send()  # the resend
+    clock.now = 1.5 + 1.5
+    assert core.stalled_calls() == []  # 1.5 s is past the first limit but within the doubled one
+    clock.now = 1.5 + 2.5
+    assert core.stalled_calls() == ["call-1"]
+    assert core.ledger.stalls_in_a_row == 2 and core.stats.stalled_attempts == 2
+
+    assert core.ledger.complete(second, batch, "result")  # a reply: the next stall is judged at 1 s again
+    assert core.ledger.stalls_in_a_row == 0

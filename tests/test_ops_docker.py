@@ -203,3 +203,33 @@ def test_compose_healthcheck_and_stop_grace(compose):
     assert float(service["stop_grace_period"].rstrip("s")) > grace
     for key in service["environment"]:
         assert key.startswith("EMBEDDING_"), key
+
+
+# --- one set of model names and paths, from embedding-download to Kubernetes ---------------------
+
+#: ``--model NAME=PATH`` however it is written: a shell line, a JSON/YAML list item, a comment.
+MODEL_FLAG = re.compile(r"--model[\"',\s]+[\"']?([\w.-]+)=([\w./:@-]+)")
+DOWNLOAD_LINE = re.compile(r"embedding-download ([\w.-]+) ([\w./-]+)")
+
+
+def test_model_names_and_directories_agree_everywhere():
+    """A model is served as its download preset's name from ``models/<name>`` (``/models/<name>`` in a
+    container): the README's download, Docker, compose and Kubernetes examples all say the same."""
+    from embedding_server.download import PRESETS
+    from embedding_server.models.loader import BUILTIN_MODEL
+
+    files = [ROOT / "README.md", DOCKERFILE, COMPOSE, *sorted((ROOT / "deploy").rglob("*.yaml"))]
+    flags = [(path.name, *m.groups()) for path in files for m in MODEL_FLAG.finditer(path.read_text())]
+    downloads = DOWNLOAD_LINE.findall((ROOT / "README.md").read_text())
+    assert {"compose.yaml", "Dockerfile", "deployment.yaml", "README.md"} <= {f for f, _, _ in flags}
+    assert sorted(name for name, _ in downloads) == sorted(PRESETS)
+    for name, directory in downloads:
+        assert directory == f"models/{name}"
+    for where, name, source in flags:
+        if source == BUILTIN_MODEL or source.startswith("hf:"):
+            continue
+        assert name in PRESETS, f"{where}: --model {name}={source}: not a download preset's name"
+        assert source in (f"models/{name}", f"/models/{name}"), f"{where}: --model {name}={source}"
+    served = {*PRESETS, BUILTIN_MODEL, "text-embedding-3-small"}  # the last: the README's alias example
+    readme_models = set(re.findall(r"\bmodel=\"([\w.-]+)\"", (ROOT / "README.md").read_text()))
+    assert readme_models and readme_models <= served

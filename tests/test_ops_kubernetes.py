@@ -100,8 +100,9 @@ def test_resources_have_requests_and_limits():
     resources = container()["resources"]
     for kind in ("requests", "limits"):
         assert {"cpu", "memory"} <= set(resources[kind]), kind
-    threads = env()["EMBEDDING_THREADS_PER_SESSION"]["valueFrom"]["resourceFieldRef"]
-    assert threads["resource"] == "limits.cpu"
+    # Threads come from the CPU limit the server reads itself (cpus.py): a pinned
+    # --threads-per-session of the whole limit would give every session all the CPUs.
+    assert "EMBEDDING_THREADS_PER_SESSION" not in env()
 
 
 def test_drain_fits_in_the_termination_grace_period():

@@ -18,6 +18,7 @@ import grpc
 import httpx
 import pytest
 from embedding_client.proto import embedding_pb2 as pb
+from embedding_server.cpus import available_cpus
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -190,6 +191,36 @@ def test_json_logs_carry_the_request_id(observed):
     assert entry["message"].startswith("Embed OK ")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"])
     assert any(e["message"].startswith("serving ") for e in entries)
+
+
+def test_start_up_logs_the_threads_and_limits_it_chose(observed):
+    """One JSON line (issue 12): sessions, intra-op, wide, run and tokenizer threads, memory, batch limits."""
+    assert observed.logged('"message": "start-up plan:')
+    (line,) = [
+        json.loads(text) for text in observed.log().splitlines() if '"message": "start-up plan:' in text
+    ]
+    assert line["level"] == "info"
+    plan = line["plan"]
+    cpus = available_cpus()  # the server's defaults split these (tests/test_cpus.py checks the split)
+    sessions = min(cpus, 4)
+    assert plan["threads"] == {
+        "cpus": cpus,
+        "sessions": sessions,
+        "threads_per_session": max(1, cpus // sessions),
+        "wide_threads": cpus,
+        "interactive_run_threads": sessions + 1,
+        "bulk_run_threads": sessions,
+        "pool_threads": 1,
+        "tokenizer_threads": min(cpus, 4),
+    }
+    model = plan["models"][MODEL]
+    assert model["sessions"] == sessions and model["layout"] == "shared"
+    assert model["wide_threads"] == (cpus if cpus > model["threads_per_session"] else 0)
+    assert (model["max_batch_size"], model["max_batch_tokens"]) == (2, 16384)  # --max-batch-size 2
+    assert model["max_queue_requests"] == 1024
+    assert 0 < model["max_queue_tokens"] <= 4_000_000  # cut to the memory budget
+    assert plan["memory_limit_mib"] > 0 and model["run_memory_mib"] > 0 and model["longest_input_tokens"] > 0
+    assert "/ 2 sequences" in line["message"]  # the text says the same as the fields
 
 
 def test_rest_port_serves_metrics_too(default_server):

@@ -110,6 +110,7 @@ class Ledger:
         self.rotated: set[int] = set()  # attempts that stopped sending because of their age
         self.opened_at: dict[int, float] = {}
         self.failing_since: float | None = None
+        self.stalls_in_a_row = 0  # stalls detected since the last reply; reset by complete()
         self._attempt_ids = itertools.count()
         self._inputs = 0
 
@@ -238,6 +239,7 @@ class Ledger:
         self.outstanding[attempt] -= 1
         self.done[batch.seq] = result
         self.failing_since = None
+        self.stalls_in_a_row = 0
         return True
 
     def retry_later(self, attempt: int, batch: Batch, delay: float) -> None:

@@ -59,8 +59,15 @@ class StreamRetry:
     timeout: float = 120.0
     #: A call with a request unanswered this long is taken for stuck (a hung
     #: server, a half-open connection keepalive has not caught yet): it is
-    #: cancelled and its requests go to a new call.
+    #: cancelled and its requests go to a new call. Each stall in a row with no
+    #: reply in between multiplies the limit by ``multiplier`` (see
+    #: ``stall_limit``), so a server that is slow but alive is waited for
+    #: instead of being cancelled over and over until ``timeout``.
     stall_timeout: float = 300.0
+
+    def stall_limit(self, stalls_in_a_row: int) -> float:
+        """How long a request may go unanswered after ``stalls_in_a_row`` stalls without progress."""
+        return self.stall_timeout * self.multiplier ** min(stalls_in_a_row, 16)
 
     def delay(self, failures: int) -> float:
         """Jittered exponential backoff for the ``failures``-th consecutive failure (0-based)."""

@@ -101,12 +101,14 @@ class StreamCore:
     def stalled_calls(self) -> list[Any]:
         """Watchdog: calls stuck on a request past ``stall_timeout``, to cancel (their readers resend)."""
         found = []
-        for attempt in self.ledger.stalled(self.retry.stall_timeout):
+        for attempt in self.ledger.stalled(self.retry.stall_limit(self.ledger.stalls_in_a_row)):
             call = self.calls.get(attempt)
             if call is not None and attempt not in self.stalled:
                 self.stalled.add(attempt)
                 self.ledger.stats.stalled_attempts += 1
                 found.append(call)
+        if found:  # no reply since: the next stall must wait longer (a slow server, not a hung one)
+            self.ledger.stalls_in_a_row += 1
         return found
 
     def close(self) -> list[Any]:

@@ -13,13 +13,15 @@ import asyncio
 import logging
 import signal
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import grpc
 from grpc_health.v1 import health
 
 from .auth import ApiKeys
-from .cpus import available_cpus
+from .cpus import ThreadBudget, available_cpus
+from .download import fetch_hub_model
 from .engine.batcher import BatchSettings
 from .engine.embedder import Embedder, EngineSettings
 from .engine.memory import (
@@ -37,12 +39,14 @@ from .grpc_api.server import NOT_SERVING, SERVING, build_server, set_health
 from .grpc_api.servicer import EmbeddingServicer
 from .grpc_api.state import Phase, ServingState
 from .metrics import Metrics, MetricsHttpServer, metrics_route
+from .models.build_minilm import default_cache_dir
 from .models.files import locate
 from .models.loader import BUILTIN_MODEL, LoadedModel, ModelSpec, load, model_files
 from .ports import PortUnavailable, ensure_free, grpc_address
 from .rest.inprocess import InProcessShim
-from .settings import Settings, session_count, threads_per_session
+from .settings import Settings
 from .tls import TlsConfigError, TlsFiles, grpc_credentials, load_tls
+from .tracing import Tracing, configure
 
 log = logging.getLogger("embedding_server")
 
@@ -52,8 +56,15 @@ FLUSH_SECONDS = 1.0  # after the drain: time for the last replies to leave befor
 QUIET_SECONDS = 0.25
 
 
-def engine_settings(settings: Settings) -> EngineSettings:
+def thread_budget(settings: Settings) -> ThreadBudget:
+    """Every thread count, from the CPUs this process may use and --sessions/--threads-per-session."""
+    return ThreadBudget.plan(available_cpus(), settings.sessions, settings.threads_per_session)
+
+
+def engine_settings(settings: Settings, threads: ThreadBudget | None = None) -> EngineSettings:
+    """``threads``: the budget the models were loaded with (None: planned from ``settings``)."""
     return EngineSettings(
+        threads=threads or thread_budget(settings),
         max_inputs=settings.max_inputs,
         batch=BatchSettings(
             max_batch_tokens=settings.max_batch_tokens,
@@ -108,17 +119,62 @@ def batch_settings(settings: Settings, models: list[LoadedModel], baseline: int)
     return planned
 
 
-def load_models(settings: Settings, metrics: Metrics | None = None) -> list[LoadedModel]:
-    specs = [ModelSpec.parse(text) for text in settings.models] or [ModelSpec(BUILTIN_MODEL, None)]
-    names = [spec.name for spec in specs]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
-    if duplicates:
-        raise StartupError(f"--model: name {duplicates[0]!r} is used twice")
-    threads = threads_per_session(settings)
+@dataclass(frozen=True)
+class ServedModels:
+    """What ``--model`` and ``--model-alias`` ask for: the models to load, and the other names they get.
+
+    Two ``--model`` of one source are one model (loaded once) under both names; the first
+    name is the model's own (metrics, logs), the others are aliases like ``--model-alias``.
+    """
+
+    specs: list[ModelSpec]  # one per source, in --model order; the first is the default
+    aliases: dict[str, str]  # another served name → the loaded model's name
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServedModels:
+        """ValueError with one line naming the flag for a name used twice or an alias of nothing."""
+        given = [ModelSpec.parse(text) for text in settings.models] or [ModelSpec(BUILTIN_MODEL, None)]
+        specs: dict[str, ModelSpec] = {}  # by source
+        names: dict[str, str] = {}  # every served name → the loaded model's name
+        for spec in given:
+            if spec.name in names:
+                raise ValueError(f"--model: name {spec.name!r} is used twice")
+            first = specs.setdefault(spec.source, spec)
+            names[spec.name] = first.name
+        for text in settings.model_aliases:
+            alias, sep, target = text.partition("=")
+            if not (sep and alias and target):
+                raise ValueError(f"--model-alias {text!r}: expected ALIAS=NAME")
+            if alias in names:
+                raise ValueError(f"--model-alias {text}: {alias!r} is already a served name")
+            if target not in names:
+                raise ValueError(
+                    f"--model-alias {text}: no model is served as {target!r} (served: {', '.join(names)})"
+                )
+            names[alias] = names[target]
+        return cls(list(specs.values()), {name: model for name, model in names.items() if name != model})
+
+
+def fetched(spec: ModelSpec, cache_dir: Path | None) -> ModelSpec:
+    """A hub spec as the directory its files were fetched into (first start) or found in (later)."""
+    if spec.hub is None:
+        return spec
+    root = cache_dir or default_cache_dir()
+    label = f"--model {spec.name}={spec.hub}"
+    path = fetch_hub_model(spec.hub.repo_id, spec.hub.revision, root, label=label)
+    return replace(spec, path=path)
+
+
+def load_models(
+    settings: Settings, metrics: Metrics | None = None, threads: ThreadBudget | None = None
+) -> list[LoadedModel]:
+    """Every --model on ``threads``' sessions (None: planned from ``settings``)."""
+    threads = threads or thread_budget(settings)
     loaded = []
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
-    for spec in specs:
+    for spec in ServedModels.from_settings(settings).specs:
         started = time.monotonic()
+        spec = fetched(spec, cache_dir)
         files = model_files(spec, cache_dir)
         if settings.quantize == "int8":
             from .quantize.cache import int8_files  # onnx and the quantizer: only when asked for
@@ -127,20 +183,66 @@ def load_models(settings: Settings, metrics: Metrics | None = None) -> list[Load
         loaded.append(
             load(
                 spec,
-                sessions=session_count(settings),
-                threads=threads,
+                sessions=threads.sessions,
+                threads=threads.threads_per_session,
                 layout=settings.session_layout,
                 cache_dir=cache_dir,
                 files=files,
             )
         )
-        loaded[-1].sessions.add_wide(available_cpus())  # lone interactive runs use every core
+        loaded[-1].sessions.add_wide(threads.wide_threads)  # lone interactive runs use every core
         log.info(
             "loaded model %s (%s) in %.1fs", spec.name, loaded[-1].model.family, time.monotonic() - started
         )
         if metrics is not None:
             metrics.model_loaded(spec.name, time.monotonic() - started)
     return loaded
+
+
+def log_plan(
+    threads: ThreadBudget, limit: int, models: list[LoadedModel], planned: dict[str, BatchSettings]
+) -> None:
+    """One INFO line with the threads, memory and batch limits start-up chose (JSON: its ``plan``)."""
+    per_model: dict[str, dict[str, object]] = {}
+    for loaded in models:
+        batch = planned[loaded.model.name]
+        memory = batch.memory
+        per_model[loaded.model.name] = {
+            "sessions": loaded.sessions.size,
+            "layout": loaded.sessions.layout,
+            "threads_per_session": loaded.sessions.threads,
+            "wide_threads": loaded.sessions.wide_threads,  # 0: no wide session (model too big, or 1 CPU)
+            "max_batch_tokens": batch.max_batch_tokens,
+            "max_batch_size": batch.max_batch_size,
+            "max_padding_waste": batch.max_padding_waste,
+            "max_batch_wait_ms": batch.max_wait_ms,
+            "max_queue_requests": batch.max_queue_requests,
+            "max_queue_tokens": batch.max_queue_tokens,
+            "run_memory_mib": memory.run_bytes // MIB if memory else None,
+            "longest_input_tokens": memory.longest_single() if memory else None,
+        }
+    plan = {"threads": threads.as_dict(), "memory_limit_mib": limit // MIB, "models": per_model}
+    models_text = "; ".join(
+        f"model {name}: {m['sessions']} sessions ({m['layout']}) x {m['threads_per_session']} "
+        f"intra-op threads, wide session {m['wide_threads'] or 'none'}, "
+        f"batches <= {m['max_batch_tokens']} tokens / {m['max_batch_size']} sequences, "
+        f"{m['run_memory_mib']} MiB a run (inputs <= {m['longest_input_tokens']} tokens), "
+        f"queue <= {m['max_queue_requests']} requests / {m['max_queue_tokens']} tokens"
+        for name, m in per_model.items()
+    )
+    log.info(
+        "start-up plan: %d CPUs; per model %d interactive + %d bulk run threads and %d pooling thread; "
+        "tokenizer threads %d for queries + %d for batch work; memory limit %d MiB; %s",
+        threads.cpus,
+        threads.interactive_run_threads,
+        threads.bulk_run_threads,
+        threads.pool_threads,
+        threads.tokenizer_threads,
+        threads.tokenizer_threads,
+        limit // MIB,
+        models_text,
+        extra={"plan": plan},
+    )
 
 
 def api_keys(settings: Settings) -> ApiKeys:
@@ -162,10 +264,12 @@ def tls_files(settings: Settings) -> TlsFiles | None:
 
 
 def check_model_paths(settings: Settings) -> None:
-    """The quick checks of every --model (directory, ONNX file, tokenizer) before any port opens."""
+    """The quick checks of every --model (names, directory, ONNX file, tokenizer) before any port opens.
+
+    A hub model (``hf:``) is fetched after the ports are bound, so health answers meanwhile.
+    """
     try:
-        for text in settings.models:
-            spec = ModelSpec.parse(text)
+        for spec in ServedModels.from_settings(settings).specs:
             if spec.path is not None:
                 locate(spec.path)
     except (ModelLoadError, ValueError) as exc:
@@ -199,22 +303,28 @@ def load_failure(exc: Exception) -> str:
 class EmbeddingApp:
     """One server process: gRPC (and later the REST shim) around one Embedder."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tracing: Tracing | None = None) -> None:
+        """``tracing``: given (tests: an in-memory exporter), else from --otlp-endpoint / OTEL_* (or off)."""
         self.settings = settings
+        self.tracing = tracing if tracing is not None else configure(settings.otlp_endpoint)
         self.state = ServingState()
         self.health = health.aio.HealthServicer()
-        self.servicer = EmbeddingServicer(self.state, stream_window=settings.stream_window)
+        self.servicer = EmbeddingServicer(
+            self.state, stream_window=settings.stream_window, tracing=self.tracing
+        )
         self.api_keys = api_keys(settings)
         self.tls = tls_files(settings)
         self.metrics = Metrics()
         self.in_flight = InFlight()
         self.metrics.watch_in_flight(lambda: self.in_flight.count)
-        interceptors = [
-            ObservingInterceptor(self.in_flight, self.metrics),  # outermost: counts refused calls too
+        self.interceptors: list[grpc.aio.ServerInterceptor] = [
+            ObservingInterceptor(self.in_flight, self.metrics),  # counts refused calls too
             AuthInterceptor(self.api_keys, protect_reflection=settings.auth_reflection),
         ]
+        if self.tracing is not None:  # outermost: the call's span covers the others' work
+            self.interceptors.insert(0, self.tracing.server_interceptor())
         self.server = build_server(
-            self.servicer, self.health, settings.max_message_mb * 1024 * 1024, interceptors=interceptors
+            self.servicer, self.health, settings.max_message_mb * 1024 * 1024, interceptors=self.interceptors
         )
         self.metrics_server: MetricsHttpServer | None = None
         self._stop = asyncio.Event()
@@ -243,6 +353,7 @@ class EmbeddingApp:
                 self.tls,
                 routes=[metrics_route(self.metrics, self.api_keys)],
                 observe=self.metrics.observe_call,
+                tracing=self.tracing,
             )
         await self.server.start()
         if self.rest:
@@ -257,8 +368,9 @@ class EmbeddingApp:
                     f"--metrics-port {self.settings.metrics_port}: cannot listen ({exc.strerror or exc})"
                 ) from None
         log.info("gRPC listening on %s%s; loading models", address, " (TLS)" if self.tls else "")
+        threads = thread_budget(self.settings)
         try:
-            models = await asyncio.to_thread(load_models, self.settings, self.metrics)
+            models = await asyncio.to_thread(load_models, self.settings, self.metrics, threads)
         except (ModelLoadError, ValueError) as exc:
             raise StartupError(str(exc)) from exc
         except StartupError:
@@ -267,11 +379,14 @@ class EmbeddingApp:
             log.debug("model load failed", exc_info=True)
             raise StartupError(load_failure(exc)) from None
         release_freed_memory()  # what building or quantizing at load freed is not the models' size
+        planned = batch_settings(self.settings, models, current_rss())
+        log_plan(threads, memory_limit(self.settings), models, planned)
         embedder = Embedder(
             models,
-            engine_settings(self.settings),
+            engine_settings(self.settings, threads),
             observer=self.metrics,
-            batch_settings=batch_settings(self.settings, models, current_rss()),
+            batch_settings=planned,
+            aliases=ServedModels.from_settings(self.settings).aliases,
         )
         embedder.on_failure(self._engine_failed)
         await embedder.start()
@@ -334,6 +449,12 @@ class EmbeddingApp:
             await embedder.close()
         if self.metrics_server is not None:
             self.metrics_server.close()
+        self.close_tracing()
+
+    def close_tracing(self) -> None:
+        """Export the spans still buffered (for at most tracing.SHUTDOWN_SECONDS) and stop the exporter."""
+        if self.tracing is not None:
+            self.tracing.shutdown()
 
 
 async def serve(settings: Settings) -> int:
@@ -349,6 +470,7 @@ async def serve(settings: Settings) -> int:
             await app.rest.stop()
         if app.metrics_server is not None:
             app.metrics_server.close()
+        app.close_tracing()
         raise
     await app.wait()
     log.info("shutting down: draining work in flight (grace %.0fs)", settings.grace_period)

@@ -11,10 +11,17 @@ weights, tokenizer and configs, bge-m3's heads), not the PyTorch weights.
 from __future__ import annotations
 
 import argparse
+import json
+import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import ModelLoadError
+
+log = logging.getLogger("embedding_server")
 
 
 @dataclass(frozen=True)
@@ -79,10 +86,128 @@ def download(
         local_dir=str(destination),
         allow_patterns=list(preset.files),
     )
-    missing = [f for f in preset.files if not (destination / f).is_file()]
+    missing = missing_files(destination, preset.files)
     if missing:
         raise FileNotFoundError(f"{preset.repo_id}: the download lacks {', '.join(missing)}")
     return destination
+
+
+#: A sentence-transformers repository: the graph in either layout, the tokenizer and the configs the
+#: loader reads (absent ones keep their defaults), and bge-m3's heads should a fork hold them.
+GENERIC_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
+    "sparse_linear.pt",
+    "colbert_linear.pt",
+    "model.onnx",
+    "model.onnx_data",
+    "onnx/model.onnx",
+    "onnx/model.onnx_data",
+)
+GENERIC_NEEDS = "tokenizer.json, config.json and model.onnx or onnx/model.onnx"
+#: Written last into a hub model's cache directory: its files are complete, so later starts need no hub.
+COMPLETE_MARK = ".embedding-service-complete.json"
+DOWNLOAD_EXTRA = "pip install 'embedding-service[download]'"
+
+
+def hub_preset(repo_id: str) -> Preset | None:
+    """The preset of a repository whose files are known (jina-v3, bge-m3), else None."""
+    return next((p for p in PRESETS.values() if p.repo_id.lower() == repo_id.lower()), None)
+
+
+def hub_cache_path(cache_dir: Path, repo_id: str, revision: str | None) -> Path:
+    """``CACHE/hub/ORG--REPO/REVISION`` (``main`` when not pinned)."""
+    return cache_dir / "hub" / repo_id.replace("/", "--") / (revision or "main").replace("/", "--")
+
+
+def fetch_hub_model(
+    repo_id: str,
+    revision: str | None,
+    cache_dir: Path,
+    snapshot: Downloader | None = None,
+    label: str = "",
+) -> Path:
+    """The local directory of ``hf:repo_id@revision``, fetched into the cache on first use.
+
+    Only the files the family needs are fetched (a known repository's preset, else the
+    sentence-transformers set); huggingface_hub shows each file's progress. A directory marked
+    complete is reused without asking the hub, so a second start works offline (an unpinned
+    repository stays at what was fetched first: pin ``@REVISION`` or delete the directory to
+    update). Any failure is one ModelLoadError line: ``label`` (e.g. ``--model NAME=hf:...``),
+    what went wrong, and what the family needs.
+    """
+    preset = hub_preset(repo_id)
+    patterns = preset.files if preset else GENERIC_FILES
+    needs = ", ".join(preset.files) if preset else GENERIC_NEEDS
+    label = label or f"hf:{repo_id}" + (f"@{revision}" if revision else "")
+    destination = hub_cache_path(cache_dir, repo_id, revision)
+    if (destination / COMPLETE_MARK).is_file():
+        log.info("%s: using the copy in %s (fetched before)", label, destination)
+        return destination
+    if snapshot is None:
+        try:
+            from huggingface_hub import snapshot_download
+        except ImportError:
+            raise ModelLoadError(
+                f"{label}: fetching from the hub needs huggingface_hub: {DOWNLOAD_EXTRA}"
+            ) from None
+        snapshot = snapshot_download
+    log.info(
+        "%s: fetching %d files into %s (first start; needs %s)", label, len(patterns), destination, needs
+    )
+    started = time.monotonic()
+    try:
+        destination.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelLoadError(
+            f"{label}: cannot write {destination} ({exc.strerror or exc}); give a writable --cache-dir"
+        ) from None
+    try:
+        snapshot(
+            repo_id=repo_id, revision=revision, local_dir=str(destination), allow_patterns=list(patterns)
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"{label}: {_hub_failure(exc, revision)} (the model needs {needs})") from None
+    missing = missing_files(destination, preset.files if preset else ("tokenizer.json", "config.json"))
+    if not preset and not any((destination / f).is_file() for f in ("model.onnx", "onnx/model.onnx")):
+        missing.append("model.onnx or onnx/model.onnx")
+    if missing:
+        raise ModelLoadError(f"{label}: the repository lacks {', '.join(missing)} (the model needs {needs})")
+    (destination / COMPLETE_MARK).write_text(
+        json.dumps({"repo_id": repo_id, "revision": revision, "files": list(patterns)}), encoding="utf-8"
+    )
+    log.info("%s: fetched in %.1fs", label, time.monotonic() - started)
+    return destination
+
+
+def _hub_failure(exc: Exception, revision: str | None) -> str:
+    """What a failed snapshot means to an operator, in a few words."""
+    try:
+        from huggingface_hub import errors
+    except ImportError:  # a test's fake hub without the library: its own message
+        return f"cannot fetch from the Hugging Face hub ({type(exc).__name__}: {_first_line(exc)})"
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return f"no revision {revision!r} in the repository on the Hugging Face hub"
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return "no such repository on the Hugging Face hub (a private or gated one needs HF_TOKEN)"
+    if isinstance(exc, (errors.LocalEntryNotFoundError, ConnectionError, TimeoutError)):
+        return "cannot reach the Hugging Face hub (no network, or HF_HUB_OFFLINE=1) and nothing is cached yet"
+    return f"cannot fetch from the Hugging Face hub ({type(exc).__name__}: {_first_line(exc)})"
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [""])[0]
+
+
+def missing_files(directory: Path, files: Sequence[str]) -> list[str]:
+    """Those of ``files`` (relative paths) that a fetch left absent from ``directory``."""
+    return [f for f in files if not (directory / f).is_file()]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -15,7 +15,6 @@ from typing import Any
 
 from embedding_client.envflags import OneLineParser, apply_environment, port_number
 
-from .cpus import available_cpus
 from .engine.memory import parse_size
 
 ENV_PREFIX = "EMBEDDING_"
@@ -28,8 +27,10 @@ class Settings:
     rest_port: int = 8000
     rest_max_body_mb: float = 64.0
     models: list[str] = field(default_factory=list)
+    model_aliases: list[str] = field(default_factory=list)
+    auto_truncate: bool = False
     max_inputs: int = 2048
-    sessions: int | None = None  # None: auto (default_sessions)
+    sessions: int | None = None  # None: one per CPU, at most 4 (cpus.ThreadBudget)
     threads_per_session: int = 0  # 0: cores / sessions
     session_layout: str = "shared"
     max_batch_tokens: int = 16384
@@ -55,6 +56,7 @@ class Settings:
     log_json: bool = False
     quantize: str = "none"
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/embedding-service
+    otlp_endpoint: str | None = None  # None: tracing only if the standard OTEL_* variables ask for it
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
@@ -145,9 +147,29 @@ def build_parser() -> argparse.ArgumentParser:
         dest="models",
         action="append",
         default=[],
-        metavar="[NAME=]PATH",
-        help="a model directory to serve, repeatable; the first is the default. "
-        "With none, the built-in all-minilm-l6-v2; the bare name all-minilm-l6-v2 names it.",
+        metavar="[NAME=]SOURCE",
+        help="a model to serve under NAME, repeatable; the first is the default. SOURCE: a model directory "
+        "(NAME defaults to its name), all-minilm-l6-v2 (the built-in model) or hf:ORG/REPO[@REVISION] "
+        "(fetched from the Hugging Face hub into --cache-dir on first start). "
+        "Default: the built-in all-minilm-l6-v2",
+    )
+    add(
+        "--model-alias",
+        dest="model_aliases",
+        action="append",
+        default=[],
+        metavar="ALIAS=NAME",
+        help="serve the model named NAME under ALIAS too (one model, loaded once), repeatable, "
+        "e.g. text-embedding-3-small=all-minilm-l6-v2 for tools that hard-code OpenAI's names "
+        "(default: none)",
+    )
+    add(
+        "--auto-truncate",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="REST requests without a truncate field cut over-long inputs to the model's max tokens instead "
+        "of answering 400 (for OpenAI tools, which cannot send truncate). gRPC is unchanged: its truncate "
+        "has no presence, false is a request for the error (default: off)",
     )
     add("--max-inputs", type=_positive(int), default=2048, help="most inputs per request (default 2048)")
     add(
@@ -256,8 +278,16 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--cache-dir",
         default=None,
-        help="where built and quantized models are cached "
+        help="where built, quantized and hub (hf:) models are cached "
         "(default $XDG_CACHE_HOME/embedding-service, else ~/.cache/embedding-service)",
+    )
+    add(
+        "--otlp-endpoint",
+        default=None,
+        metavar="URL",
+        help="send OpenTelemetry traces over OTLP/gRPC to this collector, e.g. http://otel-collector:4317 "
+        "(https:// for TLS). Default: off, unless the standard variables OTEL_EXPORTER_OTLP_ENDPOINT or "
+        "OTEL_TRACES_EXPORTER ask for it; OTEL_SDK_DISABLED=true keeps it off",
     )
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     add("--log-json", action=argparse.BooleanOptionalAction, default=False, help="JSON log lines")
@@ -277,24 +307,3 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     if args.tls_client_ca and not args.tls_cert:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
     return Settings(**vars(args))
-
-
-MAX_AUTO_SESSIONS = 4
-
-
-def session_count(settings: Settings) -> int:
-    """--sessions, or one concurrent run per CPU up to 4.
-
-    On CPU a run's cost is nearly linear in padded tokens, and one intra-op
-    thread per run scales better than several threads on one run
-    (all-MiniLM-L6-v2, batch 4 x 40 tokens: 165 us/token on 1 thread, 125 on
-    2), so concurrent single-thread runs of length-homogeneous batches win.
-    Past 4, longer documents would get too few threads each.
-    """
-    return settings.sessions or min(available_cpus(), MAX_AUTO_SESSIONS)
-
-
-def threads_per_session(settings: Settings) -> int:
-    if settings.threads_per_session:
-        return settings.threads_per_session
-    return max(1, available_cpus() // session_count(settings))

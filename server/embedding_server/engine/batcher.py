@@ -50,12 +50,13 @@ from typing import Protocol
 
 import numpy as np
 
+from ..cpus import ThreadBudget
 from ..errors import DeadlineExpired, NotServing, Overloaded
 from ..models.base import RowRequest
 from ..models.loader import LoadedModel
-from ..models.pooling import truncate_and_normalize
 from ..models.types import Priority, SequenceVectors, Task
 from .batch_selection import select_batch
+from .finish import finish_batch
 from .memory import MemoryBudget
 from .requests import StageTimings
 from .work import PaddedBatch, WorkItem, pad
@@ -159,8 +160,20 @@ class ModelBatcher:
     """Queues, batches and runs the work of one model on its session pool."""
 
     def __init__(
-        self, loaded: LoadedModel, settings: BatchSettings, observer: EngineObserver | None = None
+        self,
+        loaded: LoadedModel,
+        settings: BatchSettings,
+        observer: EngineObserver | None = None,
+        threads: ThreadBudget | None = None,
     ) -> None:
+        """``threads``: the process's budget (its ``sessions`` are the pool's); None: one for the pool."""
+        if threads is None:
+            threads = ThreadBudget.plan(sessions=loaded.sessions.size)
+        elif threads.sessions != loaded.sessions.size:
+            raise ValueError(
+                f"the thread budget plans {threads.sessions} sessions, the pool has {loaded.sessions.size}"
+            )
+        self.threads = threads
         self.model = loaded.model
         self.sessions = loaded.sessions
         self.settings = settings
@@ -179,14 +192,19 @@ class ModelBatcher:
         self._runs = dict.fromkeys(CLASSES, 0)
         self._interactive_streak = 0
         self._wake = asyncio.Event()
-        slots = self.sessions.size
         self._bulk_threads = ThreadPoolExecutor(
-            slots, thread_name_prefix=f"bulk-{self.model.name}", initializer=lower_thread_priority
+            threads.bulk_run_threads,
+            thread_name_prefix=f"bulk-{self.model.name}",
+            initializer=lower_thread_priority,
         )
         self._post_threads = ThreadPoolExecutor(
-            1, thread_name_prefix=f"pool-{self.model.name}", initializer=lower_thread_priority
+            threads.pool_threads,
+            thread_name_prefix=f"pool-{self.model.name}",
+            initializer=lower_thread_priority,
         )
-        self._interactive_threads = ThreadPoolExecutor(slots + 1, thread_name_prefix=f"run-{self.model.name}")
+        self._interactive_threads = ThreadPoolExecutor(
+            threads.interactive_run_threads, thread_name_prefix=f"run-{self.model.name}"
+        )
         self._dispatcher: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
 
@@ -518,9 +536,12 @@ class ModelBatcher:
             finally:
                 self._runs[priority] -= 1  # the next run starts while this one is pooled
                 self._wake.set()
-            self._record(batch, padded, time.monotonic() - started, priority, wide)
+            ran = time.monotonic()
+            for item in batch:
+                item.ran = ran
+            self._record(batch, padded, ran - started, priority, wide)
             post = threads if interactive else self._post_threads
-            vectors = await loop.run_in_executor(post, self._postprocess, batch, padded, outputs)
+            vectors = await loop.run_in_executor(post, self._finish, batch, padded, outputs)
         except BaseException as exc:
             _fail(batch, exc)
             return
@@ -540,15 +561,10 @@ class ModelBatcher:
             return padded, self.sessions.run(slot, self.model.output_names, feeds, wide=True)
         return padded, self.sessions.run(slot, self.model.output_names, feeds)
 
-    def _postprocess(
+    def _finish(
         self, batch: list[WorkItem], padded: PaddedBatch, outputs: dict[str, np.ndarray]
     ) -> list[SequenceVectors]:
-        rows = [item.row for item in batch]
-        vectors = self.model.postprocess(outputs, padded.input_ids, padded.attention_mask, rows)
-        for result, row in zip(vectors, rows, strict=True):
-            if result.dense is not None:  # late-chunking windows return token states, pooled by the engine
-                result.dense = truncate_and_normalize(result.dense, row.dimensions, self.model.normalizes)
-        return vectors
+        return finish_batch(self.model, outputs, padded, [item.row for item in batch])
 
     def _record(
         self, batch: list[WorkItem], padded: PaddedBatch, seconds: float, priority: Priority, wide: bool
@@ -603,7 +619,14 @@ def _stage_timings(items: list[WorkItem]) -> StageTimings:
     enqueued = min(item.enqueued for item in items)
     first_run = min(item.started or enqueued for item in items)
     last_vector = max(item.finished or first_run for item in items)
-    return StageTimings(queue_seconds=first_run - enqueued, inference_seconds=last_vector - first_run)
+    return StageTimings(
+        queue_seconds=first_run - enqueued,
+        inference_seconds=last_vector - first_run,
+        enqueued=enqueued,
+        run_start=first_run,
+        run_end=max(item.ran or first_run for item in items),
+        finished=last_vector,
+    )
 
 
 def _fail(batch: list[WorkItem], exc: BaseException) -> None:

@@ -14,19 +14,21 @@ tokenizing never delays a query; batch requests tokenize at most
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from ..cpus import available_cpus
+from ..cpus import ThreadBudget
 from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
-from ..models.late_chunking import DEFAULT_OVERLAP, LateChunkedDocument, chunk_vectors, document_limit
+from ..models.late_chunking import DEFAULT_OVERLAP, LateChunkedDocument, document_limit
 from ..models.loader import LoadedModel
-from ..models.types import ModelDescription, Priority, SequenceVectors, Task
+from ..models.types import ModelDescription, Output, Priority, SequenceVectors, Task
 from .batcher import Admission, BatchSettings, EngineObserver, ModelBatcher, lower_thread_priority
+from .finish import finish_document
 from .requests import EmbedJob, EmbedResult, TokenizedResult
 from .validation import check_dimensions, check_inputs, check_late_chunking, parse_outputs, parse_task
 
@@ -42,7 +44,7 @@ SPECIAL_TOKENS = 4
 class EngineSettings:
     max_inputs: int = DEFAULT_MAX_INPUTS
     batch: BatchSettings = field(default_factory=BatchSettings)
-    tokenizer_threads: int = max(1, min(4, available_cpus()))
+    threads: ThreadBudget | None = None  # None: planned from the CPUs and each model's session pool
     late_chunking_overlap: int = DEFAULT_OVERLAP  # tokens; a window uses min(this, its capacity // 2)
     max_document_tokens: int = 0  # longest late-chunked document; 0: 16 windows of each model
 
@@ -57,7 +59,13 @@ class Tokenized:
 
 
 class Embedder:
-    """Every served model, by name, with its batcher."""
+    """Every served model, by name, with its batcher.
+
+    A loaded model may be served under several names (``--model-alias``, or
+    two ``--model`` of one source): one model, one set of sessions and one
+    batcher, keyed by the model's own name; ``aliases`` maps the other names
+    to it. A response names the model as the request did.
+    """
 
     def __init__(
         self,
@@ -65,14 +73,26 @@ class Embedder:
         settings: EngineSettings,
         observer: EngineObserver | None = None,
         batch_settings: dict[str, BatchSettings] | None = None,
+        aliases: dict[str, str] | None = None,
     ) -> None:
-        """``batch_settings``: per model name, overriding ``settings.batch`` (memory budgets differ)."""
+        """``batch_settings``: per model name, overriding ``settings.batch`` (memory budgets differ);
+        ``aliases``: another served name → a loaded model's name."""
         if not models:
             raise ValueError("at least one model is needed")
         self.settings = settings
         self.default_model = models[0].model.name
         self.observer = observer
         self._models: dict[str, EmbeddingModel] = {m.model.name: m.model for m in models}
+        for alias, target in (aliases or {}).items():
+            if alias in self._models or target not in self._models:
+                raise ValueError(
+                    f"alias {alias!r} -> {target!r}: the name is taken or the model is not loaded"
+                )
+        #: every served name, in the order ListModels shows them: each model, then its aliases
+        self._served: dict[str, str] = {}
+        for name in self._models:
+            self._served[name] = name
+            self._served.update({a: t for a, t in (aliases or {}).items() if t == name})
         self._descriptions = {
             name: replace(
                 model.description,
@@ -84,16 +104,19 @@ class Embedder:
         }
         per_model = batch_settings or {}
         self._batchers = {
-            m.model.name: ModelBatcher(m, per_model.get(m.model.name, settings.batch), observer)
+            m.model.name: ModelBatcher(
+                m, per_model.get(m.model.name, settings.batch), observer, settings.threads
+            )
             for m in models
         }
+        tokenizer_threads = (settings.threads or ThreadBudget.plan()).tokenizer_threads
         self._tokenize_threads = ThreadPoolExecutor(  # batch requests' tokenizing yields to queries'
-            settings.tokenizer_threads, thread_name_prefix="tokenize", initializer=lower_thread_priority
+            tokenizer_threads, thread_name_prefix="tokenize", initializer=lower_thread_priority
         )
         self._interactive_tokenize_threads = ThreadPoolExecutor(
-            settings.tokenizer_threads, thread_name_prefix="tokenize-interactive"
+            tokenizer_threads, thread_name_prefix="tokenize-interactive"
         )
-        self._tokenizer_backlog = asyncio.Semaphore(TOKENIZER_BACKLOG * settings.tokenizer_threads)
+        self._tokenizer_backlog = asyncio.Semaphore(TOKENIZER_BACKLOG * tokenizer_threads)
 
     def on_failure(self, callback: Callable[[BaseException], None]) -> None:
         """``callback(error)`` when a model's dispatcher fails (the server turns NOT_SERVING)."""
@@ -119,18 +142,23 @@ class Embedder:
     # --- queries ---------------------------------------------------------------------
 
     def descriptions(self) -> list[ModelDescription]:
-        return list(self._descriptions.values())
+        """One per served name (an alias is listed as a model of its own, under its name)."""
+        return [replace(self._descriptions[model], name=name) for name, model in self._served.items()]
+
+    def served_name(self, name: str) -> str:
+        """The served name a request's ``model`` field means ("" = the default model's name)."""
+        return name or self.default_model
 
     def model(self, name: str) -> EmbeddingModel:
-        """The model for a request's ``model`` field ("" = the default)."""
-        model = self._models.get(name or self.default_model)
+        """The model for a request's ``model`` field ("" = the default), by any of its served names."""
+        model = self._served.get(self.served_name(name))
         if model is None:
             raise ModelNotFound(
-                f"model: {name!r} is not served here (models: {', '.join(self._models)})",
+                f"model: {name!r} is not served here (models: {', '.join(self._served)})",
                 field="model",
                 reason="UNKNOWN_MODEL",
             )
-        return model
+        return self._models[model]
 
     def batcher(self, name: str) -> ModelBatcher:
         return self._batchers[self.model(name).name]
@@ -154,7 +182,9 @@ class Embedder:
         batcher = self._batchers[model.name]
         admission = batcher.admit(priority)
         try:
+            tokenize_start = time.monotonic()
             tokenized = await self._tokenized(job, model, task, row, admission)
+            tokenize_end = time.monotonic()
             vectors, timings = await batcher.embed_timed(
                 tokenized.sequences, task, job.deadline, priority=priority, flow=job.flow, admission=admission
             )
@@ -162,10 +192,12 @@ class Embedder:
             admission.release()
         if self.observer is not None:
             self.observer.on_request(model.name, timings.queue_seconds, timings.inference_seconds, priority)
+        timings = replace(timings, tokenize_start=tokenize_start, tokenize_end=tokenize_end)
         if tokenized.document is not None:
-            vectors = await self._pool_chunks(tokenized.document, vectors, job.dimensions)
+            vectors = await self._finish_document(tokenized.document, vectors, job.dimensions, outputs)
+            timings = replace(timings, finished=time.monotonic())
         return EmbedResult(
-            model=model.name,
+            model=self.served_name(job.model),
             outputs=outputs,
             vectors=vectors,
             prompt_tokens=tokenized.prompt_tokens,
@@ -213,18 +245,17 @@ class Embedder:
             if priority != Priority.INTERACTIVE:
                 self._tokenizer_backlog.release()
 
-    async def _pool_chunks(
-        self, document: LateChunkedDocument, windows: list[SequenceVectors], dimensions: int
+    async def _finish_document(
+        self,
+        document: LateChunkedDocument,
+        windows: list[SequenceVectors],
+        dimensions: int,
+        outputs: tuple[Output, ...],
     ) -> list[SequenceVectors]:
-        """Stitch a document's window states and pool its chunks (off the event loop: H can be large)."""
-        states: list[np.ndarray] = []
-        for window in windows:
-            assert window.token_states is not None  # a late-chunking window comes back unpooled
-            states.append(window.token_states)
-        dense = await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_threads, chunk_vectors, document, states, dimensions
+        """The finish step of a late-chunked document (off the event loop: H can be large)."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_threads, finish_document, document, windows, dimensions, outputs
         )
-        return [SequenceVectors(dense=chunk[None, :]) for chunk in dense]
 
     async def tokenize(self, model_name: str, inputs: list[str], task_value: int) -> list[TokenizedResult]:
         model = self.model(model_name)

@@ -37,14 +37,23 @@ class EmbedResult:
 
 @dataclass(frozen=True)
 class StageTimings:
-    """Where one request's engine time went (seconds), for trailing metadata and metrics.
+    """Where one request's engine time went (seconds), for trailing metadata, metrics and traces.
 
     ``queue_seconds``: from admission until a session first took some of its
     work; ``inference_seconds``: from then until its last vector was ready.
+    The stamps are ``time.monotonic()`` instants (0.0: not recorded), from which
+    the API layer draws the trace's stage spans (tracing.py); a request split
+    over several runs spans from its first run's start to its last run's end.
     """
 
     queue_seconds: float
     inference_seconds: float
+    tokenize_start: float = 0.0  # asked for a tokenizer (batch work: a place in the tokenizer backlog)
+    tokenize_end: float = 0.0  # token ids ready
+    enqueued: float = 0.0  # its work joined the queue
+    run_start: float = 0.0  # a session first took some of it
+    run_end: float = 0.0  # its last session run returned
+    finished: float = 0.0  # its last vector was ready (pooled, normalized; late chunking: chunks pooled)
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ class WorkItem:
     arrival: int = field(default_factory=lambda: next(_arrival))
     enqueued: float = field(default_factory=time.monotonic)  # for queue/inference timings
     started: float | None = None  # its batch's session run began
+    ran: float | None = None  # its batch's session run returned
     finished: float | None = None  # its vectors are ready
 
     @property

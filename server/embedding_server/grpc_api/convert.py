@@ -1,4 +1,5 @@
-"""Between protobuf messages and engine types."""
+"""Between protobuf messages and engine types: copies fields, computes nothing (the engine's
+results are final, engine/finish.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from typing import cast
 from embedding_client.proto import embedding_pb2 as pb
 
 from ..engine.requests import EmbedJob, EmbedResult, TokenizedResult
-from ..models.pooling import pack_sign_bits
 from ..models.types import ModelDescription, Output, Priority, SequenceVectors
 
 
@@ -45,15 +45,15 @@ def to_response(request_id: str, result: EmbedResult) -> pb.EmbedResponse:
 
 
 def _embedding(index: int, output: Output, vectors: SequenceVectors) -> pb.Embedding:
-    # the model's postprocess fills every output the row asked for (models/base.py)
+    # the finish step (engine/finish.py) filled every output the request asked for, final
     if output == Output.DENSE:
         assert vectors.dense is not None
         return pb.Embedding(index=index, dense=pb.DenseVector(values=vectors.dense[0].tolist()))
     if output == Output.BINARY:
-        assert vectors.dense is not None
-        dense = vectors.dense[0]
-        bits = pack_sign_bits(dense).tobytes()
-        return pb.Embedding(index=index, binary=pb.BinaryVector(bits=bits, dimensions=int(dense.shape[0])))
+        binary = vectors.binary
+        assert binary is not None
+        bits = binary.bits[0].tobytes()
+        return pb.Embedding(index=index, binary=pb.BinaryVector(bits=bits, dimensions=binary.dimensions))
     if output == Output.SPARSE:
         sparse = vectors.sparse
         assert sparse is not None

@@ -16,6 +16,7 @@ from ..call_context import record_engine_time
 from ..engine.requests import EmbedResult
 from ..errors import InvalidArgument
 from ..models.types import Priority
+from ..tracing import Tracing, mark_failed
 from . import convert
 from .state import ServingState
 from .status import abort, as_service_error, to_rpc_status
@@ -60,9 +61,12 @@ def _check_parsed(request: object) -> None:
         raise request.error
 
 
-def _recorded(result: EmbedResult) -> EmbedResult:
-    """The engine's timings of one job go into the call's trailers (summed over a stream)."""
+def _recorded(result: EmbedResult, tracing: Tracing | None) -> EmbedResult:
+    """The engine's timings of one job go into the call's trailers (summed over a stream), and
+    into the trace as the current span's stage children when tracing is on."""
     record_engine_time(result.timings.queue_seconds, result.timings.inference_seconds)
+    if tracing is not None:
+        tracing.record_stages(result)
     return result
 
 
@@ -74,9 +78,12 @@ def _deadline(context: grpc.aio.ServicerContext[Any, Any]) -> float | None:
 class EmbeddingServicer:
     """The four RPCs; every failure ends as a status with details (grpc_api/status.py)."""
 
-    def __init__(self, state: ServingState, stream_window: int = DEFAULT_STREAM_WINDOW) -> None:
+    def __init__(
+        self, state: ServingState, stream_window: int = DEFAULT_STREAM_WINDOW, tracing: Tracing | None = None
+    ) -> None:
         self.state = state
         self.stream_window = stream_window
+        self.tracing = tracing
 
     async def Embed(
         self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -85,7 +92,7 @@ class EmbeddingServicer:
             _check_parsed(request)
             embedder = self.state.require()
             job = convert.to_job(request, _deadline(context), Priority.INTERACTIVE, flow=context.peer())
-            result = _recorded(await embedder.embed(job))
+            result = _recorded(await embedder.embed(job), self.tracing)
             return convert.to_response(request.request_id, result)
         except Exception as exc:
             await abort(context, exc, "Embed")
@@ -162,12 +169,23 @@ class EmbeddingServicer:
     async def _stream_reply(
         self, request: pb.EmbedRequest | MalformedRequest, deadline: float | None, flow: object
     ) -> pb.EmbedResponse:
+        if self.tracing is None:
+            return await self._stream_answer(request, deadline, flow)
+        with self.tracing.stream_request(request.request_id) as span:
+            reply = await self._stream_answer(request, deadline, flow)
+            if reply.HasField("error"):
+                mark_failed(reply.error.code, reply.error.message, span)
+            return reply
+
+    async def _stream_answer(
+        self, request: pb.EmbedRequest | MalformedRequest, deadline: float | None, flow: object
+    ) -> pb.EmbedResponse:
         try:
             _check_parsed(request)
             embedder = self.state.require()
             # _check_parsed raised for a MalformedRequest: this is an EmbedRequest
             job = convert.to_job(request, deadline, Priority.BATCH, flow)  # type: ignore[arg-type]
-            result = _recorded(await embedder.embed(job))
+            result = _recorded(await embedder.embed(job), self.tracing)
             return convert.to_response(request.request_id, result)
         except Exception as exc:  # a bug is answered on the stream too (INTERNAL); the stream goes on
             error = as_service_error(exc, f"StreamEmbed request {request.request_id!r}")

@@ -26,6 +26,7 @@ from grpc_status import rpc_status
 
 from ..call_context import current_request_id
 from ..errors import ERROR_DOMAIN, Code, InternalError, ServiceError
+from ..tracing import mark_failed
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,9 @@ def to_grpc_status(error: ServiceError, request_id: str | None = None) -> grpc.S
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, what: str) -> NoReturn:
     """End the call with the status for ``exc`` (an unexpected one is logged and sent as INTERNAL)."""
-    await context.abort_with_status(to_grpc_status(as_service_error(exc, what)))
+    status = to_grpc_status(as_service_error(exc, what))
+    mark_failed(status.code, status.details)
+    await context.abort_with_status(status)
     raise AssertionError("unreachable")  # abort_with_status raises
 
 

@@ -1,9 +1,10 @@
 """The interface every model family implements, and what they share.
 
 A family turns a padded batch into ONNX feeds, and the session outputs back
-into per-sequence vectors. Everything else (queueing, batching, sessions,
-Matryoshka, binary packing, the wire format) is family-agnostic and lives in
-the engine and API layers.
+into raw per-sequence vectors (its pooling and heads). Everything else
+(queueing, batching, sessions, the finish step: Matryoshka, normalization,
+late-chunk pooling, sign bits; the wire format) is family-agnostic and lives
+in the engine (engine/finish.py) and API layers.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ class EmbeddingModel(ABC):
         attention_mask: np.ndarray,
         rows: list[RowRequest],
     ) -> list[SequenceVectors]:
-        """Per-row vectors from the session outputs of one batch."""
+        """Per-row raw vectors from the session outputs of one batch: pooled, not truncated or
+        normalized (engine/finish.py does that); a late-chunking window's kept token states."""
 
     # --- shared behaviour, overridable ------------------------------------------
 

@@ -15,7 +15,6 @@ from ..errors import ModelLoadError
 from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_states
 from .family import BGE_M3
 from .limits import xlm_roberta_max_tokens
-from .pooling import normalize
 from .tokenization import TextTokenizer
 from .torch_weights import load_state_dict
 from .types import ModelDescription, Output, SequenceVectors, SparseWeights
@@ -148,7 +147,7 @@ class BgeM3Model(EmbeddingModel):
             # _describe offers COLBERT without exported heads only when colbert_linear.pt is loaded
             assert self._colbert_head is not None and states is not None
             vectors = self._colbert_head(states[b, 1:n])  # drops <s>, keeps </s>
-        return normalize(vectors)
+        return vectors  # normalized by the finish step (engine/finish.py)
 
 
 def sparse_max_per_id(ids: np.ndarray, weights: np.ndarray, dropped: np.ndarray) -> SparseWeights:

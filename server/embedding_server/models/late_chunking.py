@@ -13,7 +13,8 @@ first ``O`` content tokens (context only). Stitched back in order, the kept
 rows are the document's token states ``H`` (N + 2 rows), and the spans are
 pooled over ``H`` exactly as in the one-window case. The windows are
 independent model inputs, so the batcher runs them like any other work;
-everything here is pure numpy and index arithmetic.
+everything here is pure numpy and index arithmetic. Stitching ``H`` and
+pooling the spans is part of the finish step (engine/finish.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InvalidArgument
-from .pooling import span_means, truncate_and_normalize
 from .tokenization import TokenizedText
 
 SEPARATOR = " "
@@ -145,18 +145,3 @@ def _added_specials(document: TokenizedText) -> tuple[int, int]:
     head = 1 if len(special) and special[0] else 0
     tail = 1 if len(special) > head and special[-1] else 0
     return head, tail
-
-
-def stitch(kept_states: list[np.ndarray]) -> np.ndarray:
-    """H: the kept token states of each window, in window order ([N + 2, H] float32)."""
-    return kept_states[0] if len(kept_states) == 1 else np.concatenate(kept_states, axis=0)
-
-
-def chunk_vectors(
-    document: LateChunkedDocument, kept_states: list[np.ndarray], dimensions: int
-) -> np.ndarray:
-    """v_i = normalize(mean(H[a_i:b_i])[:dim]) for every chunk: [chunks, dim]."""
-    states = stitch(kept_states)
-    if states.shape[0] != document.tokens:
-        raise AssertionError(f"stitched {states.shape[0]} token states, the document has {document.tokens}")
-    return truncate_and_normalize(span_means(states, document.spans), dimensions, True)

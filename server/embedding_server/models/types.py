@@ -17,6 +17,7 @@ __all__ = [
     "TASK_NAMES",
     "ModelDescription",
     "Output",
+    "PackedBits",
     "Priority",
     "SequenceVectors",
     "SparseWeights",
@@ -70,17 +71,27 @@ class SparseWeights:
 
 
 @dataclass
-class SequenceVectors:
-    """What the model computed for one sequence (one input, or one window of a late-chunked document).
+class PackedBits:
+    """Sign bits of dense rows, ``np.packbits(v > 0)`` per row, MSB first (the binary output)."""
 
-    ``dense`` holds one row per output vector: one for a plain input, one per
-    chunk once a late-chunked document is pooled. It is pooled but not yet
-    truncated or normalized (Matryoshka truncates first, then normalizes).
-    A late-chunking window comes back as ``token_states`` instead.
+    bits: np.ndarray  # uint8 [rows, ceil(dimensions / 8)]
+    dimensions: int  # the dense vector's size the bits came from
+
+
+@dataclass
+class SequenceVectors:
+    """What the engine computed for one sequence (one input, or one window of a late-chunked document).
+
+    A family's ``postprocess`` fills it raw: ``dense`` pooled, not yet
+    truncated or normalized; ``colbert`` not yet normalized; a late-chunking
+    window's ``token_states`` instead of ``dense``. The finish step
+    (engine/finish.py) makes it final: Matryoshka, normalization, late chunks,
+    sign bits. ``dense`` holds one row per output vector.
     """
 
     dense: np.ndarray | None = None  # float32 [rows, H]
     sparse: SparseWeights | None = None
-    colbert: np.ndarray | None = None  # float32 [tokens, H], rows normalized
+    colbert: np.ndarray | None = None  # float32 [tokens, H]
+    binary: PackedBits | None = None  # set by the finish step when the request asks for binary
     token_states: np.ndarray | None = None  # float32 [kept rows, H]: a late-chunking window's states
     extra: dict[str, object] = field(default_factory=dict)

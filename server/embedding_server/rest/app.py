@@ -25,8 +25,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
+from starlette.types import ASGIApp
 
 from ..auth import ApiKeys
+from ..tracing import Tracing
 from . import openapi, schema, translate
 from .errors import RestError
 from .upstream import Upstream
@@ -59,8 +61,11 @@ def error_response(error: RestError) -> JSONResponse:
 class Handlers:
     """The routes, bound to one upstream, key set and body limit."""
 
-    def __init__(self, upstream: Upstream, api_keys: ApiKeys, max_body_bytes: int) -> None:
+    def __init__(
+        self, upstream: Upstream, api_keys: ApiKeys, max_body_bytes: int, auto_truncate: bool = False
+    ) -> None:
         self.upstream = upstream
+        self.auto_truncate = auto_truncate
         self.api_keys = api_keys
         self.max_body_bytes = max_body_bytes
         self.openapi = orjson.dumps(openapi.document(auth=api_keys.enabled))
@@ -99,7 +104,7 @@ class Handlers:
             except orjson.JSONDecodeError as exc:
                 raise RestError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
             parsed = schema.parse_body(decoded)
-            message, output_fields = translate.to_embed_request(parsed)
+            message, output_fields = translate.to_embed_request(parsed, self.auto_truncate)
             request_id = request.headers.get("x-request-id")
             reply, headers = await cancel_on_disconnect(
                 request, self.upstream.embed(message, authorization, output_fields, request_id)
@@ -193,12 +198,16 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     routes: Sequence[BaseRoute] = (),
     observe: Observer | None = None,
-) -> Starlette:
-    """The ASGI app; ``routes`` adds more (e.g. the server's ``/metrics``), ``observe`` counts calls."""
-    handlers = Handlers(upstream, api_keys or ApiKeys(()), max_body_bytes)
+    auto_truncate: bool = False,
+    tracing: Tracing | None = None,
+) -> ASGIApp:
+    """The ASGI app; ``routes`` adds more (e.g. the server's ``/metrics``), ``observe`` counts calls,
+    ``auto_truncate`` cuts over-long inputs of bodies without ``truncate``, ``tracing`` opens a span
+    per call (continuing the client's ``traceparent`` header)."""
+    handlers = Handlers(upstream, api_keys or ApiKeys(()), max_body_bytes, auto_truncate)
     embeddings = _observed("POST /v1/embeddings", handlers.embeddings, observe)
     models = _observed("GET /v1/models", handlers.models, observe)
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/v1/embeddings", embeddings, methods=["POST"]),
             Route("/embeddings", embeddings, methods=["POST"]),
@@ -210,3 +219,4 @@ def build_app(
         ],
         exception_handlers={HTTPException: _http_error, Exception: _unexpected},
     )
+    return app if tracing is None else tracing.asgi(app)

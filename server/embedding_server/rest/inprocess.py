@@ -28,6 +28,7 @@ from ..errors import StartupError
 from ..grpc_api.state import ServingState
 from ..settings import Settings
 from ..tls import TlsFiles
+from ..tracing import Tracing
 from .app import Observer, build_app
 from .serving import RestServer, bind
 from .upstream import Upstream
@@ -47,6 +48,7 @@ class InProcessShim:
         tls: TlsFiles | None,
         routes: Sequence[BaseRoute] = (),
         observe: Observer | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.settings = settings
         self.state = state
@@ -54,6 +56,7 @@ class InProcessShim:
         self.tls = tls
         self.routes = routes
         self.observe = observe
+        self.tracing = tracing
         self._dir = Path(tempfile.mkdtemp(prefix="embedding-rest-"))  # mode 0700: this user only
         self.grpc_target = f"unix:{self._dir / 'grpc.sock'}"
         grpc_server.add_insecure_port(self.grpc_target)
@@ -71,13 +74,15 @@ class InProcessShim:
             sock = bind(settings.host, settings.rest_port)
         except OSError as exc:
             raise StartupError(f"--rest-port: cannot listen on {address} ({exc.strerror or exc})") from exc
-        self.upstream = Upstream(self.grpc_target, serving=self._serving)
+        self.upstream = Upstream(self.grpc_target, serving=self._serving, tracing=self.tracing)
         app = build_app(
             self.upstream,
             self.api_keys,
             max_body_bytes=int(settings.rest_max_body_mb * 1024 * 1024),
             routes=self.routes,
             observe=self.observe,
+            auto_truncate=settings.auto_truncate,
+            tracing=self.tracing,
         )
         tls = self.tls
         try:

@@ -25,7 +25,8 @@ _BOOL_DOCS = {
     "late_chunking": "Treat the inputs as consecutive chunks of one document: one vector per chunk, pooled "
     "from token states that saw the whole document (a document longer than the model's window runs as "
     "overlapping windows, up to the model's `max_document_tokens`; models with token states only).",
-    "truncate": "Cut an input longer than the model's window instead of refusing it.",
+    "truncate": "Cut an input longer than the model's window instead of refusing it. Absent: the server's "
+    "default (refuse, unless it was started with --auto-truncate).",
     "return_dense": "Return the dense vector in `embedding` (default true).",
     "return_sparse": "Also return lexical weights in `sparse_embedding` (bge-m3).",
     "return_colbert": "Also return one vector per token in `colbert_embedding` (bge-m3).",

@@ -62,7 +62,7 @@ class EmbeddingsRequest:
     dimensions: int = 0
     task: int = 0
     late_chunking: bool = False
-    truncate: bool = False
+    truncate: bool | None = None  # absent: the server's default (--auto-truncate)
     return_dense: bool = True
     return_sparse: bool = False
     return_colbert: bool = False

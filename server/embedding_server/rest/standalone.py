@@ -12,7 +12,9 @@ environment variable ``EMBEDDING_REST_<FLAG>``, e.g. ``EMBEDDING_REST_TARGET``):
 - ``--target-api-key``: send this key to the target instead of the client's header;
 - ``--target-tls`` / ``--target-ca FILE``: TLS to the target (system roots or this CA);
 - ``--tls-cert`` / ``--tls-key``: serve HTTPS;
-- ``--max-body-mb``: largest request body (413 above).
+- ``--max-body-mb``: largest request body (413 above);
+- ``--otlp-endpoint URL``: OpenTelemetry traces, as in ``embedding-server``
+  (the OTEL_* variables work too); the trace context goes on to the target.
 
 /health asks the target's ``grpc.health.v1`` service, and answers 503 once
 SIGTERM has started the drain. /metrics has the REST call series the in-process
@@ -38,6 +40,7 @@ from ..auth import ApiKeys
 from ..errors import StartupError
 from ..metrics import CallMetrics, metrics_route
 from ..tls import TlsConfigError, load_tls
+from ..tracing import Tracing, configure
 from .app import build_app
 from .serving import RestServer, bind
 from .upstream import Upstream
@@ -69,6 +72,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=64.0,
         help="largest request body in MiB; more is 413 (default 64)",
     )
+    add(
+        "--auto-truncate",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="requests without a truncate field cut over-long inputs instead of a 400 (default: off)",
+    )
+    add(
+        "--otlp-endpoint",
+        default=None,
+        metavar="URL",
+        help="send OpenTelemetry traces over OTLP/gRPC to this collector, e.g. http://otel-collector:4317 "
+        "(default: off, unless OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER ask for it)",
+    )
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
     return p
 
@@ -92,7 +108,7 @@ def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials() if args.target_tls else None
 
 
-def _prepare(args: argparse.Namespace) -> tuple[Upstream, RestServer]:
+def _prepare(args: argparse.Namespace, tracing: Tracing | None) -> tuple[Upstream, RestServer]:
     try:
         api_keys = ApiKeys.from_sources(args.api_keys, args.api_key_file)
     except OSError as exc:
@@ -103,7 +119,9 @@ def _prepare(args: argparse.Namespace) -> tuple[Upstream, RestServer]:
         credentials = _credentials(args)
     except OSError as exc:
         raise StartupError(f"--target-ca: cannot read {args.target_ca} ({exc.strerror or exc})") from exc
-    upstream = Upstream(args.target, credentials=credentials, target_api_key=args.target_api_key)
+    upstream = Upstream(
+        args.target, credentials=credentials, target_api_key=args.target_api_key, tracing=tracing
+    )
     metrics = CallMetrics()
     app = build_app(
         upstream,
@@ -111,6 +129,8 @@ def _prepare(args: argparse.Namespace) -> tuple[Upstream, RestServer]:
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
         routes=[metrics_route(metrics, api_keys)],
         observe=metrics.observe_call,
+        auto_truncate=args.auto_truncate,
+        tracing=tracing,
     )
     try:
         sock = bind(args.host, args.port)
@@ -131,7 +151,16 @@ def _prepare(args: argparse.Namespace) -> tuple[Upstream, RestServer]:
 
 
 async def run(args: argparse.Namespace) -> int:
-    upstream, server = _prepare(args)
+    tracing = configure(args.otlp_endpoint, service_name="embedding-rest")
+    try:
+        return await _serve(args, tracing)
+    finally:
+        if tracing is not None:
+            tracing.shutdown()  # export what is buffered
+
+
+async def _serve(args: argparse.Namespace, tracing: Tracing | None) -> int:
+    upstream, server = _prepare(args, tracing)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):

@@ -21,8 +21,15 @@ LITTLE_F32 = np.dtype("<f4")
 _DENSE_KIND = {"float": pb.OUTPUT_TYPE_DENSE, "base64": pb.OUTPUT_TYPE_DENSE}
 
 
-def to_embed_request(request: EmbeddingsRequest) -> tuple[pb.EmbedRequest, list[str]]:
-    """The gRPC request, and for each of its ``outputs`` the REST field that asked for it."""
+def to_embed_request(
+    request: EmbeddingsRequest, auto_truncate: bool = False
+) -> tuple[pb.EmbedRequest, list[str]]:
+    """The gRPC request, and for each of its ``outputs`` the REST field that asked for it.
+
+    ``auto_truncate``: the operator's default for a body without ``truncate`` (``--auto-truncate``).
+    It is applied here because only JSON can tell "absent" from ``false``; gRPC's ``truncate`` has no
+    presence, so a gRPC ``false`` is always a request for the error.
+    """
     outputs: list[int] = []
     fields: list[str] = []
     if request.return_dense:
@@ -43,7 +50,7 @@ def to_embed_request(request: EmbeddingsRequest) -> tuple[pb.EmbedRequest, list[
             dimensions=request.dimensions,
             late_chunking=request.late_chunking,
             outputs=[cast(pb.OutputType, output) for output in outputs],
-            truncate=request.truncate,
+            truncate=auto_truncate if request.truncate is None else request.truncate,
             priority=cast(pb.Priority, request.priority),
         )
     except (ValueError, TypeError) as exc:  # e.g. a string protobuf cannot encode as UTF-8

@@ -16,6 +16,7 @@ from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ..tracing import Tracing
 from .errors import from_grpc
 
 Metadata = tuple[tuple[str, str], ...]
@@ -45,8 +46,11 @@ class Upstream:
         credentials: grpc.ChannelCredentials | None = None,
         target_api_key: str | None = None,
         serving: Callable[[], Awaitable[bool]] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        """``tracing``: pass the current trace context on in each call's metadata (``traceparent``)."""
         self.target = target
+        self.tracing = tracing
         if credentials is None:
             self.channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
         else:
@@ -60,12 +64,16 @@ class Upstream:
         self.draining = False  # set by the standalone shim on SIGTERM
 
     def metadata(self, authorization: str | None) -> Metadata:
-        """``--target-api-key`` when set, else the client's own Authorization header, passed on."""
+        """``--target-api-key`` when set, else the client's own Authorization header, passed on;
+        and the trace context when tracing is on."""
+        metadata: Metadata = ()
         if self._fixed_auth is not None:
-            return self._fixed_auth
-        if authorization and _is_metadata_safe(authorization):
-            return (("authorization", authorization),)
-        return ()
+            metadata = self._fixed_auth
+        elif authorization and _is_metadata_safe(authorization):
+            metadata = (("authorization", authorization),)
+        if self.tracing is not None:
+            metadata = self.tracing.inject(metadata)
+        return metadata
 
     async def embed(
         self,
