@@ -10,7 +10,7 @@ server:
   late 4096       a late-chunked document at the built-in model's max_document_tokens, 3 calls
   all of it       the three above, one after the other, on one server
 
-    python bench/long_inputs_rss.py [--rounds 2] [--memory-limit 1GiB]
+    python bench/long_inputs_rss.py [--rounds 2] [--memory-limit 1GiB] [--case 'all of it' ...]
 """
 
 from __future__ import annotations
@@ -92,14 +92,16 @@ def main() -> None:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--memory-limit", default="", help="server --memory-limit (default: its own)")
+    parser.add_argument("--case", action="append", choices=list(CASES), help="only these cases (repeatable)")
     args = parser.parse_args()
     server_args = ["--memory-limit", args.memory_limit] if args.memory_limit else []
-    peaks: dict[str, list[float]] = {name: [] for name in CASES}
+    cases = {name: CASES[name] for name in args.case or CASES}
+    peaks: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):
-        for name, case in CASES.items():
+        for name, case in cases.items():
             peaks[name].append(measure(case, server_args))
             print(f"  {name:<15} {peaks[name][-1]:6.0f} MiB", flush=True)
-    idle = statistics.median(peaks["idle"])
+    idle = statistics.median(peaks["idle"]) if "idle" in peaks else float("nan")
     flags = " ".join(server_args) or "default"
     print(f"peak RSS (VmHWM), medians of {args.rounds} fresh servers per case, flags {flags}:")
     for name, values in peaks.items():
