@@ -19,6 +19,7 @@ import httpx
 import pytest
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_server.cpus import available_cpus
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.polling import until_sync
@@ -254,3 +255,21 @@ def test_a_cancelled_stream_leaves_the_in_flight_count(observed):
         delta(before, scrape(observed), "embedding_requests_total", method="StreamEmbed", code="CANCELLED")
         == 1
     )
+
+
+def test_a_closed_health_watch_counts_as_ok(observed):
+    """Health/Watch runs until its client leaves (the Python client and load balancers keep one open
+    per replica): closing it is the normal end of the call, so it counts as OK, not CANCELLED, and
+    error-rate alerts stay quiet. A cancelled StreamEmbed still counts CANCELLED (test above)."""
+    watch = "grpc.health.v1.Health/Watch"
+    before = scrape(observed)
+    call = health_pb2_grpc.HealthStub(observed.channel()).Watch(health_pb2.HealthCheckRequest(service=""))
+    assert next(call).status == health_pb2.HealthCheckResponse.SERVING  # the stream is up on the server
+    call.cancel()  # what a client does when it is done watching
+    until_sync(
+        lambda: delta(before, scrape(observed), "embedding_request_seconds_count", method=watch) == 1,
+        "the closed Watch to be counted",
+    )
+    after = scrape(observed)
+    assert delta(before, after, "embedding_requests_total", method=watch, code="OK") == 1
+    assert delta(before, after, "embedding_requests_total", method=watch, code="CANCELLED") == 0

@@ -21,6 +21,7 @@ import numpy as np
 import openai
 import pytest
 from embedding_client.proto import embedding_pb2 as pb
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.polling import until_sync
 from tests.support.server import RunningServer, free_port, server_command, start_server
@@ -234,6 +235,48 @@ def test_standalone_in_front_of_a_running_server(default_server):
                 http.post("/v1/embeddings", json={"input": "a", "model": "x"}), 404, "model_not_found"
             )
         assert shim.stop() == 0
+    finally:
+        shim.stop()
+
+
+def test_standalone_serves_the_rest_call_metrics(default_server):
+    """embedding-rest has /metrics: the REST series the in-process shim exports, counted in this
+    fresh process only (so the counts are exact), and nothing that only a server with models has."""
+    shim = Standalone("--target", default_server.target)
+    try:
+        with httpx.Client(base_url=shim.url, timeout=30) as http:
+            assert http.post("/v1/embeddings", json={"input": ["counted"]}).status_code == 200
+            assert http.post("/v1/embeddings", json={"input": "a", "model": "nope"}).status_code == 404
+            assert http.get("/v1/models").status_code == 200
+            reply = http.get("/metrics")
+        assert reply.status_code == 200 and reply.headers["content-type"].startswith("text/plain")
+        samples = {
+            (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(reply.text)
+            for sample in family.samples
+        }
+
+        def calls(method: str, code: str) -> float:
+            return samples.get(("embedding_requests_total", (("code", code), ("method", method))), 0.0)
+
+        assert calls("POST /v1/embeddings", "200") == 1
+        assert calls("POST /v1/embeddings", "404") == 1
+        assert calls("GET /v1/models", "200") == 1
+        latency = ("embedding_request_seconds_count", (("method", "POST /v1/embeddings"),))
+        assert samples[latency] == 2
+        assert ("process_resident_memory_bytes", ()) in samples
+        names = {name for name, _ in samples}
+        assert not names & {"embedding_serving", "embedding_in_flight_requests"}  # the target's to say
+    finally:
+        shim.stop()
+
+
+def test_standalone_metrics_need_the_shims_key():
+    shim = Standalone("--target", f"127.0.0.1:{free_port()}", "--api-key", "shim-key")
+    try:
+        assert_error(httpx.get(shim.url + "/metrics", timeout=30), 401, "invalid_api_key")
+        good = httpx.get(shim.url + "/metrics", headers={"authorization": "Bearer shim-key"}, timeout=30)
+        assert good.status_code == 200 and "embedding_requests_total" in good.text
     finally:
         shim.stop()
 

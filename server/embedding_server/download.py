@@ -60,6 +60,17 @@ PRESETS: dict[str, Preset] = {
 
 Downloader = Callable[..., str]
 
+#: How to get huggingface_hub: embedding-server's download extra (installed from a checkout until published).
+DOWNLOAD_EXTRA = "pip install './server[download]' in the checkout (embedding-server's download extra)"
+DESCRIPTION = """Fetch a jina-v3 or bge-m3 model directory from the Hugging Face hub: only the
+files the server reads (the ONNX graph, its external weights, tokenizer and
+configs, bge-m3's heads), not the PyTorch weights."""
+EPILOG = f"""example:
+  embedding-download jina-v3 models/jina-v3
+  embedding-server --model jina-v3=models/jina-v3
+
+needs huggingface_hub: {DOWNLOAD_EXTRA}"""
+
 
 def download(
     name: str, destination: Path, revision: str | None = None, snapshot: Downloader | None = None
@@ -103,8 +114,6 @@ GENERIC_FILES = (
 GENERIC_NEEDS = "tokenizer.json, config.json and model.onnx or onnx/model.onnx"
 #: Written last into a hub model's cache directory: its files are complete, so later starts need no hub.
 COMPLETE_MARK = ".embedding-service-complete.json"
-#: How to get huggingface_hub: embedding-server's download extra (installed from a checkout until published).
-DOWNLOAD_EXTRA = "pip install './server[download]' in the checkout (embedding-server's download extra)"
 
 
 def hub_preset(repo_id: str) -> Preset | None:
@@ -202,7 +211,12 @@ def missing_files(directory: Path, files: Sequence[str]) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="embedding-download", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="embedding-download",
+        description=DESCRIPTION,
+        epilog=EPILOG,  # plain text for a terminal: the module docstring is reStructuredText
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("model", choices=sorted(PRESETS), help="which model family to fetch")
     parser.add_argument("destination", type=Path, help="directory to create (then: --model NAME=DIR)")
     parser.add_argument("--revision", default=None, help="a hub revision (tag, branch or commit) to pin")

@@ -22,6 +22,9 @@ Names (the operators' dashboards and alerts are written against them):
 - ``embedding_model_load_seconds{model}``, ``embedding_serving`` (1 when SERVING).
 - the standard ``process_*`` and ``python_*`` collectors.
 
+The standalone ``embedding-rest`` exports only the call series and the process
+collectors (``CallMetrics``): it has no models, queues or health of its own.
+
 A private registry (not prometheus_client's global one) keeps one server's
 numbers apart from anything else in the process, tests included.
 """
@@ -66,8 +69,12 @@ TOKEN_BUCKETS = (16, 64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 13107
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-class Metrics:
-    """Every instrument of one server process, in its own registry."""
+class CallMetrics:
+    """Calls by method and code, their latency, and the process collectors, in a registry of their own.
+
+    All that a process without models exports: the standalone ``embedding-rest`` counts its REST
+    calls with these, under the same names as the in-process shim.
+    """
 
     def __init__(self, registry: CollectorRegistry | None = None, process_collectors: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
@@ -86,6 +93,30 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self._request_children: dict[tuple[str, str], Any] = {}
+        self._latency_children: dict[str, Any] = {}
+
+    def observe_call(self, method: str, code: str, seconds: float) -> None:
+        # labels() validates and locks on every call; the children are cached instead.
+        counter = self._request_children.get((method, code))
+        if counter is None:
+            counter = self._request_children[(method, code)] = self.requests.labels(method, code)
+        histogram = self._latency_children.get(method)
+        if histogram is None:
+            histogram = self._latency_children[method] = self.request_seconds.labels(method)
+        counter.inc()
+        histogram.observe(seconds)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class Metrics(CallMetrics):
+    """Every instrument of one server process: the calls, and the engine's queues, batches and models."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, process_collectors: bool = True) -> None:
+        super().__init__(registry, process_collectors)
+        r = self.registry
         self.queue_seconds = Histogram(
             "embedding_queue_seconds",
             "Per embedding job: time until a session first took its work.",
@@ -137,21 +168,8 @@ class Metrics:
             "embedding_model_load_seconds", "Time to load a model at start.", ["model"], registry=r
         )
         self.serving = Gauge("embedding_serving", "1 while the server is SERVING, else 0.", registry=r)
-        self._request_children: dict[tuple[str, str], Any] = {}
-        self._latency_children: dict[str, Any] = {}
 
     # --- the API layers ----------------------------------------------------------------
-
-    def observe_call(self, method: str, code: str, seconds: float) -> None:
-        # labels() validates and locks on every call; the children are cached instead.
-        counter = self._request_children.get((method, code))
-        if counter is None:
-            counter = self._request_children[(method, code)] = self.requests.labels(method, code)
-        histogram = self._latency_children.get(method)
-        if histogram is None:
-            histogram = self._latency_children[method] = self.request_seconds.labels(method)
-        counter.inc()
-        histogram.observe(seconds)
 
     def watch_in_flight(self, count: Callable[[], int]) -> None:
         self.in_flight.set_function(count)
@@ -195,17 +213,12 @@ class Metrics:
     def model_loaded(self, model: str, seconds: float) -> None:
         self.model_load_seconds.labels(model).set(seconds)
 
-    # --- exposition ------------------------------------------------------------------------
-
-    def exposition(self) -> bytes:
-        return generate_latest(self.registry)
-
 
 def _class(priority: Priority) -> str:
     return "batch" if priority == Priority.BATCH else "interactive"
 
 
-def metrics_route(metrics: Metrics, api_keys: ApiKeys) -> Route:
+def metrics_route(metrics: CallMetrics, api_keys: ApiKeys) -> Route:
     """``GET /metrics`` for the REST port. Like every REST route but /health, it needs the key when
     auth is on (Prometheus: ``authorization: {credentials_file: ...}``); ``--metrics-port`` serves
     the same numbers without auth, for a port only the scraper can reach."""

@@ -40,6 +40,9 @@ from .status import REQUEST_ID_KEY, abort
 log = logging.getLogger("embedding_server.access")
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# Server streams that run until the client leaves: a client closing one is how the call ends, not a
+# failure, so it counts as OK (else every closed Watch would read as an error to rate alerts).
+OPEN_ENDED_METHODS = frozenset({HEALTH_PREFIX + "Watch"})
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 OWN_PREFIX = f"/{SERVICE_NAME}/"
 
@@ -210,14 +213,18 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, in_flight: InFlight, metrics: Metrics | None = None) -> None:
         self.in_flight = in_flight
         self.metrics = metrics
-        self._methods: dict[str, tuple[str, bool]] = {}
+        self._methods: dict[str, tuple[str, bool, bool]] = {}
 
-    def _method(self, full_method: str) -> tuple[str, bool]:
-        """The metrics label, and whether the call is quiet: probes and tooling neither hold up a
-        shutdown nor fill the access log."""
+    def _method(self, full_method: str) -> tuple[str, bool, bool]:
+        """The metrics label; whether the call is quiet (probes and tooling neither hold up a
+        shutdown nor fill the access log); whether it is open-ended (ends when the client leaves)."""
         known = self._methods.get(full_method)
         if known is None:
-            known = (method_label(full_method), is_health(full_method) or is_reflection(full_method))
+            known = (
+                method_label(full_method),
+                is_health(full_method) or is_reflection(full_method),
+                full_method in OPEN_ENDED_METHODS,
+            )
             self._methods[full_method] = known
         return known
 
@@ -227,7 +234,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method, quiet = self._method(handler_call_details.method)
+        method, quiet, open_ended = self._method(handler_call_details.method)
         offered_id = metadata_value(handler_call_details.invocation_metadata, REQUEST_ID_KEY)
         inner = _inner_behavior(handler)
         if _streams_responses(handler) and inspect.isasyncgenfunction(inner):
@@ -245,7 +252,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                     error = exc
                     raise
                 finally:
-                    self._end(method, quiet, context, error, token, started)
+                    self._end(method, quiet, context, error, token, started, open_ended)
 
             return _with_behavior(handler, stream_behavior)
 
@@ -262,7 +269,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
                 error = exc
                 raise
             finally:
-                self._end(method, quiet, context, error, token, started)
+                self._end(method, quiet, context, error, token, started, open_ended)
 
         return _with_behavior(handler, behavior)
 
@@ -281,10 +288,13 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         error: BaseException | None,
         token: Any,
         started: float,
+        open_ended: bool = False,
     ) -> None:
         seconds = time.perf_counter() - started
         try:
             code = _code_name(context, error)
+            if open_ended and code == "CANCELLED":
+                code = "OK"
             if self.metrics is not None:
                 self.metrics.observe_call(method, code, seconds)
             if not quiet:

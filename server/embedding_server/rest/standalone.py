@@ -17,7 +17,9 @@ environment variable ``EMBEDDING_REST_<FLAG>``, e.g. ``EMBEDDING_REST_TARGET``):
   (the OTEL_* variables work too); the trace context goes on to the target.
 
 /health asks the target's ``grpc.health.v1`` service, and answers 503 once
-SIGTERM has started the drain.
+SIGTERM has started the drain. /metrics has the REST call series the in-process
+shim exports (``embedding_requests_total{method="POST /v1/embeddings",code}``,
+``embedding_request_seconds``) and the process collectors, behind the same key.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from embedding_client.envflags import OneLineParser, apply_environment, port_num
 
 from ..auth import ApiKeys
 from ..errors import StartupError
+from ..metrics import CallMetrics, metrics_route
 from ..tls import TlsConfigError, load_tls
 from ..tracing import Tracing, configure
 from .app import build_app
@@ -119,10 +122,13 @@ def _prepare(args: argparse.Namespace, tracing: Tracing | None) -> tuple[Upstrea
     upstream = Upstream(
         args.target, credentials=credentials, target_api_key=args.target_api_key, tracing=tracing
     )
+    metrics = CallMetrics()
     app = build_app(
         upstream,
         api_keys,
         max_body_bytes=int(args.max_body_mb * 1024 * 1024),
+        routes=[metrics_route(metrics, api_keys)],
+        observe=metrics.observe_call,
         auto_truncate=args.auto_truncate,
         tracing=tracing,
     )
