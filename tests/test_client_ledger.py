@@ -184,3 +184,27 @@ def test_each_stall_without_a_reply_doubles_the_stall_limit_and_a_reply_resets_i
 
     assert core.ledger.complete(second, batch, "result")  # a reply: the next stall is judged at 1 s again
     assert core.ledger.stalls_in_a_row == 0
+
+
+@pytest.mark.parametrize(
+    ("reason", "resent"),
+    [("QUEUE_FULL", True), ("MEMORY_LIMIT", False), ("", False)],
+)
+def test_only_a_full_queue_is_a_not_now_reply(reason: str, resent: bool):
+    """MEMORY_LIMIT (a sequence the budget can never run) once looped on resends for 120 s."""
+    import grpc
+    from embedding_client.errors import ErrorDetails, error_for
+    from embedding_client.requests import EmbedOptions
+    from embedding_client.retry import StreamRetry
+    from embedding_client.stream_core import StreamCore
+
+    core = StreamCore(EmbedOptions(), window=4, streams=1, max_ahead=None, retry=StreamRetry())
+    attempt = core.ledger.open_attempt()
+    batch = pull(core.ledger, attempt, [["a long text"]])
+    refusal = error_for(grpc.StatusCode.RESOURCE_EXHAUSTED, "no", details=ErrorDetails(reason=reason or None))
+    core.settle(attempt, batch, refusal)
+    if resent:
+        assert batch.seq not in core.ledger.done and batch.attempt is None  # waits out a backoff
+    else:
+        [result] = core.take_ready() or []
+        assert result.error is refusal  # handed out at its position (raised unless on_error="yield")

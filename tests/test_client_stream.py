@@ -262,3 +262,21 @@ async def test_async_length_sorted_stream(default_server, texts, expected):
         items = [item async for item in c.embed_stream(source(), batch_size=6, length_sort=64, streams=2)]
     assert [item.index for item in items] == list(range(len(texts)))
     np.testing.assert_allclose(np.stack([item.dense for item in items]), expected, atol=1e-6)
+
+
+def test_streaming_on_a_closed_client_raises_instead_of_hanging(default_server):
+    """The README once reused a client its ``with`` block had closed: the stream waited forever."""
+    with EmbeddingClient(default_server.target) as client:
+        client.embed(["open"])
+    with pytest.raises(ValueError, match="Channel closed"):
+        list(client.embed_stream_batches(["a", "b"], batch_size=1))
+    with pytest.raises(ValueError, match="Channel closed"):
+        list(client.embed_stream(["a", "b"], batch_size=1))
+
+
+async def test_async_streaming_on_a_closed_client_raises_instead_of_hanging(default_server):
+    async with AsyncEmbeddingClient(default_server.target) as client:
+        await client.embed(["open"])
+    with pytest.raises(grpc.aio.UsageError, match="Channel is closed"):
+        async for _ in client.embed_stream_batches(["a", "b"], batch_size=1):
+            pass

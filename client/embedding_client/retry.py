@@ -25,22 +25,30 @@ RETRYABLE_STREAM_CODES = frozenset(
         grpc.StatusCode.CANCELLED,  # a server that stops cancels its calls; our own cancels never get here
     }
 )
-#: A StreamEmbed reply whose ``error`` has one of these codes is sent again:
+#: A StreamEmbed reply whose ``error`` has one of these codes may be sent again:
 #: UNAVAILABLE (that server is draining: the request goes to a new stream),
-#: RESOURCE_EXHAUSTED (its queue is full: the request waits out a backoff).
+#: RESOURCE_EXHAUSTED as QUEUE_FULL (the request waits out a backoff); see
+#: ``reply_is_retryable``.
 RETRYABLE_REPLY_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
-def stream_error_is_retryable(error: EmbeddingError) -> bool:
-    """Whether a stream that ended with ``error`` is worth re-establishing.
+def _not_a_lasting_refusal(error: EmbeddingError) -> bool:
+    """RESOURCE_EXHAUSTED is "not now" only as the service's QUEUE_FULL (its ErrorInfo says so).
 
-    RESOURCE_EXHAUSTED is retried only as the service's QUEUE_FULL (its
-    ErrorInfo says so); without details it is gRPC's message size limit,
-    which fails the same way every time.
+    MEMORY_LIMIT (a sequence too long for the memory budget) and gRPC's
+    message size limit (no details) fail the same way every time.
     """
-    if error.code not in RETRYABLE_STREAM_CODES:
-        return False
     return error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or error.reason == "QUEUE_FULL"
+
+
+def stream_error_is_retryable(error: EmbeddingError) -> bool:
+    """Whether a stream that ended with ``error`` is worth re-establishing."""
+    return error.code in RETRYABLE_STREAM_CODES and _not_a_lasting_refusal(error)
+
+
+def reply_is_retryable(error: EmbeddingError) -> bool:
+    """Whether a request whose reply carries ``error`` is sent again (else it fails at its position)."""
+    return error.code in RETRYABLE_REPLY_CODES and _not_a_lasting_refusal(error)
 
 
 @dataclass

@@ -89,7 +89,16 @@ class AsyncStreamRun:
     # --- one stream slot ----------------------------------------------------
 
     async def _worker(self) -> None:
-        """Keeps one call sending; see ``stream_sync.StreamRun._worker``."""
+        """Keeps one call sending; see ``stream_sync.StreamRun._worker`` (which also fails the run)."""
+        try:
+            await self._keep_sending()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.core.crashed(exc)
+            await self._notify()
+
+    async def _keep_sending(self) -> None:
         failures = 0
         while True:
             async with self._changed:
@@ -98,7 +107,7 @@ class AsyncStreamRun:
                     return
                 attempt = self.ledger.open_attempt()
             state = CallState()
-            reader = asyncio.ensure_future(self._run_call(attempt, state))
+            reader = asyncio.ensure_future(self._run_call_or_fail(attempt, state))
             self._readers = {r for r in self._readers if not r.done()} | {reader}
             async with self._changed:
                 await self._changed.wait_for(lambda: self.core.call_settled(attempt, state))  # noqa: B023
@@ -108,6 +117,16 @@ class AsyncStreamRun:
                 return
             failures = following.failures
             await asyncio.sleep(following.delay)
+
+    async def _run_call_or_fail(self, attempt: int, state: CallState) -> None:
+        """``_run_call``; anything unexpected fails the run (the worker waits on this call's end)."""
+        try:
+            await self._run_call(attempt, state)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self.core.crashed(exc)
+            await self._notify()
 
     async def _run_call(self, attempt: int, state: CallState) -> None:
         """One call from start to end: a writer task sends, this task reads."""

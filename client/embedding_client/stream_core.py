@@ -20,7 +20,7 @@ from .ledger import Action, Batch, CallState, Ledger, StreamStats
 from .proto import embedding_pb2 as pb
 from .requests import EmbedOptions
 from .results import Embeddings, decode_embeddings
-from .retry import RETRYABLE_REPLY_CODES, StreamRetry, stream_error_is_retryable
+from .retry import StreamRetry, reply_is_retryable, stream_error_is_retryable
 
 OnError = Literal["raise", "yield"]
 WATCHDOG_PERIOD = 1.0  # seconds between checks for stalled calls while the caller waits
@@ -111,6 +111,10 @@ class StreamCore:
             self.ledger.stalls_in_a_row += 1
         return found
 
+    def crashed(self, error: BaseException) -> None:
+        """A stream slot died of something unexpected: the run fails with it (never hangs)."""
+        self.ledger.fail(error)
+
     def close(self) -> list[Any]:
         """The run ends now: the calls to cancel."""
         self.closing = True
@@ -128,7 +132,7 @@ class StreamCore:
 
     def call_settled(self, attempt: int, state: CallState) -> bool:
         """Whether the slot's wait on its call is over (ended, stopped sending, or the run closes)."""
-        return state.finished or self.closing or attempt not in self.ledger.sending
+        return state.finished or self.closing or self.over() or attempt not in self.ledger.sending
 
     def after_call(self, attempt: int, state: CallState, failures: int) -> NextCall | None:
         """What the slot does next; None: it stops (the run is over or failed)."""
@@ -206,9 +210,10 @@ class StreamCore:
         return result
 
     def settle(self, attempt: int, batch: Batch, outcome: Embeddings | EmbeddingError) -> bool:
-        """Record a reply; a "not now" (queue full, draining) is sent again later. True: notify waiters."""
+        """Record a reply; a "not now" (queue full, draining) is sent again later, a lasting refusal
+        (MEMORY_LIMIT) is the request's result. True: notify waiters."""
         if isinstance(outcome, EmbeddingError):
-            if outcome.code in RETRYABLE_REPLY_CODES and self.ledger.note_failure() <= self.retry.timeout:
+            if reply_is_retryable(outcome) and self.ledger.note_failure() <= self.retry.timeout:
                 delay = max(self.retry.delay(batch.retries), outcome.retry_after or 0.0)
                 self.ledger.retry_later(attempt, batch, delay)
                 if outcome.code == grpc.StatusCode.UNAVAILABLE:

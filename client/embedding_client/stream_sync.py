@@ -116,7 +116,17 @@ class StreamRun:
 
         A call that stops sending (rotated, or its server is draining) is left
         to its reader thread to finish, so the next call overlaps its tail.
+        Anything unexpected (a closed client's channel, a bug) fails the run
+        with that exception, so the caller gets it instead of waiting forever.
         """
+        try:
+            self._keep_sending()
+        except BaseException as exc:
+            with self._cond:
+                self.core.crashed(exc)
+                self._cond.notify_all()
+
+    def _keep_sending(self) -> None:
         failures = 0
         while True:
             with self._cond:
