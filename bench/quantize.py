@@ -206,6 +206,8 @@ def served_ratio(args: argparse.Namespace, work: Path) -> None:
     both alike; per-round ratios show the spread, medians are the result.
     """
     cache = str(work / "cache")
+    # made before, so that neither server's peak RSS counts building the fp32 graph or quantizing
+    start_server("--cache-dir", cache, "--quantize", "int8", rest=False, timeout=600).stop()
     result = served(
         args,
         {

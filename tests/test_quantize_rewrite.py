@@ -18,12 +18,16 @@ from onnx import TensorProto, helper, numpy_helper
 K, N = 64, 24
 
 
-def one_matmul(weight: np.ndarray, opset: int) -> onnx.ModelProto:
+def one_matmul(weight: np.ndarray, opset: int, bias: np.ndarray | None = None) -> onnx.ModelProto:
+    """x @ w (+ bias): the graph form of every projection in the models we serve."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "length", K])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "length", N])
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [numpy_helper.from_array(weight, "w")]
-    )
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["xw" if bias is not None else "y"])]
+    initializers = [numpy_helper.from_array(weight, "w")]
+    if bias is not None:
+        nodes.append(helper.make_node("Add", ["xw", "b"], ["y"]))
+        initializers.append(numpy_helper.from_array(bias, "b"))
+    graph = helper.make_graph(nodes, "g", [x], [y], initializers)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10 if opset >= 21 else 8
     return model
@@ -39,15 +43,19 @@ def numpy_int8(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
 
 
 @pytest.mark.parametrize("opset", [17, 21])
-def test_per_row_int8_matmul_is_the_numpy_scheme(opset: int):
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_per_row_int8_matmul_is_the_numpy_scheme(opset: int, with_bias: bool):
     rng = np.random.default_rng(opset)
     weight = rng.normal(size=(K, N)).astype(np.float32)
-    model = one_matmul(weight, opset)
+    bias = rng.normal(size=N).astype(np.float32) if with_bias else None
+    model = one_matmul(weight, opset, bias)
     name_nodes(model)
     quantized = quantize_matmuls(model, weight_matmuls(model))
     ops = [node.op_type for node in quantized.graph.node]
-    # The form under test: blocked QuantizeLinear (no Div) from opset 21, Div before it earlier.
-    assert ("Div" in ops) == (opset < 21) and "MatMulIntegerToFloat" in ops and "Abs" not in ops
+    # The form under test: blocked QuantizeLinear (no Div) from opset 21, Div before it earlier;
+    # the row scale applied inside MatMulIntegerToFloat (no Mul after it; the bias Add stays).
+    assert ("Div" in ops) == (opset < 21) and "Abs" not in ops
+    assert ops[-2:] == ["MatMulIntegerToFloat", "Add"] if with_bias else ops[-1] == "MatMulIntegerToFloat"
     session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
     # rows of very different magnitudes, an outlier channel, an all-zero row (padding-like)
     x = (
@@ -57,10 +65,10 @@ def test_per_row_int8_matmul_is_the_numpy_scheme(opset: int):
     x[1, :, 7] *= 40
     x[2, 4] = 0
     got = session.run(None, {"x": x})[0]
-    expected = numpy_int8(x.astype(np.float64), weight.astype(np.float64))
+    expected = numpy_int8(x.astype(np.float64), weight.astype(np.float64)) + (0 if bias is None else bias)
     assert np.allclose(got, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
     # and it is close to the fp32 product it replaces (int8 loses a little, not a lot)
-    exact = x[:2] @ weight
+    exact = x[:2] @ weight + (0 if bias is None else bias)
     cosine = (got[:2] * exact).sum(-1) / (np.linalg.norm(got[:2], axis=-1) * np.linalg.norm(exact, axis=-1))
     assert cosine.min() > 0.99
 

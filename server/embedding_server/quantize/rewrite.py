@@ -5,7 +5,7 @@ For X [..., K] and W [K, N] (float32 initializer):
     s_x   = max(ReduceMax(X), -ReduceMin(X)) / 127        per row, [..., 1]
     X_q   = QuantizeLinear(X, s_x, 128, block_size=K)     uint8, zero point 128
     W_q   = int8(round(W / s_w)),  s_w = max(|W|, axis=0) / 127   per output column, [N]
-    Y     = MatMulIntegerToFloat(X_q, W_q, 1, s_w, 128) * s_x
+    Y     = MatMulIntegerToFloat(X_q, W_q, s_x, s_w, 128)  (s_x [..., 1] broadcasts: no Mul after it)
 
 Each row's result depends only on that row, so batching and padding cannot
 change it. Other nodes are untouched. uint8 x int8 (U8S8) is MLAS's fast path
@@ -151,15 +151,16 @@ def quantize_matmuls(
             ),
             helper.make_node("Mul", [f"{p}/amax_safe", "q/inv_levels"], [f"{p}/x_scale"], name=f"{p}/Scale"),
             *quantize_rows(x, f"{p}/x_scale", f"{p}/x_q", p, int(weight.shape[0]), opset),
-            # int32 GEMM then * s_w per column, in one contrib op
+            # int32 GEMM, * s_x per row * s_w per column, in one contrib op (its a_scale broadcasts;
+            # its bias input does not combine with a per-row a_scale in ORT 1.32: wrong sums, so the
+            # bias Add stays a node)
             helper.make_node(
                 "MatMulIntegerToFloat",
-                [f"{p}/x_q", f"{p}/W_q", "q/one", f"{p}/w_scale", "q/zero_point"],
-                [f"{p}/y_col"],
+                [f"{p}/x_q", f"{p}/W_q", f"{p}/x_scale", f"{p}/w_scale", "q/zero_point"],
+                [out],
                 name=f"{p}/MatMulIntegerToFloat",
                 domain=MS_DOMAIN,
             ),
-            helper.make_node("Mul", [f"{p}/y_col", f"{p}/x_scale"], [out], name=f"{p}/RowScale"),
         ]
     if not used_weights:
         return model
