@@ -16,7 +16,7 @@ every variant alike:
   the weight bytes of each graph (what scales to real 2.3 GB weights).
 
     python bench/quantize.py [--texts 3000] [--rounds 5] [--served-seconds 4] [--no-served]
-    python bench/quantize.py --served-only [--rounds 5]    # fp32 vs int8 servers, one row
+    python bench/quantize.py --served-only [--rounds 5] [--also NAME=DIR]   # fp32 vs int8 servers
 
 The table is also written to bench/quantize_results.md.
 """
@@ -199,40 +199,39 @@ def medians(result: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, fl
 
 
 def served_ratio(args: argparse.Namespace, work: Path) -> None:
-    """fp32 vs ``--quantize int8`` servers only, side by side: the int8 target's measurement.
+    """fp32 vs ``--quantize int8`` servers (and any --also model directory), side by side.
 
-    Both built-in servers start from one cache (fp32 graph built once, int8 made at
-    start as users get it); rounds alternate the servers, so the machine's load hits
-    both alike; per-round ratios show the spread, medians are the result.
+    The built-in servers start from one cache (fp32 graph built once, int8 made at
+    start as users get it, both before measuring so that peak RSS is serving only);
+    rounds alternate the servers, so the machine's load hits all alike; per-round
+    ratios show the spread, medians are the result.
     """
     cache = str(work / "cache")
-    # made before, so that neither server's peak RSS counts building the fp32 graph or quantizing
     start_server("--cache-dir", cache, "--quantize", "int8", rest=False, timeout=600).stop()
-    result = served(
-        args,
-        {
-            "fp32": ["--cache-dir", cache],
-            "int8": ["--cache-dir", cache, "--quantize", "int8"],
-        },
-    )
-    fp, q = result["fp32"], result["int8"]
-    for workload in ("short", "long"):
-        ratios = [b / a for a, b in zip(fp[workload], q[workload], strict=True)]
-        print(
-            f"{workload}: int8/fp32 per round " + " ".join(f"{r:.2f}" for r in ratios),
-            f"(median of ratios {statistics.median(ratios):.2f})",
-        )
+    variants = {"fp32": ["--cache-dir", cache], "int8": ["--cache-dir", cache, "--quantize", "int8"]}
+    for spec in args.also:
+        name, _, directory = spec.partition("=")
+        variants[name] = ["--cache-dir", cache, "--model", f"all-minilm-l6-v2={directory}"]
+    result = served(args, variants)
+    fp = result["fp32"]
+    for name in list(variants)[1:]:
+        for workload in ("short", "long"):
+            ratios = [b / a for a, b in zip(fp[workload], result[name][workload], strict=True)]
+            print(
+                f"{name} {workload}: /fp32 per round " + " ".join(f"{r:.2f}" for r in ratios),
+                f"(median of ratios {statistics.median(ratios):.2f})",
+            )
     m = medians(result)
-    f, i = m["fp32"], m["int8"]
+    f = m["fp32"]
     print(
-        "| run | fp32 short/s | int8 short/s | short ratio | fp32 long/s | int8 long/s | long ratio "
-        "| idle ms fp32 / int8 | VmHWM MiB fp32 / int8 |"
+        "| run | server | short texts/s | vs fp32 | 256-token texts/s | vs fp32 "
+        "| idle latency ms | VmHWM MiB |"
     )
-    print(
-        f"| {time.strftime('%H:%M')} | {f['short']:.0f} | {i['short']:.0f} | {i['short'] / f['short']:.2f} "
-        f"| {f['long']:.1f} | {i['long']:.1f} | {i['long'] / f['long']:.2f} "
-        f"| {f['idle_ms']:.1f} / {i['idle_ms']:.1f} | {f['rss_mb']:.0f} / {i['rss_mb']:.0f} |"
-    )
+    for name, r in m.items():
+        print(
+            f"| {time.strftime('%H:%M')} | {name} | {r['short']:.0f} | {r['short'] / f['short']:.2f} "
+            f"| {r['long']:.1f} | {r['long'] / f['long']:.2f} | {r['idle_ms']:.1f} | {r['rss_mb']:.0f} |"
+        )
 
 
 def family_memory(work: Path) -> list[str]:
@@ -272,7 +271,14 @@ def main() -> None:
     parser.add_argument(
         "--served-only",
         action="store_true",
-        help="only the fp32 vs --quantize int8 servers, one table row (nothing written)",
+        help="only the fp32 vs --quantize int8 servers side by side (nothing written)",
+    )
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="with --served-only: one more server on an int8 model directory (e.g. an older build)",
     )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
