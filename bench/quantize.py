@@ -16,6 +16,7 @@ every variant alike:
   the weight bytes of each graph (what scales to real 2.3 GB weights).
 
     python bench/quantize.py [--texts 3000] [--rounds 5] [--served-seconds 4] [--no-served]
+    python bench/quantize.py --served-only [--rounds 5] [--also NAME=DIR]   # fp32 vs int8 servers
 
 The table is also written to bench/quantize_results.md.
 """
@@ -143,8 +144,8 @@ def in_process_speed(sessions: dict[str, ort.InferenceSession], model: Embedding
     return {key: statistics.median(values) for key, values in times.items()}
 
 
-def served(args: argparse.Namespace, dirs: dict[str, list[str]]) -> dict[str, dict[str, float]]:
-    """Throughput (texts/s) short and long, idle latency and VmHWM of one server per variant."""
+def served(args: argparse.Namespace, dirs: dict[str, list[str]]) -> dict[str, dict[str, list[float]]]:
+    """Per round: throughput (texts/s) short and long, idle latency; and VmHWM; one server per variant."""
     import grpc
     from embedding_client.proto import embedding_pb2 as pb
     from embedding_client.proto import embedding_pb2_grpc
@@ -185,15 +186,52 @@ def served(args: argparse.Namespace, dirs: dict[str, list[str]]) -> dict[str, di
                         started = time.perf_counter()
                         stub.Embed(pb.EmbedRequest(inputs=["A man is playing a guitar."]), timeout=60)
                         results[name].setdefault("idle_ms", []).append((time.perf_counter() - started) * 1000)
-        summary = {
-            name: {key: statistics.median(values) for key, values in r.items()} for name, r in results.items()
-        }
         for name, s in servers.items():
-            summary[name]["rss_mb"] = s.peak_rss_mb()
-        return summary
+            results[name]["rss_mb"] = [s.peak_rss_mb()]
+        return results
     finally:
         for s in servers.values():
             s.stop()
+
+
+def medians(result: dict[str, dict[str, list[float]]]) -> dict[str, dict[str, float]]:
+    return {name: {key: statistics.median(values) for key, values in r.items()} for name, r in result.items()}
+
+
+def served_ratio(args: argparse.Namespace, work: Path) -> None:
+    """fp32 vs ``--quantize int8`` servers (and any --also model directory), side by side.
+
+    The built-in servers start from one cache (fp32 graph built once, int8 made at
+    start as users get it, both before measuring so that peak RSS is serving only);
+    rounds alternate the servers, so the machine's load hits all alike; per-round
+    ratios show the spread, medians are the result.
+    """
+    cache = str(work / "cache")
+    start_server("--cache-dir", cache, "--quantize", "int8", rest=False, timeout=600).stop()
+    variants = {"fp32": ["--cache-dir", cache], "int8": ["--cache-dir", cache, "--quantize", "int8"]}
+    for spec in args.also:
+        name, _, directory = spec.partition("=")
+        variants[name] = ["--cache-dir", cache, "--model", f"all-minilm-l6-v2={directory}"]
+    result = served(args, variants)
+    fp = result["fp32"]
+    for name in list(variants)[1:]:
+        for workload in ("short", "long"):
+            ratios = [b / a for a, b in zip(fp[workload], result[name][workload], strict=True)]
+            print(
+                f"{name} {workload}: /fp32 per round " + " ".join(f"{r:.2f}" for r in ratios),
+                f"(median of ratios {statistics.median(ratios):.2f})",
+            )
+    m = medians(result)
+    f = m["fp32"]
+    print(
+        "| run | server | short texts/s | vs fp32 | 256-token texts/s | vs fp32 "
+        "| idle latency ms | VmHWM MiB |"
+    )
+    for name, r in m.items():
+        print(
+            f"| {time.strftime('%H:%M')} | {name} | {r['short']:.0f} | {r['short'] / f['short']:.2f} "
+            f"| {r['long']:.1f} | {r['long'] / f['long']:.2f} | {r['idle_ms']:.1f} | {r['rss_mb']:.0f} |"
+        )
 
 
 def family_memory(work: Path) -> list[str]:
@@ -230,10 +268,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds (default 5)")
     parser.add_argument("--served-seconds", type=float, default=4.0, help="seconds per served round")
     parser.add_argument("--no-served", action="store_true", help="skip the served comparison")
+    parser.add_argument(
+        "--served-only",
+        action="store_true",
+        help="only the fp32 vs --quantize int8 servers side by side (nothing written)",
+    )
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="with --served-only: one more server on an int8 model directory (e.g. an older build)",
+    )
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
     try:
-        run(args, work)
+        served_ratio(args, work) if args.served_only else run(args, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -366,6 +416,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
             "| idle latency ms | VmHWM MiB |"
         )
         emit("|---|---|---|---|---|---|---|---|---|")
+        result = medians(result)
         base, fp = result["previous default"], result["fp32 (new default)"]
         for name, r in result.items():
             emit(
