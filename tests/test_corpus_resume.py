@@ -24,6 +24,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 from collections import deque
 from pathlib import Path
 
@@ -91,7 +92,8 @@ def complete_rows(partial: Path) -> int:
 
 def interrupt_mid_run(server: RunningServer, args: list[str], partial: Path, signum: int) -> tuple[int, str]:
     """Start the CLI, freeze the server once rows are written, signal the CLI; its exit status and stderr."""
-    process = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    command = [sys.executable, "-X", "faulthandler", *cli(*args)[1:]]  # a hang dumps its stacks on SIGABRT
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     frozen = False
 
     def frozen_with_rows() -> bool:
@@ -112,7 +114,12 @@ def interrupt_mid_run(server: RunningServer, args: list[str], partial: Path, sig
         # the CLI may still read replies already sent, never more than this: it cannot finish
         assert seen + MOST_AFTER_FREEZE < N, f"{seen} rows seen: too late to prove anything"
         process.send_signal(signum)
-        _, stderr = process.communicate(timeout=120)
+        try:
+            _, stderr = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            _, stacks = process.communicate(timeout=30)
+            pytest.fail(f"the CLI did not stop within 120 s of {signal.Signals(signum).name}:\n{stacks}")
     finally:
         if frozen:
             server.process.send_signal(signal.SIGCONT)
