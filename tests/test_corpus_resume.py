@@ -41,7 +41,7 @@ from embedding_client.results import Embeddings
 from tests.support.polling import until_sync
 from tests.support.server import RunningServer, start_server
 from tests.support.synthetic import WORDS, make_sentence_transformers
-from tests.test_corpus_cli import cli, run_cli
+from tests.test_corpus_cli import run_cli
 
 N = 4 * DEFAULT_LENGTH_SORT
 #: What can still come back once the server is frozen: the look-ahead and the requests in flight
@@ -90,9 +90,18 @@ def complete_rows(partial: Path) -> int:
         return (os.fstat(data.fileno()).st_size - data.tell()) // (4 * shape[1])
 
 
+FOREGROUND_CLI = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('embedding_client.cli', run_name='__main__', alter_sys=True)"
+)
+
+
 def interrupt_mid_run(server: RunningServer, args: list[str], partial: Path, signum: int) -> tuple[int, str]:
     """Start the CLI, freeze the server once rows are written, signal the CLI; its exit status and stderr."""
-    command = [sys.executable, "-X", "faulthandler", *cli(*args)[1:]]  # a hang dumps its stacks on SIGABRT
+    # As a terminal's foreground job: SIGINT at its default even when the tests run as a background job
+    # (`cmd &` starts with SIGINT ignored, the CLI keeps it so, and this test would wait in vain).
+    # faulthandler: a hang dumps every thread's stack on SIGABRT.
+    command = [sys.executable, "-X", "faulthandler", "-c", FOREGROUND_CLI, *args]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     frozen = False
 
