@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterable, AsyncIterator, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Iterable
 from typing import Any
 
 import grpc
@@ -90,8 +90,13 @@ class AsyncStreamRun:
 
     async def _worker(self) -> None:
         """Keeps one call sending; see ``stream_sync.StreamRun._worker`` (which also fails the run)."""
+        await self._failing_the_run(self._keep_sending())
+
+    async def _failing_the_run(self, work: Awaitable[None]) -> None:
+        """Await ``work``; anything unexpected fails the run, so neither the caller nor a worker
+        waiting on a call's end waits forever."""
         try:
-            await self._keep_sending()
+            await work
         except asyncio.CancelledError:
             raise
         except BaseException as exc:
@@ -107,7 +112,7 @@ class AsyncStreamRun:
                     return
                 attempt = self.ledger.open_attempt()
             state = CallState()
-            reader = asyncio.ensure_future(self._run_call_or_fail(attempt, state))
+            reader = asyncio.ensure_future(self._failing_the_run(self._run_call(attempt, state)))
             self._readers = {r for r in self._readers if not r.done()} | {reader}
             async with self._changed:
                 await self._changed.wait_for(lambda: self.core.call_settled(attempt, state))  # noqa: B023
@@ -117,16 +122,6 @@ class AsyncStreamRun:
                 return
             failures = following.failures
             await asyncio.sleep(following.delay)
-
-    async def _run_call_or_fail(self, attempt: int, state: CallState) -> None:
-        """``_run_call``; anything unexpected fails the run (the worker waits on this call's end)."""
-        try:
-            await self._run_call(attempt, state)
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
-            self.core.crashed(exc)
-            await self._notify()
 
     async def _run_call(self, attempt: int, state: CallState) -> None:
         """One call from start to end: a writer task sends, this task reads."""
