@@ -38,7 +38,7 @@ from ..errors import ModelLoadError
 from .files import missing_external_data, truncated_external_data
 
 
-def session_options(threads: int) -> ort.SessionOptions:
+def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -49,17 +49,21 @@ def session_options(threads: int) -> ort.SessionOptions:
     # share the cores with the tokenizer threads and the event loop, and the
     # spinning starves them: measured on 2 cores with another process busy,
     # single-sequence runs went 2.3x faster and batches of 32 no slower with it off.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # The wide session (``spinning``) is the exception: it runs only when nothing
+    # else does, and there a lone query's threads that sleep between ops (a futex
+    # wake-up per op) made it ~1.3x slower than threads that spin (bench/mixed.py).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     options.enable_cpu_mem_arena = False  # see the module docstring: peak memory stays bounded
     return options
 
 
-def open_session(path: Path, threads: int) -> ort.InferenceSession:
+def open_session(path: Path, threads: int, spinning: bool = False) -> ort.InferenceSession:
     """One session, or a ModelLoadError naming the file that is missing or broken."""
     if not path.is_file():
         raise ModelLoadError(f"{path}: missing")
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        options = session_options(threads, spinning)
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors for any bad file
         missing = missing_external_data(path)  # diagnosed only on failure: it parses the graph
         if missing:
@@ -103,7 +107,7 @@ class SessionPool:
         """
         if threads <= self.threads or _model_bytes(self.path) > WIDE_MAX_BYTES:
             return False
-        self._wide = open_session(self.path, threads)
+        self._wide = open_session(self.path, threads, spinning=True)
         self.wide_threads = threads
         return True
 
