@@ -528,30 +528,50 @@ class ModelBatcher:
         started = time.monotonic()
         for item in batch:
             item.started = started
-        interactive = priority == Priority.INTERACTIVE
-        threads = self._interactive_threads if interactive else self._bulk_threads
         try:
-            try:
-                padded, outputs = await loop.run_in_executor(threads, self._forward, wide, batch)
-            finally:
-                self._runs[priority] -= 1  # the next run starts while this one is pooled
-                self._wake.set()
-            ran = time.monotonic()
-            for item in batch:
-                item.ran = ran
-            self._record(batch, padded, ran - started, priority, wide)
-            post = threads if interactive else self._post_threads
-            vectors = await loop.run_in_executor(post, self._finish, batch, padded, outputs)
+            if priority == Priority.INTERACTIVE:
+                # One thread hop: the query is finished on its run thread, and its run slot is
+                # handed back (on the loop) the moment the model returns.
+                padded, ran, vectors = await loop.run_in_executor(
+                    self._interactive_threads, self._forward_and_finish, loop, wide, batch
+                )
+            else:
+                try:
+                    padded, outputs = await loop.run_in_executor(
+                        self._bulk_threads, self._forward, wide, batch
+                    )
+                finally:
+                    self._run_ended(priority)  # the next run starts while this one is pooled
+                ran = time.monotonic()
+                vectors = await loop.run_in_executor(self._post_threads, self._finish, batch, padded, outputs)
         except BaseException as exc:
             _fail(batch, exc)
             return
+        for item in batch:
+            item.ran = ran
+        self._record(batch, padded, ran - started, priority, wide)
         finished = time.monotonic()
         for item, result in zip(batch, vectors, strict=True):
             item.finished = finished
             if not item.future.done():
                 item.future.set_result(result)
 
+    def _run_ended(self, priority: Priority) -> None:
+        self._runs[priority] -= 1
+        self._wake.set()
+
     # --- on worker threads ---------------------------------------------------------------
+
+    def _forward_and_finish(
+        self, loop: asyncio.AbstractEventLoop, wide: bool, batch: list[WorkItem]
+    ) -> tuple[PaddedBatch, float, list[SequenceVectors]]:
+        """An interactive run: the model, then (its slot already handed back) the finish step."""
+        try:
+            padded, outputs = self._forward(wide, batch)
+        finally:
+            loop.call_soon_threadsafe(self._run_ended, Priority.INTERACTIVE)
+        ran = time.monotonic()
+        return padded, ran, self._finish(batch, padded, outputs)
 
     def _forward(self, wide: bool, batch: list[WorkItem]) -> tuple[PaddedBatch, dict[str, np.ndarray]]:
         padded = pad(batch, self.model.tokenizer.pad_id)
