@@ -79,12 +79,18 @@ class ServerProcess:
                 self.process.kill()
 
 
-def start_server(*args: str, rest: bool = True, timeout: float = 120) -> ServerProcess:
+def start_server(
+    *args: str, rest: bool = True, timeout: float = 120, checkout: Path | None = None
+) -> ServerProcess:
+    """A server of this checkout, or (``checkout``) of another one's ``server/`` and ``client/`` code."""
     port, rest_port = free_port(), (free_port() if rest else 0)
     log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False)  # noqa: SIM115
     command = [sys.executable, "-m", "embedding_server.cli", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--rest-port", str(rest_port), "--log-level", "warning", *args]
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    env = dict(os.environ)
+    if checkout is not None:
+        env["PYTHONPATH"] = f"{checkout / 'server'}:{checkout / 'client'}"
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     server = ServerProcess(process, port, rest_port)
     channel = grpc.insecure_channel(server.target)
     stub = health_pb2_grpc.HealthStub(channel)

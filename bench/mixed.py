@@ -9,6 +9,7 @@ variant after the other in this one run):
 
 - idle: single short ``Embed`` queries one after another: p50/p99, next to the
   in-process all-cores time of the same query (tokenize + run + pool, no server);
+  then the same query through the REST shim (``POST /v1/embeddings``);
 - a corpus job through ``embedding-client corpus`` (1,600 passages of 80-200
   words) alone, then again with an open-loop client sending one short query
   with ``Embed`` every 100 ms: query p50/p99/max under the job, and the job's
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import json
 import os
 import statistics
@@ -60,6 +62,35 @@ def idle_latency(target: str, count: int = 200) -> list[float]:
         started = time.perf_counter()
         stub.Embed(pb.EmbedRequest(inputs=[QUERY]), timeout=30)
         out.append((time.perf_counter() - started) * 1000)
+    return out
+
+
+def rest_idle_latency(port: int, count: int = 200) -> list[float]:
+    """The same query through the REST shim (``POST /v1/embeddings``), one keep-alive connection.
+
+    The client is the standard library's ``http.client``: its own cost is a
+    fraction of a millisecond, so the figure is the server's (httpx or the
+    ``openai`` client add their own milliseconds on the caller's side).
+    """
+    connection = http.client.HTTPConnection("127.0.0.1", port)
+    body = json.dumps({"input": QUERY, "model": "all-minilm-l6-v2"})
+    headers = {"Content-Type": "application/json"}
+
+    def call() -> None:
+        connection.request("POST", "/v1/embeddings", body, headers)
+        reply = connection.getresponse()
+        data = reply.read()
+        if reply.status != 200:
+            raise RuntimeError(f"REST {reply.status}: {data[:200]!r}")
+
+    for _ in range(20):
+        call()
+    out = []
+    for _ in range(count):
+        started = time.perf_counter()
+        call()
+        out.append((time.perf_counter() - started) * 1000)
+    connection.close()
     return out
 
 
@@ -201,6 +232,7 @@ def variant(name: str, checkout: Path | None, corpus: Path, workdir: Path) -> di
         print(f"  [{name}] server pid {server.process.pid}, metrics on :{server.rest_port}", flush=True)
         try:
             idle = idle_latency(server.target)
+            rest_idle = rest_idle_latency(server.rest_port)
             alone = corpus_job(server.target, corpus, workdir / "alone.npy", env)
             with OpenLoopQueries(server.target) as queries:
                 mixed = corpus_job(server.target, corpus, workdir / "mixed.npy", env)
@@ -216,6 +248,8 @@ def variant(name: str, checkout: Path | None, corpus: Path, workdir: Path) -> di
         "name": name,
         "idle_p50": percentile(idle, 50),
         "idle_p99": percentile(idle, 99),
+        "rest_p50": percentile(rest_idle, 50),
+        "rest_p99": percentile(rest_idle, 99),
         "q_p50": percentile(q, 50),
         "q_p99": percentile(q, 99),
         "q_max": max(q) if q else float("nan"),
@@ -248,13 +282,18 @@ def main() -> None:
     if args.before is not None:
         variants.append((f"before ({args.before})", args.before.resolve()))
     for name, checkout in variants:
-        report(variant(name, checkout, corpus, workdir))
+        report(variant(name, checkout, corpus, workdir), in_process)
 
 
-def report(r: dict[str, object]) -> None:
+def report(r: dict[str, object], in_process: float) -> None:
     a, b = r["shares"]  # type: ignore[misc]
     print(f"\n[{r['name']}]")
-    print(f"  idle query              p50 {r['idle_p50']:7.1f} ms   p99 {r['idle_p99']:7.1f} ms")
+    for api, key in (("gRPC", "idle"), ("REST", "rest")):
+        p50, p99 = r[f"{key}_p50"], r[f"{key}_p99"]
+        print(
+            f"  idle query ({api})       p50 {p50:7.1f} ms   p99 {p99:7.1f} ms   "
+            f"in-process {p50 - in_process:+.1f} ms"  # type: ignore[operator]
+        )
     print(
         f"  query under corpus job  p50 {r['q_p50']:7.1f} ms   p99 {r['q_p99']:7.1f} ms   "
         f"max {r['q_max']:7.1f} ms   ({r['q_n']} answered, {r['q_errors']} errors)"

@@ -2,6 +2,7 @@
 
     python bench/run.py            # or: make bench
     python bench/run.py --seconds 3 --concurrency 1 16 --server-args "--sessions 2"
+    python bench/run.py --before /tmp/old-checkout   # and another checkout's server, load by load
 
 For the default model it prints:
 - the in-process ceiling: the same ONNX file and tokenizer, length-sorted
@@ -12,6 +13,10 @@ For the default model it prints:
   padded tokens, from the server's metrics);
 - idle single-request latency: server p50 against the in-process p50;
 - peak RSS of the server with --sessions 1 and --sessions 2.
+With ``--before CHECKOUT`` a second server runs that checkout's ``server/`` and
+``client/`` code (its own default model) beside this one; each load runs on
+both, one after the other (alternating which goes first), and the table adds
+its throughput and this/before.
 The client runs on the same machine and takes CPU from the server: the
 ratios are a lower bound of what a separate client machine would see.
 """
@@ -126,6 +131,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--per-request", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--server-args", default="", help="extra embedding-server flags")
+    parser.add_argument("--before", type=Path, default=None, help="another checkout to compare with")
     parser.add_argument("--skip-rss", action="store_true", help="skip the --sessions 1 vs 2 RSS comparison")
     args = parser.parse_args()
 
@@ -140,25 +146,38 @@ def main() -> None:
     del loaded
 
     server = start_server(*shlex.split(args.server_args))
+    before = None
+    if args.before is not None:
+        before = start_server(*shlex.split(args.server_args), checkout=args.before.resolve())
     print(f"cores={os.cpu_count()} server args: {args.server_args or '(defaults)'}; {args.seconds}s per load")
     print(f"in-process ceiling: mixed {ceilings['mixed']:.1f} seq/s, long docs {ceilings['long']:.1f} seq/s")
     header = f"{'load':<6} {'clients':>7} {'in/req':>6} {'server/s':>9} {'ceiling/s':>9} {'ratio':>6} "
-    print(header + f"{'p50 ms':>8} {'p99 ms':>8} {'pad eff':>7}")
+    header += f"{'p50 ms':>8} {'p99 ms':>8} {'pad eff':>7}"
+    print(header + (f" {'before/s':>9} {'this/before':>11}" if before else ""))
     try:
         loads = [("mixed", c, n) for n in args.per_request for c in args.concurrency]
         loads += [("long", c, 1) for c in (1, max(args.concurrency))]
-        for name, clients, per_request in loads:
+        for k, (name, clients, per_request) in enumerate(loads):
             texts = mixed if name == "mixed" else long_docs
-            before = server.metrics()
-            throughput, latencies = asyncio.run(
-                drive(server.target, texts, clients, per_request, args.seconds)
-            )
-            efficiency = padding_efficiency(before, server.metrics())
-            print(
+            order = [server, before] if before is None or k % 2 == 0 else [before, server]
+            results = {}
+            for each in order:
+                if each is not None:
+                    start = each.metrics()
+                    throughput, latencies = asyncio.run(
+                        drive(each.target, texts, clients, per_request, args.seconds)
+                    )
+                    results[id(each)] = (throughput, latencies, padding_efficiency(start, each.metrics()))
+            throughput, latencies, efficiency = results[id(server)]
+            line = (
                 f"{name:<6} {clients:>7} {per_request:>6} {throughput:9.1f} {ceilings[name]:9.1f} "
                 f"{throughput / ceilings[name]:6.2f} {percentile(latencies, 50):8.1f} "
                 f"{percentile(latencies, 99):8.1f} {efficiency:7.2f}"
             )
+            if before is not None:
+                then = results[id(before)][0]
+                line += f" {then:9.1f} {throughput / then:11.2f}"
+            print(line, flush=True)
         _, idle = asyncio.run(drive(server.target, [mixed[3]], 1, 1, min(args.seconds, 3)))
         idle_server = percentile(idle, 50)
         print(
@@ -166,8 +185,12 @@ def main() -> None:
             f"overhead {idle_server - idle_in_process:+.2f} ms"
         )
         print(f"server peak RSS: {server.peak_rss_mb():.0f} MiB")
+        if before is not None:
+            print(f"before's server peak RSS: {before.peak_rss_mb():.0f} MiB")
     finally:
         server.stop()
+        if before is not None:
+            before.stop()
 
     if not args.skip_rss:
         peaks = {}
