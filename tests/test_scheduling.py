@@ -7,15 +7,18 @@ so work piles up in a known state, then the order the session saw is read back.
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import grpc
 import pytest
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
+from embedding_server.engine import batcher as batcher_module
 from embedding_server.engine.memory import MemoryBudget, ModelShape
 from embedding_server.engine.requests import EmbedJob
 from embedding_server.errors import NotServing, Overloaded
 from embedding_server.models.loader import BUILTIN_MODEL
+from embedding_server.models.sessions import SessionPool
 from embedding_server.models.types import Priority
 
 from tests.support.inprocess import serve_in_process
@@ -304,3 +307,64 @@ async def until_async_health(stub, status: int) -> None:
             return
         await asyncio.sleep(0.005)
     raise AssertionError(f"health never became {status}")
+
+
+async def test_a_short_query_tokenizes_on_the_loop_longer_work_on_tokenizer_threads(builtin, monkeypatch):  # noqa: F811
+    """A thread hop costs more than tokenizing a query; anything longer, or batch work, leaves the loop."""
+    embedder, sessions = make_embedder(builtin)
+    await started(embedder, sessions)
+    threads: list[str] = []
+    real_tokenize = builtin.model.tokenize
+
+    def recording(texts, task, truncate):
+        threads.append(threading.current_thread().name)
+        return real_tokenize(texts, task, truncate)
+
+    monkeypatch.setattr(builtin.model, "tokenize", recording)
+    await embedder.embed(job(["a short query"], INTERACTIVE))
+    await embedder.embed(job(["a longer question " * 20], INTERACTIVE))  # 360 characters
+    await embedder.embed(job(["a short passage of a corpus"], BATCH))
+    await embedder.close()
+    assert threads[0] == threading.current_thread().name  # the event loop's own thread
+    assert threads[1].startswith("tokenize-interactive_")
+    assert threads[2].startswith("tokenize_")
+
+
+async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_pooling_thread(builtin, monkeypatch):  # noqa: F811
+    """One thread hop per query; bulk runs hand their finish step to the niced pooling thread."""
+    embedder, sessions = make_embedder(builtin)
+    await started(embedder, sessions)
+    threads: list[str] = []
+    real_finish = batcher_module.finish_batch
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "finish_batch", recording)
+    run_threads = embedder.batchers[BUILTIN_MODEL]._interactive_threads
+    hops: list[object] = []
+    real_submit = run_threads.submit
+
+    def counting(fn, *args):
+        hops.append(fn)
+        return real_submit(fn, *args)
+
+    monkeypatch.setattr(run_threads, "submit", counting)
+    await embedder.embed(job(["a query"], INTERACTIVE))
+    assert len(hops) == 1  # run and finish in one hop
+    await embedder.embed(job(["a passage"], BATCH))
+    await embedder.close()
+    assert threads[0].startswith(f"run-{BUILTIN_MODEL}_")
+    assert threads[1].startswith(f"pool-{BUILTIN_MODEL}_")
+    assert sessions.runs[0].rows and sessions.runs[1].rows  # both went through the session
+
+
+def test_only_the_wide_session_spins(builtin):  # noqa: F811
+    """The slot sessions share the cores with everything else; the wide one runs only on an idle server."""
+    pool = SessionPool(builtin.sessions.path, sessions=1, threads=1)
+    assert pool.add_wide(2)
+    key = "session.intra_op.allow_spinning"
+    assert pool.first.get_session_options().get_session_config_entry(key) == "0"
+    wide = pool._wide
+    assert wide is not None and wide.get_session_options().get_session_config_entry(key) == "1"
