@@ -11,6 +11,7 @@ from embedding_server.engine.memory import (
     MemoryBudget,
     ModelShape,
     cgroup_memory_limit,
+    model_shares,
     parse_size,
 )
 from embedding_server.errors import StartupError
@@ -82,3 +83,20 @@ def test_a_limit_the_models_alone_exceed_is_a_startup_error():
     planned = batch_settings(Settings(memory_limit=1 << 30), loaded, baseline=300 * MIB)[BUILTIN_MODEL]
     assert planned.memory is not None and planned.memory.longest_single() >= 256
     assert planned.max_queue_tokens <= planned.memory.queue_tokens
+
+
+def test_models_side_by_side_share_the_memory_by_what_their_runs_cost():
+    """A large model beside a tiny one gets most of the memory: both can take the same long sequence."""
+    tiny = ModelShape(hidden=32, heads=2)
+    parts = model_shares({"minilm": (MINILM, 4), "tiny": (tiny, 4)})
+    assert parts["minilm"] + parts["tiny"] == pytest.approx(1.0)
+    assert parts["minilm"] > 0.85  # by cost (~95 MB against ~11 MB at 512 tokens), not 1/2 each
+    budgets = {
+        name: MemoryBudget.plan(shape, limit=1 << 30, baseline=300 * MIB, runs=4, share=parts[name])
+        for name, shape in (("minilm", MINILM), ("tiny", tiny))
+    }
+    longest = {name: budget.longest_single() for name, budget in budgets.items()}
+    assert abs(longest["minilm"] - longest["tiny"]) <= 0.02 * longest["minilm"]  # the same length each
+    equal = MemoryBudget.plan(MINILM, limit=1 << 30, baseline=300 * MIB, runs=4, share=0.5)
+    assert longest["minilm"] > equal.longest_single()
+    assert budgets["minilm"].run_bytes * 4 + budgets["tiny"].run_bytes * 4 <= (1 << 30) - 300 * MIB

@@ -31,6 +31,7 @@ from .engine.memory import (
     ModelShape,
     cgroup_memory_limit,
     current_rss,
+    model_shares,
     release_freed_memory,
 )
 from .errors import ModelLoadError, StartupError
@@ -93,11 +94,16 @@ def batch_settings(settings: Settings, models: list[LoadedModel], baseline: int)
     limit = memory_limit(settings)
     base = engine_settings(settings).batch
     planned = {}
+    sized: dict[str, tuple[ModelShape, int]] = {}  # shape, concurrent runs (bulk + query slots)
     for loaded in models:
         model = loaded.model
         shape = ModelShape.from_config(model.files.config("config.json"), model.description.dimensions)
-        runs = loaded.sessions.size * (2 if base.interactive_slot else 1)  # bulk + interactive slots
-        budget = MemoryBudget.plan(shape, limit, baseline + WARM_ALLOWANCE, runs, models=len(models))
+        sized[model.name] = (shape, loaded.sessions.size * (2 if base.interactive_slot else 1))
+    share = model_shares(sized)
+    for loaded in models:
+        model = loaded.model
+        shape, runs = sized[model.name]
+        budget = MemoryBudget.plan(shape, limit, baseline + WARM_ALLOWANCE, runs, share[model.name])
         if budget.run_bytes <= 0 or budget.longest_single() < 16:
             raise StartupError(
                 f"--memory-limit {limit // MIB}MiB: the models alone take {baseline // MIB}MiB, "

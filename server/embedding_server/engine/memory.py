@@ -134,10 +134,12 @@ class MemoryBudget:
     queue_tokens: int  # tokens admitted and unanswered
 
     @classmethod
-    def plan(cls, shape: ModelShape, limit: int, baseline: int, runs: int, models: int = 1) -> MemoryBudget:
+    def plan(
+        cls, shape: ModelShape, limit: int, baseline: int, runs: int, share: float = 1.0
+    ) -> MemoryBudget:
         """Split ``limit`` (planned at PLANNED_FRACTION) less ``baseline`` over ``runs`` concurrent runs
-        and the queue, for each of ``models`` models served side by side."""
-        working = max(0, int(limit * PLANNED_FRACTION) - baseline) // max(1, models)
+        and the queue; ``share``: this model's part of it when several are served (``model_shares``)."""
+        working = int(max(0, int(limit * PLANNED_FRACTION) - baseline) * share)
         queue = int(working * QUEUE_FRACTION)
         return cls(shape, (working - queue) // max(1, runs), queue // QUEUED_TOKEN_BYTES)
 
@@ -150,3 +152,20 @@ class MemoryBudget:
         b = self.shape.hidden * ACTIVATION_BYTES
         room = self.run_bytes - self.shape.fixed_bytes
         return int((-b + math.sqrt(b * b + 4 * a * room)) / (2 * a)) if room > 0 else 0
+
+
+#: The sequence length the working memory is shared at between models served side by side.
+SHARE_AT_TOKENS = 512
+
+
+def model_shares(models: dict[str, tuple[ModelShape, int]]) -> dict[str, float]:
+    """Each model's part of the working memory, from its shape and its concurrent runs.
+
+    In proportion to what its runs cost at ``SHARE_AT_TOKENS`` tokens, so every
+    model may take sequences of the same length: an equal split gave a large
+    model beside two tiny ones a third of the memory, and inputs it refused
+    while the tiny ones' share went unused.
+    """
+    costs = {name: shape.run_bytes(1, SHARE_AT_TOKENS) * runs for name, (shape, runs) in models.items()}
+    total = sum(costs.values())
+    return {name: cost / total for name, cost in costs.items()}
