@@ -10,6 +10,7 @@ import asyncio
 import threading
 
 import grpc
+import httpx
 import pytest
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
@@ -20,6 +21,8 @@ from embedding_server.errors import NotServing, Overloaded
 from embedding_server.models.loader import BUILTIN_MODEL
 from embedding_server.models.sessions import SessionPool
 from embedding_server.models.types import Priority
+from embedding_server.rest.app import build_app
+from embedding_server.rest.upstream import Upstream
 
 from tests.support.inprocess import serve_in_process
 from tests.support.polling import until
@@ -368,3 +371,51 @@ def test_only_the_wide_session_spins(builtin):  # noqa: F811
     assert pool.first.get_session_options().get_session_config_entry(key) == "0"
     wide = pool._wide
     assert wide is not None and wide.get_session_options().get_session_config_entry(key) == "1"
+
+
+async def test_rest_clients_are_a_flow_each_and_only_the_shim_may_name_one(builtin, tmp_path, monkeypatch):  # noqa: F811
+    """Batch work through the REST shim: each HTTP client connection is its own fair-share flow (as
+    each gRPC connection is), so one client's four requests do not all run before another's one.
+    The shim's flow header counts only over the server's private Unix socket."""
+    embedder, sessions = make_embedder(builtin, max_batch_size=1)  # a run per request: order visible
+    flows: list[object] = []
+    real_embed = embedder.embed
+
+    async def recording(job):
+        flows.append(job.flow)
+        return await real_embed(job)
+
+    monkeypatch.setattr(embedder, "embed", recording)
+    socket = tmp_path / "grpc.sock"
+    async with serve_in_process(embedder, unix_socket=socket) as served:
+        upstream = Upstream(f"unix:{socket}")
+        app = build_app(upstream)
+        batcher = embedder.batchers[BUILTIN_MODEL]
+
+        def http_client(port: int) -> httpx.AsyncClient:
+            transport = httpx.ASGITransport(app=app, client=("10.0.0.7", port))
+            return httpx.AsyncClient(transport=transport, base_url="http://shim", timeout=60)
+
+        async with http_client(1001) as a, http_client(1002) as b:
+            blocker = await hold_one_run(embedder, sessions, "held", BATCH)
+
+            def post(client: httpx.AsyncClient, text: str) -> asyncio.Task:
+                body = {"input": text, "priority": "batch"}
+                return asyncio.create_task(client.post("/v1/embeddings", json=body))
+
+            from_a = [post(a, f"from a {i}") for i in range(4)]
+            await until(lambda: batcher.depth(BATCH) == 4, "client a's four requests queued")
+            from_b = post(b, "from b")
+            await until(lambda: batcher.depth(BATCH) == 5, "client b's request queued after them")
+            sessions.release()
+            await blocker
+            replies = await asyncio.gather(*from_a, from_b)
+        await upstream.close()
+        claimed = (("x-embedding-flow", "10.0.0.7:1001"),)
+        await served.stub.Embed(pb.EmbedRequest(inputs=["over tcp"]), metadata=claimed)
+    assert all(reply.status_code == 200 for reply in replies)
+    after_held = [run.rows for run in sessions.runs[1:6]]
+    assert after_held.index([ids_of(builtin, "from b")]) <= 1  # second at the latest, not fifth
+    assert flows[0] is None  # the held run, straight into the engine
+    assert set(flows[1:6]) == {("rest", "10.0.0.7:1001"), ("rest", "10.0.0.7:1002")}
+    assert isinstance(flows[6], str) and flows[6].startswith("ipv4:127.0.0.1:")  # the header ignored

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from embedding_client.proto import embedding_pb2_grpc
@@ -35,15 +36,18 @@ class InProcessServer:
 
 @asynccontextmanager
 async def serve_in_process(
-    embedder: Embedder, stream_window: int = 32, observed: bool = False
+    embedder: Embedder, stream_window: int = 32, observed: bool = False, unix_socket: Path | None = None
 ) -> AsyncIterator[InProcessServer]:
-    """``observed``: with the production ObservingInterceptor (request ids, trailers)."""
+    """``observed``: with the production ObservingInterceptor (request ids, trailers); ``unix_socket``:
+    also listen there, as the server does for its in-process REST shim."""
     state = ServingState()
     health_servicer = health.aio.HealthServicer()
     interceptors = [ObservingInterceptor(InFlight())] if observed else []
     servicer = EmbeddingServicer(state, stream_window=stream_window)
     server = build_server(servicer, health_servicer, 64 << 20, interceptors)
     port = server.add_insecure_port("127.0.0.1:0")
+    if unix_socket is not None:
+        server.add_insecure_port(f"unix:{unix_socket}")
     await server.start()
     for batcher in embedder.batchers.values():
         batcher.start()

@@ -19,7 +19,7 @@ from ..models.types import Priority
 from ..tracing import Tracing, mark_failed
 from . import convert
 from .state import ServingState
-from .status import abort, as_service_error, to_rpc_status
+from .status import FLOW_KEY, abort, as_service_error, to_rpc_status
 from .wire import bad_utf8_field
 
 DEFAULT_STREAM_WINDOW = 32
@@ -91,7 +91,7 @@ class EmbeddingServicer:
         try:
             _check_parsed(request)
             embedder = self.state.require()
-            job = convert.to_job(request, _deadline(context), Priority.INTERACTIVE, flow=context.peer())
+            job = convert.to_job(request, _deadline(context), Priority.INTERACTIVE, flow=flow_of(context))
             result = _recorded(await embedder.embed(job), self.tracing)
             return convert.to_response(request.request_id, result)
         except Exception as exc:
@@ -135,7 +135,7 @@ class EmbeddingServicer:
         replies: asyncio.Queue[pb.EmbedResponse | None] = asyncio.Queue()
         in_flight: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
-        flow = context.peer()  # fair share per client connection, however many streams it opens
+        flow = flow_of(context)  # fair share per client connection, however many streams it opens
 
         async def answer(request: pb.EmbedRequest | MalformedRequest) -> None:
             await replies.put(await self._stream_reply(request, deadline, flow))
@@ -190,3 +190,20 @@ class EmbeddingServicer:
         except Exception as exc:  # a bug is answered on the stream too (INTERNAL); the stream goes on
             error = as_service_error(exc, f"StreamEmbed request {request.request_id!r}")
             return pb.EmbedResponse(request_id=request.request_id, error=to_rpc_status(error))
+
+
+def flow_of(context: grpc.aio.ServicerContext[Any, Any]) -> object:
+    """The fair-share flow of a call: its client connection.
+
+    Every call of the in-process REST shim comes over the server's private
+    Unix socket (a 0700 directory, rest/inprocess.py), one connection for
+    every HTTP client: there the shim's ``x-embedding-flow`` (the HTTP client's
+    address) is the flow. Anywhere else the header is ignored, so no remote
+    client can split itself into many flows.
+    """
+    peer = context.peer()
+    if peer.startswith("unix:"):
+        for key, value in context.invocation_metadata() or ():
+            if key == FLOW_KEY:
+                return ("rest", value)
+    return peer

@@ -31,6 +31,9 @@ from ..tracing import mark_failed
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"  # metadata in, trailer out (interceptors.py)
+#: Metadata the in-process REST shim sends: the HTTP client's address, its fair-share flow
+#: (honoured only over the server's private Unix socket: servicer.py ``flow_of``).
+FLOW_KEY = "x-embedding-flow"
 
 
 def status_code(error: ServiceError) -> grpc.StatusCode:

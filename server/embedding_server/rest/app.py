@@ -107,7 +107,10 @@ class Handlers:
             message, output_fields = translate.to_embed_request(parsed, self.auto_truncate)
             request_id = request.headers.get("x-request-id")
             reply, headers = await cancel_on_disconnect(
-                request, self.upstream.embed(message, authorization, output_fields, request_id)
+                request,
+                self.upstream.embed(
+                    message, authorization, output_fields, request_id, flow=_client_address(request)
+                ),
             )
             return JSONResponse(translate.to_embeddings_response(reply, parsed), headers=headers)
         except RestError as error:
@@ -220,3 +223,9 @@ def build_app(
         exception_handlers={HTTPException: _http_error, Exception: _unexpected},
     )
     return app if tracing is None else tracing.asgi(app)
+
+
+def _client_address(request: Request) -> str | None:
+    """``host:port`` of the HTTP connection: one fair-share flow per client connection, as in gRPC."""
+    client = request.client
+    return f"{client.host}:{client.port}" if client is not None else None

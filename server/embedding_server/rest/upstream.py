@@ -16,6 +16,7 @@ from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ..grpc_api.status import FLOW_KEY
 from ..tracing import Tracing
 from .errors import from_grpc
 
@@ -81,11 +82,18 @@ class Upstream:
         authorization: str | None,
         output_fields: list[str],
         request_id: str | None = None,
+        flow: str | None = None,
     ) -> tuple[pb.EmbedResponse, dict[str, str]]:
-        """The reply, and the call's trailers worth passing on as HTTP headers (request id, timings)."""
+        """The reply, and the call's trailers worth passing on as HTTP headers (request id, timings).
+
+        ``flow``: the HTTP client's address, its fair share of batch work (the
+        server honours it only from its in-process shim: grpc_api/servicer.py ``flow_of``).
+        """
         metadata = self.metadata(authorization)
         if request_id and _is_metadata_safe(request_id):
             metadata = (*metadata, ("x-request-id", request_id))
+        if flow:
+            metadata = (*metadata, (FLOW_KEY, flow))
         call = self.stub.Embed(request, metadata=metadata)
         try:
             reply = await call
