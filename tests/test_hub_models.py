@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from embedding_client.proto import embedding_pb2 as pb
+from embedding_server.app import ServedModels
 from embedding_server.download import COMPLETE_MARK, GENERIC_FILES, PRESETS, fetch_hub_model, hub_cache_path
 from embedding_server.errors import ModelLoadError
 from embedding_server.models.loader import HubRef, ModelSpec
+from embedding_server.settings import Settings
 from huggingface_hub import errors as hub_errors
 
 from tests.support.reference import SentenceTransformersReference
@@ -88,6 +90,9 @@ def test_a_hub_id_parses_with_and_without_a_revision():
     assert ModelSpec.parse(f"hf:{REPO}@v1.0") == ModelSpec("tiny-st", None, HubRef(REPO, "v1.0"))
     assert str(HubRef(REPO, "v1.0")) == f"hf:{REPO}@v1.0"
     assert ModelSpec.parse("x=hf:org/repo@refs/pr/1").hub == HubRef("org/repo", "refs/pr/1")
+    assert ModelSpec.parse(f"a=hf:{REPO}@main").source == ModelSpec.parse(f"b=hf:{REPO}").source
+    served = ServedModels.from_settings(Settings(models=[f"a=hf:{REPO}", f"b=hf:{REPO}@main"]))
+    assert len(served.specs) == 1 and served.aliases == {"b": "a"}  # loaded once, served twice
     for bad in ("hf:just-org", "hf:org/", "hf:/repo", "hf:org/repo@", "hf:a/b/c", "hf:org/..", "hf:o/r@../x"):
         with pytest.raises(ValueError, match="expected hf:ORG/REPO or hf:ORG/REPO@REVISION"):
             ModelSpec.parse(f"x={bad}")

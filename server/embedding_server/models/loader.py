@@ -53,7 +53,8 @@ class HubRef:
         parts = repo_id.split("/") + (revision.split("/") if at else [])
         if repo_id.count("/") != 1 or not all(map(_hub_part, parts)):
             raise ValueError(f"{source!r}: expected hf:ORG/REPO or hf:ORG/REPO@REVISION")
-        return cls(repo_id, revision or None)
+        # The hub's default branch is main: hf:x and hf:x@main are one model, one cache directory.
+        return cls(repo_id, None if revision in ("", "main") else revision)
 
     def __str__(self) -> str:
         return HUB_PREFIX + self.repo_id + (f"@{self.revision}" if self.revision else "")
