@@ -23,7 +23,9 @@ from embedding_client.proto import embedding_pb2 as pb
 from embedding_server.app import ServedModels
 from embedding_server.download import COMPLETE_MARK, GENERIC_FILES, PRESETS, fetch_hub_model, hub_cache_path
 from embedding_server.errors import ModelLoadError
+from embedding_server.models.files import locate
 from embedding_server.models.loader import HubRef, ModelSpec
+from embedding_server.quantize.cli import main as quantize_cli
 from embedding_server.settings import Settings
 from huggingface_hub import errors as hub_errors
 
@@ -226,3 +228,17 @@ def test_an_unwritable_cache_is_one_line_naming_the_flag(tmp_path, st_repo):
     ):
         fetch_hub_model(REPO, None, not_a_directory, snapshot=hub)
     assert hub.calls == []
+
+
+def test_embedding_quantize_takes_a_hub_id_from_the_servers_cache(tmp_path, st_repo, monkeypatch, capsys):
+    """``embedding-quantize hf:ORG/REPO``: the model comes from the cache the server fetched it into."""
+    cache = tmp_path / "cache"
+    fetch_hub_model(REPO, None, cache, snapshot=FakeHub({REPO: {"main": st_repo.path}}))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # only the cache: nothing may be fetched now
+    destination = tmp_path / "tiny-st-int8"
+    args = [f"hf:{REPO}", str(destination), "--texts", "40", "--cache-dir", str(cache), "--force"]
+    assert quantize_cli(args) == 0, capsys.readouterr().err
+    assert (destination / "onnx" / "model.onnx").is_file()  # where the fetched repository had it
+    assert locate(destination).onnx == destination / "onnx" / "model.onnx"  # as the server finds it
+    assert quantize_cli([f"hf:{REPO}@v9", str(tmp_path / "other"), "--cache-dir", str(cache)]) == 1
+    assert f"embedding-quantize hf:{REPO}@v9:" in capsys.readouterr().err  # one line naming the argument

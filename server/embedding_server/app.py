@@ -21,7 +21,7 @@ from grpc_health.v1 import health
 
 from .auth import ApiKeys
 from .cpus import ThreadBudget, available_cpus
-from .download import fetch_hub_model
+from .download import fetched
 from .engine.batcher import BatchSettings
 from .engine.embedder import Embedder, EngineSettings
 from .engine.memory import (
@@ -40,7 +40,6 @@ from .grpc_api.server import NOT_SERVING, SERVING, build_server, set_health
 from .grpc_api.servicer import EmbeddingServicer
 from .grpc_api.state import Phase, ServingState
 from .metrics import Metrics, MetricsHttpServer, metrics_route
-from .models.build_minilm import default_cache_dir
 from .models.files import locate
 from .models.loader import BUILTIN_MODEL, LoadedModel, ModelSpec, load, model_files
 from .ports import PortUnavailable, ensure_free, grpc_address
@@ -161,16 +160,6 @@ class ServedModels:
         return cls(list(specs.values()), {name: model for name, model in names.items() if name != model})
 
 
-def fetched(spec: ModelSpec, cache_dir: Path | None) -> ModelSpec:
-    """A hub spec as the directory its files were fetched into (first start) or found in (later)."""
-    if spec.hub is None:
-        return spec
-    root = cache_dir or default_cache_dir()
-    label = f"--model {spec.name}={spec.hub}"
-    path = fetch_hub_model(spec.hub.repo_id, spec.hub.revision, root, label=label)
-    return replace(spec, path=path)
-
-
 def load_models(
     settings: Settings, metrics: Metrics | None = None, threads: ThreadBudget | None = None
 ) -> list[LoadedModel]:
@@ -180,7 +169,7 @@ def load_models(
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else None
     for spec in ServedModels.from_settings(settings).specs:
         started = time.monotonic()
-        spec = fetched(spec, cache_dir)
+        spec = fetched(spec, cache_dir, label=f"--model {spec.name}={spec.hub}")
         files = model_files(spec, cache_dir)
         if settings.quantize == "int8":
             from .quantize.cache import int8_files  # onnx and the quantizer: only when asked for

@@ -16,10 +16,14 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ModelLoadError
+
+if TYPE_CHECKING:  # embedding-download itself stays light: no onnxruntime, no numpy
+    from .models.loader import ModelSpec
 
 log = logging.getLogger("embedding_server")
 
@@ -184,6 +188,18 @@ def fetch_hub_model(
     )
     log.info("%s: fetched in %.1fs", label, time.monotonic() - started)
     return destination
+
+
+def fetched(spec: ModelSpec, cache_dir: Path | None, label: str) -> ModelSpec:
+    """A hub spec as the directory its files were fetched into (first use) or found in (later);
+    any other spec as it is. ``label``: how the caller's user wrote it, for the error line."""
+    if spec.hub is None:
+        return spec
+    from .models.build_minilm import default_cache_dir  # the server's cache, only for a hub spec
+
+    root = cache_dir or default_cache_dir()
+    path = fetch_hub_model(spec.hub.repo_id, spec.hub.revision, root, label=label)
+    return replace(spec, path=path)
 
 
 def _hub_failure(exc: Exception, revision: str | None) -> str:

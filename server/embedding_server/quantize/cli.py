@@ -1,7 +1,8 @@
 """``embedding-quantize SRC_DIR DST_DIR``: an int8 model directory with its fidelity report.
 
-SRC_DIR is any model directory the server loads (or ``all-minilm-l6-v2``, the
-built-in model). The result is refused (exit status 1, nothing written) when an
+SRC_DIR is any model directory the server loads, ``all-minilm-l6-v2`` (the
+built-in model) or ``hf:ORG/REPO[@REVISION]`` (fetched into ``--cache-dir``
+as ``embedding-server`` fetches it). The result is refused (exit status 1, nothing written) when an
 output misses the floor, unless ``--force``.
 """
 
@@ -11,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..download import fetched
 from ..errors import ModelLoadError
 from ..models.loader import ModelSpec, model_files
 from .calibration import DEFAULT_COUNT, default_texts, read_jsonl
@@ -22,7 +24,9 @@ from .report import REPORT_MD
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="embedding-quantize", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "source", metavar="SRC_DIR", help="model directory, or all-minilm-l6-v2 for the built-in model"
+        "source",
+        metavar="SRC_DIR",
+        help="model directory, all-minilm-l6-v2 (the built-in model) or hf:ORG/REPO[@REVISION]",
     )
     p.add_argument(
         "destination", metavar="DST_DIR", type=Path, help="where the int8 model directory is written"
@@ -65,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="write the model even below the floor")
     p.add_argument(
-        "--cache-dir", type=Path, default=None, help="where the built-in model's fp32 graph is cached"
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="where the built-in model's fp32 graph and hub models are cached (as embedding-server's)",
     )
     return p
 
@@ -73,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        spec = ModelSpec.parse(args.source)
+        label = f"embedding-quantize {args.source}"
+        spec = fetched(ModelSpec.parse(args.source), args.cache_dir, label=label)
         files = model_files(spec, args.cache_dir)
         texts = read_jsonl(args.calibration) if args.calibration else default_texts(args.texts)
         source = str(args.calibration) if args.calibration else "built-in calibration set"
