@@ -31,7 +31,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from embedding_client import EmbeddingClient
-from embedding_client.cli import DEFAULT_LENGTH_SORT
+from embedding_client.cli import DEFAULT_LENGTH_SORT, Interrupted, StopOnSignal
+from embedding_client.cli import main as cli_main
 from embedding_client.core import DEFAULT_WINDOW
 from embedding_client.corpus import CorpusJob, run_corpus
 from embedding_client.length_sort import Reorder, sorted_requests
@@ -221,3 +222,27 @@ def test_requests_anchor_on_the_oldest_and_the_buffer_stays_under_the_lookahead(
         assert held == reorder.received - len(handed_out) < lookahead
     assert handed_out == list(range(len(texts)))
     assert not reorder.held and not plans
+
+
+def test_a_second_signal_waits_for_the_save_and_a_third_quits(capsys):
+    """The first signal stops the run; a second during the save is noted, not raised (the "saved"
+    line still comes); a third quits at once, with the signal's status."""
+    handler = StopOnSignal()
+    with pytest.raises(Interrupted) as info:
+        handler(signal.SIGTERM, None)
+    assert info.value.signum == signal.SIGTERM
+    handler(signal.SIGINT, None)  # returns: the save goes on
+    assert "saving what is done" in capsys.readouterr().err
+    third = (
+        "import signal\nfrom embedding_client.cli import StopOnSignal\n"
+        "handler = StopOnSignal()\nhandler.seen = 2\nhandler(signal.SIGINT, None)\nprint('not reached')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", third], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 130 and "not reached" not in result.stdout
+
+
+def test_the_cli_gives_back_the_signal_handlers_it_replaced(default_server):
+    """main() run in-process (a test, a notebook) leaves its caller's SIGINT handler as it was."""
+    before = signal.getsignal(signal.SIGINT)
+    assert cli_main(["models", "--target", default_server.target]) == 0
+    assert signal.getsignal(signal.SIGINT) is before

@@ -18,6 +18,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -324,17 +325,37 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise Interrupted(signum)
+class StopOnSignal:
+    """The SIGINT/SIGTERM handler: the first signal stops the run, the second waits for the save.
+
+    The first raises Interrupted, and the corpus job closes its output and says
+    how many records are saved (a fraction of a second). A second signal in
+    that window would cut it short, leaving no "saved" line; it is noted
+    instead. A third quits at once.
+    """
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.seen += 1
+        if self.seen == 1:
+            raise Interrupted(signum)
+        if self.seen == 2:
+            print("embedding-client: saving what is done, then stopping (again: quit now)", file=sys.stderr)
+            return
+        os._exit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The exit status: 0, 1 (failed), 2 (usage); interrupted, 128 + the signal (130 SIGINT, 143 SIGTERM)."""
     args = build_parser().parse_args(argv)
+    previous: dict[int, Any] = {}  # the handlers main() replaced
     if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+        handler = StopOnSignal()
         for stop in (signal.SIGINT, signal.SIGTERM):
             if signal.getsignal(stop) is not signal.SIG_IGN:  # a background job's ignored SIGINT stays so
-                signal.signal(stop, _interrupt)
+                previous[stop] = signal.signal(stop, handler)
     try:
         with make_client(args) as client:
             return COMMANDS[args.command](client, args)
@@ -350,6 +371,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "corpus":
             print(f"embedding-client: stopped by {name}; rerun the same command to resume", file=sys.stderr)
         return 128 + signum
+    finally:
+        for number, before in previous.items():  # main() called in-process leaves the caller's handlers
+            signal.signal(number, before)
 
 
 if __name__ == "__main__":
