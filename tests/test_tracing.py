@@ -286,6 +286,7 @@ async def test_a_failed_call_is_an_error_span_and_probes_are_not_traced(traced: 
 async def test_engine_stamps_are_ordered_for_plain_and_late_chunked_jobs(tmp_path: Path) -> None:
     """tokenize → enqueue → run → finish, consistent with the trailer timings; a late-chunked
     document over several windows ends after its last run (its chunks are pooled after)."""
+    from embedding_server.engine.batcher import BatchSettings
     from embedding_server.engine.embedder import Embedder, EngineSettings
     from embedding_server.engine.requests import EmbedJob
     from embedding_server.models.loader import ModelSpec, load
@@ -293,7 +294,8 @@ async def test_engine_stamps_are_ordered_for_plain_and_late_chunked_jobs(tmp_pat
     from tests.support.synthetic import WORDS, make_jina_v3
 
     model = make_jina_v3(tmp_path / "jina", seed=21, max_tokens=16)
-    embedder = Embedder([load(ModelSpec("jina", model.path), sessions=1, threads=1)], EngineSettings())
+    one_per_run = EngineSettings(batch=BatchSettings(max_batch_size=1))  # every job split over runs
+    embedder = Embedder([load(ModelSpec("jina", model.path), sessions=1, threads=1)], one_per_run)
     for batcher in embedder.batchers.values():
         batcher.start()
     try:
@@ -307,14 +309,40 @@ async def test_engine_stamps_are_ordered_for_plain_and_late_chunked_jobs(tmp_pat
             stamps = [t.tokenize_start, t.tokenize_end, t.enqueued, t.run_start, t.run_end, t.finished]
             assert all(stamps) and stamps == sorted(stamps), stamps
             assert t.queue_seconds == pytest.approx(t.run_start - t.enqueued, abs=1e-9)
+            assert len(t.runs) >= 2 and t.runs[0][0] == t.run_start and t.runs[-1][1] == t.run_end
+            for (_, first_end), (second_start, _) in zip(t.runs, t.runs[1:], strict=False):
+                assert first_end <= second_start  # one session: one run after the other
             if job.late_chunking:
                 assert len(result.vectors) == len(document)
                 assert embedder.batchers["jina"].stats.sequences >= 2 + 2  # 2 queries, 2+ windows
+                assert len(t.runs) == embedder.batchers["jina"].stats.sequences - 2  # a run per window
                 assert t.finished > t.run_end
             else:
                 assert t.inference_seconds == pytest.approx(t.finished - t.run_start, abs=1e-9)
     finally:
         await embedder.close()
+
+
+def test_a_job_split_over_runs_has_a_run_span_for_each() -> None:
+    """The engine's ``runs`` stamps become one ``run`` span each, between ``queue`` and ``pool``."""
+    from embedding_server.engine.requests import EmbedResult, StageTimings
+
+    exporter = InMemorySpanExporter()
+    provider = new_provider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracing = Tracing(provider)
+    timings = StageTimings(
+        queue_seconds=1.0, inference_seconds=4.0, tokenize_start=10.0, tokenize_end=10.5,
+        enqueued=11.0, run_start=12.0, run_end=15.0, finished=16.0, runs=((12.0, 13.0), (14.0, 15.0)),
+    )  # fmt: skip
+    with tracing.tracer.start_as_current_span("call"):
+        tracing.record_stages(EmbedResult("m", (), [], 0, timings=timings))
+    spans = {span.name: span for span in exporter.get_finished_spans() if span.name != "call"}
+    finished = exporter.get_finished_spans()
+    runs = sorted((s for s in finished if s.name == "run"), key=lambda s: s.start_time or 0)
+    assert set(spans) == set(STAGES) and len(runs) == 2
+    assert [((s.end_time or 0) - (s.start_time or 0)) // 10**6 for s in runs] == [1000, 1000]  # 1 s each
+    assert (runs[1].start_time or 0) - (runs[0].end_time or 0) == pytest.approx(10**9, abs=10**3)
 
 
 # --- configuration ---------------------------------------------------------------------------

@@ -197,7 +197,8 @@ class Tracing:
         return (*metadata, *carrier.items())
 
     def record_stages(self, result: EmbedResult) -> None:
-        """The job's ``tokenize``, ``queue``, ``run`` and ``pool`` spans, children of the current span."""
+        """The job's ``tokenize``, ``queue``, ``run`` (one per session run) and ``pool`` spans, children
+        of the current span."""
         timings: StageTimings = result.timings
         if not timings.finished:
             return  # not recorded (a job that never ran)
@@ -211,13 +212,14 @@ class Tracing:
         )
         _tag_request_id(parent)
         offset = time.time_ns() - time.monotonic_ns()
-        bounds = (
-            (timings.tokenize_start, timings.tokenize_end),
-            (timings.enqueued, timings.run_start),
-            (timings.run_start, timings.run_end),
-            (timings.run_end, timings.finished),
+        stages = (
+            ("tokenize", timings.tokenize_start, timings.tokenize_end),
+            ("queue", timings.enqueued, timings.run_start),
+            # one span per session run the job was split over (a long request, a document's windows)
+            *(("run", start, end) for start, end in timings.runs or ((timings.run_start, timings.run_end),)),
+            ("pool", timings.run_end, timings.finished),
         )
-        for name, (start, end) in zip(STAGES, bounds, strict=True):
+        for name, start, end in stages:
             if start and end:
                 span = self.tracer.start_span(name, start_time=_ns(start, offset))
                 span.end(end_time=_ns(max(start, end), offset))

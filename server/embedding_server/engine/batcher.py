@@ -568,9 +568,9 @@ class ModelBatcher:
         """An interactive run: the model, then (its slot already handed back) the finish step."""
         try:
             padded, outputs = self._forward(wide, batch)
+            ran = time.monotonic()  # before the slot is handed back: the next run starts after this
         finally:
             loop.call_soon_threadsafe(self._run_ended, Priority.INTERACTIVE)
-        ran = time.monotonic()
         return padded, ran, self._finish(batch, padded, outputs)
 
     def _forward(self, wide: bool, batch: list[WorkItem]) -> tuple[PaddedBatch, dict[str, np.ndarray]]:
@@ -646,6 +646,7 @@ def _stage_timings(items: list[WorkItem]) -> StageTimings:
         run_start=first_run,
         run_end=max(item.ran or first_run for item in items),
         finished=last_vector,
+        runs=tuple(sorted({(item.started, item.ran) for item in items if item.started and item.ran})),
     )
 
 

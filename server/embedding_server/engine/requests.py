@@ -43,7 +43,8 @@ class StageTimings:
     work; ``inference_seconds``: from then until its last vector was ready.
     The stamps are ``time.monotonic()`` instants (0.0: not recorded), from which
     the API layer draws the trace's stage spans (tracing.py); a request split
-    over several runs spans from its first run's start to its last run's end.
+    over several runs spans from its first run's start to its last run's end,
+    and ``runs`` has each of them (a ``run`` span each).
     """
 
     queue_seconds: float
@@ -54,6 +55,7 @@ class StageTimings:
     run_start: float = 0.0  # a session first took some of it
     run_end: float = 0.0  # its last session run returned
     finished: float = 0.0  # its last vector was ready (pooled, normalized; late chunking: chunks pooled)
+    runs: tuple[tuple[float, float], ...] = ()  # each session run that took some of it: (start, end)
 
 
 @dataclass(frozen=True)
