@@ -63,13 +63,9 @@ class ThreadBudget:
     enough to hold twice, a wide session of ``wide_threads`` (every CPU) for a
     lone query on an idle server; ``interactive_run_threads`` run queries (one
     per slot, and one more: a query is finished on its run thread while the
-    next one runs), and two pools of ``bulk_run_threads`` (one per slot) run
-    batch work, one at a lower CPU priority for while queries are around
-    (engine/batcher.py ``QueryActivity``). A bulk run is finished on its run
-    thread; the next waits for a free thread that long (~1 ms against a run's
-    tens to hundreds), because every thread that runs the model keeps a malloc
-    arena the size of a run's working set (measured: one more per slot added
-    ~100-220 MiB of peak RSS on a corpus job). Per process: three tokenizer pools
+    next one runs), and two pools of ``bulk_run_threads`` (as many) run batch
+    work, one at a lower CPU priority for while queries are around
+    (engine/batcher.py ``QueryActivity``). Per process: three tokenizer pools
     (queries; batch work, niced or not) of ``tokenizer_threads`` each.
 
     Why these defaults: on CPU a run's cost is nearly linear in padded tokens,
@@ -109,7 +105,7 @@ class ThreadBudget:
 
     @property
     def bulk_run_threads(self) -> int:
-        return self.sessions
+        return self.sessions + 1
 
     def as_dict(self) -> dict[str, int]:
         """For the start-up log line."""

@@ -226,7 +226,7 @@ class ModelBatcher:
         self._runs = dict.fromkeys(CLASSES, 0)
         self._interactive_streak = 0
         self._wake = asyncio.Event()
-        # One thread per slot (cpus.ThreadBudget says why): a bulk run is finished on its thread.
+        # A bulk run is finished on its thread while the next one runs: a thread more than slots.
         self._bulk_threads = ThreadPoolExecutor(
             threads.bulk_run_threads, thread_name_prefix=f"bulk-{self.model.name}"
         )
@@ -572,8 +572,7 @@ class ModelBatcher:
             threads = self._bulk_threads
         try:
             # One thread hop: the batch is finished on its run thread, and its run slot is handed
-            # back (on the loop) the moment the model returns: the next query starts meanwhile on
-            # one of its N + 1 threads, the next bulk run once one of its N threads is free.
+            # back (on the loop) the moment the model returns, so the next run starts meanwhile.
             padded, ran, vectors = await loop.run_in_executor(
                 threads, self._forward_and_finish, loop, priority, wide, batch
             )
