@@ -42,12 +42,12 @@ def test_no_cgroup_files_and_garbage_fall_back_to_affinity(tmp_path):
     ("cpus", "sessions", "per_session", "expected"),
     [
         # cpus, --sessions, --threads-per-session -> sessions, intra-op, tokenizer, run, bulk, wide
-        (1, None, 0, (1, 1, 1, 2, 2, 1)),  # wide = a slot's threads: sessions.add_wide opens none
-        (2, None, 0, (2, 1, 2, 3, 3, 2)),
-        (3, None, 0, (3, 1, 3, 4, 4, 3)),
-        (8, None, 0, (4, 2, 4, 5, 5, 8)),  # at most 4 sessions, the CPUs split between them
-        (64, 2, 0, (2, 32, 4, 3, 3, 64)),
-        (8, 1, 1, (1, 1, 4, 2, 2, 8)),  # both flags win over the split
+        (1, None, 0, (1, 1, 1, 2, 1, 1)),  # wide = a slot's threads: sessions.add_wide opens none
+        (2, None, 0, (2, 1, 2, 3, 2, 2)),
+        (3, None, 0, (3, 1, 3, 4, 3, 3)),
+        (8, None, 0, (4, 2, 4, 5, 4, 8)),  # at most 4 sessions, the CPUs split between them
+        (64, 2, 0, (2, 32, 4, 3, 2, 64)),
+        (8, 1, 1, (1, 1, 4, 2, 1, 8)),  # both flags win over the split
     ],
 )
 def test_thread_budget(cpus, sessions, per_session, expected):
@@ -61,6 +61,7 @@ def test_thread_budget(cpus, sessions, per_session, expected):
         budget.wide_threads,
     )
     assert got == expected
+    assert budget.pool_threads == 1
     assert budget.as_dict()["sessions"] == expected[0]
 
 

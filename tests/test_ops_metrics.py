@@ -209,7 +209,8 @@ def test_start_up_logs_the_threads_and_limits_it_chose(observed):
         "threads_per_session": max(1, cpus // sessions),
         "wide_threads": cpus,
         "interactive_run_threads": sessions + 1,
-        "bulk_run_threads": sessions + 1,
+        "bulk_run_threads": sessions,
+        "pool_threads": 1,
         "tokenizer_threads": min(cpus, 4),
     }
     model = plan["models"][MODEL]

@@ -7,7 +7,6 @@ so work piles up in a known state, then the order the session saw is read back.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 
 import grpc
@@ -16,7 +15,6 @@ import pytest
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
 from embedding_server.engine import batcher as batcher_module
-from embedding_server.engine.batcher import BULK_NICE
 from embedding_server.engine.memory import MemoryBudget, ModelShape
 from embedding_server.engine.requests import EmbedJob
 from embedding_server.errors import NotServing, Overloaded
@@ -332,63 +330,37 @@ async def test_a_short_query_tokenizes_on_the_loop_longer_work_on_tokenizer_thre
     await embedder.close()
     assert threads[0] == threading.current_thread().name  # the event loop's own thread
     assert threads[1].startswith("tokenize-interactive_")
-    assert threads[2].startswith("tokenize-batch")
+    assert threads[2].startswith("tokenize_")
 
 
-async def test_bulk_work_runs_niced_only_while_queries_are_around(builtin, monkeypatch):  # noqa: F811
-    """Bulk work runs and tokenizes at normal priority with no query in sight, niced while queries
-    come in, at normal priority again once they stop. Every run is finished on its run thread."""
+async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_pooling_thread(builtin, monkeypatch):  # noqa: F811
+    """One thread hop per query; bulk runs hand their finish step to the niced pooling thread."""
     embedder, sessions = make_embedder(builtin)
     await started(embedder, sessions)
-    batcher = embedder.batchers[BUILTIN_MODEL]
-    seen: list[tuple[str, int]] = []  # each finish step's and tokenization's thread, and its nice value
+    threads: list[str] = []
+    real_finish = batcher_module.finish_batch
 
-    def where() -> None:
-        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        seen.append((threading.current_thread().name.rsplit("_", 1)[0], nice))
-
-    real_finish, real_tokenize = batcher_module.finish_batch, builtin.model.tokenize
-
-    def finishing(*args, **kwargs):
-        where()
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread().name)
         return real_finish(*args, **kwargs)
 
-    def tokenizing(texts, task, truncate):
-        where()
-        return real_tokenize(texts, task, truncate)
-
-    monkeypatch.setattr(batcher_module, "finish_batch", finishing)
-    monkeypatch.setattr(builtin.model, "tokenize", tokenizing)
+    monkeypatch.setattr(batcher_module, "finish_batch", recording)
+    run_threads = embedder.batchers[BUILTIN_MODEL]._interactive_threads
     hops: list[object] = []
+    real_submit = run_threads.submit
 
-    def counted(submit):
-        def counting(fn, *args):
-            hops.append(fn)
-            return submit(fn, *args)
+    def counting(fn, *args):
+        hops.append(fn)
+        return real_submit(fn, *args)
 
-        return counting
-
-    for pool in (batcher._interactive_threads, batcher._bulk_threads, batcher._niced_bulk_threads):
-        monkeypatch.setattr(pool, "submit", counted(pool.submit))
-
-    await embedder.embed(job(["a passage before any query"], BATCH))
+    monkeypatch.setattr(run_threads, "submit", counting)
     await embedder.embed(job(["a query"], INTERACTIVE))
-    await embedder.embed(job(["a passage among queries"], BATCH))
-    embedder.activity.window = 0.0  # the queries stopped long enough ago
-    await embedder.embed(job(["a passage after the queries"], BATCH))
+    assert len(hops) == 1  # run and finish in one hop
+    await embedder.embed(job(["a passage"], BATCH))
     await embedder.close()
-    model = BUILTIN_MODEL
-    assert [name for name, _ in seen] == [
-        "tokenize-batch", f"bulk-{model}",  # nobody to yield to
-        threading.current_thread().name, f"run-{model}",  # the query: tokenized on the loop
-        "tokenize-batch-niced", f"bulk-niced-{model}",  # yielding to the queries
-        "tokenize-batch", f"bulk-{model}",  # normal again
-    ]  # fmt: skip
-    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    niced = max(base, BULK_NICE)  # (a process already niced further stays so)
-    assert [nice for _, nice in seen] == [base, base, base, base, niced, niced, base, base]
-    assert len(hops) == 4 and batcher.stats.runs == 4  # one thread hop per run: finished where it ran
-    assert batcher.stats.niced_bulk_runs == 1
+    assert threads[0].startswith(f"run-{BUILTIN_MODEL}_")
+    assert threads[1].startswith(f"pool-{BUILTIN_MODEL}_")
+    assert sessions.runs[0].rows and sessions.runs[1].rows  # both went through the session
 
 
 def test_only_the_wide_session_spins(builtin):  # noqa: F811

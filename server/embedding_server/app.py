@@ -226,12 +226,12 @@ def log_plan(
         for name, m in per_model.items()
     )
     log.info(
-        "start-up plan: %d CPUs; per model %d interactive + 2 x %d bulk run threads (niced while "
-        "queries are around, or not); tokenizer threads %d for queries + 2 x %d for batch work; "
-        "memory limit %d MiB; %s",
+        "start-up plan: %d CPUs; per model %d interactive + %d bulk run threads and %d pooling thread; "
+        "tokenizer threads %d for queries + %d for batch work; memory limit %d MiB; %s",
         threads.cpus,
         threads.interactive_run_threads,
         threads.bulk_run_threads,
+        threads.pool_threads,
         threads.tokenizer_threads,
         threads.tokenizer_threads,
         limit // MIB,

@@ -62,11 +62,10 @@ class ThreadBudget:
     ``threads_per_session`` intra-op threads each, plus, for a model small
     enough to hold twice, a wide session of ``wide_threads`` (every CPU) for a
     lone query on an idle server; ``interactive_run_threads`` run queries (one
-    per slot, and one more: a query is finished on its run thread while the
-    next one runs), and two pools of ``bulk_run_threads`` (as many) run batch
-    work, one at a lower CPU priority for while queries are around
-    (engine/batcher.py ``QueryActivity``). Per process: three tokenizer pools
-    (queries; batch work, niced or not) of ``tokenizer_threads`` each.
+    per slot, and one more: a query pools on its run thread while the next one
+    runs), ``bulk_run_threads`` run batch work and ``pool_threads`` pool it,
+    both at a lower CPU priority. Per process: two tokenizer pools (queries,
+    batch work) of ``tokenizer_threads`` each.
 
     Why these defaults: on CPU a run's cost is nearly linear in padded tokens,
     and one intra-op thread per run scales better than several threads on one
@@ -79,6 +78,7 @@ class ThreadBudget:
     sessions: int
     threads_per_session: int
     tokenizer_threads: int
+    pool_threads: int = 1
 
     @classmethod
     def plan(
@@ -105,7 +105,7 @@ class ThreadBudget:
 
     @property
     def bulk_run_threads(self) -> int:
-        return self.sessions + 1
+        return self.sessions
 
     def as_dict(self) -> dict[str, int]:
         """For the start-up log line."""
@@ -116,5 +116,6 @@ class ThreadBudget:
             "wide_threads": self.wide_threads,
             "interactive_run_threads": self.interactive_run_threads,
             "bulk_run_threads": self.bulk_run_threads,
+            "pool_threads": self.pool_threads,
             "tokenizer_threads": self.tokenizer_threads,
         }

@@ -12,12 +12,9 @@ Two classes of work share the machine:
   free run slot, and while bulk runs hold slots, as many extra slots as there
   are regular ones, which only interactive work may use (the OS time-slices
   the cores for the short query instead of making it wait for a long bulk
-  run); on an idle server it runs on the all-cores session when the pool has one.
-  While queries are around (``QueryActivity``), bulk runs execute on threads
+  run); on an idle server it runs on the all-cores session when the pool has one. Bulk runs execute on threads
   with a lower CPU priority (``BULK_NICE``), so the query's thread wins the
-  time slices, yet bulk work keeps every cycle nobody else wants; without
-  queries they run at normal priority, so bulk work does not also yield to
-  every other process on the machine.
+  time slices, yet bulk work keeps every cycle nobody else wants.
 - **batch** (``StreamEmbed`` by default, corpus jobs): fair-queued between
   flows (one flow per client connection) on the padded tokens each flow has
   been served (start-time fair queueing), so two corpus jobs get equal shares
@@ -42,7 +39,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -72,32 +68,6 @@ CLASSES = (Priority.INTERACTIVE, Priority.BATCH)
 BULK_NICE = 10
 #: Batch work may hold at most this share of the admission limits; the rest is the queries'.
 BATCH_ADMISSION_SHARE = 0.75
-#: Bulk work runs niced while a query has come in within this many seconds.
-QUERIES_RECENT_SECONDS = 2.0
-
-
-class QueryActivity:
-    """When the last interactive request came in, for every batcher of a process (event loop only).
-
-    Niced, bulk work leaves the cores to queries, but also to any other
-    process at normal priority: a thread at nice 10 gets ~1/10 of a core it
-    shares with one (measured: bench/contended.py). So bulk work runs and
-    tokenizes niced only while queries are around. An unprivileged thread
-    cannot be un-niced, so there are two thread pools for each, and a run or
-    a tokenization picks one as it starts.
-    """
-
-    def __init__(self, window: float = QUERIES_RECENT_SECONDS) -> None:
-        self.window = window
-        self._last = -math.inf
-
-    def saw_query(self) -> None:
-        self._last = time.monotonic()
-
-    @property
-    def recent(self) -> bool:
-        """Whether bulk work should yield the CPU now."""
-        return time.monotonic() - self._last < self.window
 
 
 class EngineObserver(Protocol):
@@ -152,7 +122,6 @@ class BatchStats:
     rejected: int = 0
     runs_by_class: dict[Priority, int] = field(default_factory=lambda: dict.fromkeys(CLASSES, 0))
     wide_runs: int = 0
-    niced_bulk_runs: int = 0
 
 
 class Admission:
@@ -196,10 +165,8 @@ class ModelBatcher:
         settings: BatchSettings,
         observer: EngineObserver | None = None,
         threads: ThreadBudget | None = None,
-        activity: QueryActivity | None = None,
     ) -> None:
-        """``threads``: the process's budget (its ``sessions`` are the pool's); None: one for the pool.
-        ``activity``: shared by the process's batchers and tokenizers; None: this batcher's own."""
+        """``threads``: the process's budget (its ``sessions`` are the pool's); None: one for the pool."""
         if threads is None:
             threads = ThreadBudget.plan(sessions=loaded.sessions.size)
         elif threads.sessions != loaded.sessions.size:
@@ -212,7 +179,6 @@ class ModelBatcher:
         self.settings = settings
         self.stats = BatchStats()
         self.observer = observer
-        self.activity = activity or QueryActivity()
         self.on_failure: Callable[[BaseException], None] | None = None
         self.failure: BaseException | None = None
         # The queue, touched only on the event loop: interactive work by batch key, batch work by flow.
@@ -226,13 +192,14 @@ class ModelBatcher:
         self._runs = dict.fromkeys(CLASSES, 0)
         self._interactive_streak = 0
         self._wake = asyncio.Event()
-        # A bulk run is finished on its thread while the next one runs: a thread more than slots.
         self._bulk_threads = ThreadPoolExecutor(
-            threads.bulk_run_threads, thread_name_prefix=f"bulk-{self.model.name}"
-        )
-        self._niced_bulk_threads = ThreadPoolExecutor(
             threads.bulk_run_threads,
-            thread_name_prefix=f"bulk-niced-{self.model.name}",
+            thread_name_prefix=f"bulk-{self.model.name}",
+            initializer=lower_thread_priority,
+        )
+        self._post_threads = ThreadPoolExecutor(
+            threads.pool_threads,
+            thread_name_prefix=f"pool-{self.model.name}",
             initializer=lower_thread_priority,
         )
         self._interactive_threads = ThreadPoolExecutor(
@@ -254,7 +221,7 @@ class ModelBatcher:
             await asyncio.gather(self._dispatcher, return_exceptions=True)
         self._fail_waiting(NotServing("server is shutting down; retry on another replica"))
         await asyncio.gather(*self._running, return_exceptions=True)
-        for pool in (self._bulk_threads, self._niced_bulk_threads, self._interactive_threads):
+        for pool in (self._bulk_threads, self._post_threads, self._interactive_threads):
             pool.shutdown(wait=True)
 
     @property
@@ -280,8 +247,6 @@ class ModelBatcher:
         """Take one request's place in the count bound, or Overloaded; its tokens come with ``reserve``."""
         if self.failure is not None:
             raise _engine_failed(self.failure)
-        if priority == Priority.INTERACTIVE:
-            self.activity.saw_query()  # bulk work yields the CPU from now on, for a while
         limit = max(1, int(self.settings.max_queue_requests * _share(priority)))
         requests = sum(self._admitted_requests.values())
         if requests >= limit:
@@ -563,19 +528,22 @@ class ModelBatcher:
         started = time.monotonic()
         for item in batch:
             item.started = started
-        if priority == Priority.INTERACTIVE:
-            threads = self._interactive_threads
-        elif self.activity.recent:
-            threads = self._niced_bulk_threads
-            self.stats.niced_bulk_runs += 1
-        else:
-            threads = self._bulk_threads
         try:
-            # One thread hop: the batch is finished on its run thread, and its run slot is handed
-            # back (on the loop) the moment the model returns, so the next run starts meanwhile.
-            padded, ran, vectors = await loop.run_in_executor(
-                threads, self._forward_and_finish, loop, priority, wide, batch
-            )
+            if priority == Priority.INTERACTIVE:
+                # One thread hop: the query is finished on its run thread, and its run slot is
+                # handed back (on the loop) the moment the model returns.
+                padded, ran, vectors = await loop.run_in_executor(
+                    self._interactive_threads, self._forward_and_finish, loop, wide, batch
+                )
+            else:
+                try:
+                    padded, outputs = await loop.run_in_executor(
+                        self._bulk_threads, self._forward, wide, batch
+                    )
+                finally:
+                    self._run_ended(priority)  # the next run starts while this one is pooled
+                ran = time.monotonic()
+                vectors = await loop.run_in_executor(self._post_threads, self._finish, batch, padded, outputs)
         except BaseException as exc:
             _fail(batch, exc)
             return
@@ -595,14 +563,14 @@ class ModelBatcher:
     # --- on worker threads ---------------------------------------------------------------
 
     def _forward_and_finish(
-        self, loop: asyncio.AbstractEventLoop, priority: Priority, wide: bool, batch: list[WorkItem]
+        self, loop: asyncio.AbstractEventLoop, wide: bool, batch: list[WorkItem]
     ) -> tuple[PaddedBatch, float, list[SequenceVectors]]:
-        """A run: the model, then (its slot already handed back) the finish step."""
+        """An interactive run: the model, then (its slot already handed back) the finish step."""
         try:
             padded, outputs = self._forward(wide, batch)
             ran = time.monotonic()  # before the slot is handed back: the next run starts after this
         finally:
-            loop.call_soon_threadsafe(self._run_ended, priority)
+            loop.call_soon_threadsafe(self._run_ended, Priority.INTERACTIVE)
         return padded, ran, self._finish(batch, padded, outputs)
 
     def _forward(self, wide: bool, batch: list[WorkItem]) -> tuple[PaddedBatch, dict[str, np.ndarray]]:
@@ -655,7 +623,7 @@ def _expired(item: WorkItem, now: float) -> bool:
 
 
 def lower_thread_priority() -> None:
-    """Niced bulk threads yield the CPU to interactive runs and tokenizing, and the event loop."""
+    """Bulk worker threads yield the CPU to interactive runs and tokenizing, and the event loop."""
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not allowed: queue order alone
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BULK_NICE)
 

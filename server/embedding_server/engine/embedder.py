@@ -8,8 +8,7 @@ characters) before it is tokenized, so an overloaded server refuses work
 without tokenizing it; the bound is settled to the real count after.
 Interactive requests tokenize on their own threads (a short one on the
 event loop), so a corpus job's tokenizing never delays a query; batch
-requests tokenize at most ``TOKENIZER_BACKLOG`` per thread at a time, on
-niced threads while queries are around (batcher.QueryActivity).
+requests tokenize at most ``TOKENIZER_BACKLOG`` per thread at a time.
 """
 
 from __future__ import annotations
@@ -28,14 +27,7 @@ from ..models.base import EmbeddingModel, RowRequest
 from ..models.late_chunking import DEFAULT_OVERLAP, LateChunkedDocument, document_limit
 from ..models.loader import LoadedModel
 from ..models.types import ModelDescription, Output, Priority, SequenceVectors, Task
-from .batcher import (
-    Admission,
-    BatchSettings,
-    EngineObserver,
-    ModelBatcher,
-    QueryActivity,
-    lower_thread_priority,
-)
+from .batcher import Admission, BatchSettings, EngineObserver, ModelBatcher, lower_thread_priority
 from .finish import finish_document
 from .requests import EmbedJob, EmbedResult, TokenizedResult
 from .validation import check_dimensions, check_inputs, check_late_chunking, parse_outputs, parse_task
@@ -114,22 +106,18 @@ class Embedder:
             for name, model in self._models.items()
         }
         per_model = batch_settings or {}
-        self.activity = QueryActivity()  # bulk work of every model yields the CPU while queries are around
         self._batchers = {
             m.model.name: ModelBatcher(
-                m, per_model.get(m.model.name, settings.batch), observer, settings.threads, self.activity
+                m, per_model.get(m.model.name, settings.batch), observer, settings.threads
             )
             for m in models
         }
         tokenizer_threads = (settings.threads or ThreadBudget.plan()).tokenizer_threads
+        self._tokenize_threads = ThreadPoolExecutor(  # batch requests' tokenizing yields to queries'
+            tokenizer_threads, thread_name_prefix="tokenize", initializer=lower_thread_priority
+        )
         self._interactive_tokenize_threads = ThreadPoolExecutor(
             tokenizer_threads, thread_name_prefix="tokenize-interactive"
-        )
-        self._batch_tokenize_threads = ThreadPoolExecutor(
-            tokenizer_threads, thread_name_prefix="tokenize-batch"
-        )
-        self._niced_tokenize_threads = ThreadPoolExecutor(  # batch work's, while queries are around
-            tokenizer_threads, thread_name_prefix="tokenize-batch-niced", initializer=lower_thread_priority
         )
         self._tokenizer_backlog = asyncio.Semaphore(TOKENIZER_BACKLOG * tokenizer_threads)
 
@@ -151,12 +139,8 @@ class Embedder:
 
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self._batchers.values()))
-        for pool in (
-            self._interactive_tokenize_threads,
-            self._batch_tokenize_threads,
-            self._niced_tokenize_threads,
-        ):
-            pool.shutdown(wait=False, cancel_futures=True)
+        self._tokenize_threads.shutdown(wait=False, cancel_futures=True)
+        self._interactive_tokenize_threads.shutdown(wait=False, cancel_futures=True)
 
     # --- queries ---------------------------------------------------------------------
 
@@ -213,9 +197,7 @@ class Embedder:
             self.observer.on_request(model.name, timings.queue_seconds, timings.inference_seconds, priority)
         timings = replace(timings, tokenize_start=tokenize_start, tokenize_end=tokenize_end)
         if tokenized.document is not None:
-            vectors = await self._finish_document(
-                tokenized.document, vectors, job.dimensions, outputs, priority
-            )
+            vectors = await self._finish_document(tokenized.document, vectors, job.dimensions, outputs)
             timings = replace(timings, finished=time.monotonic())
         return EmbedResult(
             model=self.served_name(job.model),
@@ -238,9 +220,11 @@ class Embedder:
         """
         loop = asyncio.get_running_loop()
         priority = admission.priority
-        if priority != Priority.INTERACTIVE:
+        if priority == Priority.INTERACTIVE:
+            threads = self._interactive_tokenize_threads
+        else:
+            threads = self._tokenize_threads
             await self._tokenizer_backlog.acquire()
-        threads = self._tokenizer_threads(priority)
         try:
             admission.reserve(_token_bound(job, model, task))
             if job.late_chunking:
@@ -273,18 +257,11 @@ class Embedder:
         windows: list[SequenceVectors],
         dimensions: int,
         outputs: tuple[Output, ...],
-        priority: Priority,
     ) -> list[SequenceVectors]:
         """The finish step of a late-chunked document (off the event loop: H can be large)."""
         return await asyncio.get_running_loop().run_in_executor(
-            self._tokenizer_threads(priority), finish_document, document, windows, dimensions, outputs
+            self._tokenize_threads, finish_document, document, windows, dimensions, outputs
         )
-
-    def _tokenizer_threads(self, priority: Priority) -> ThreadPoolExecutor:
-        """Queries' own threads; batch work's, niced while queries are around (batcher.QueryActivity)."""
-        if priority == Priority.INTERACTIVE:
-            return self._interactive_tokenize_threads
-        return self._niced_tokenize_threads if self.activity.recent else self._batch_tokenize_threads
 
     async def tokenize(self, model_name: str, inputs: list[str], task_value: int) -> list[TokenizedResult]:
         model = self.model(model_name)
