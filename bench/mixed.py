@@ -168,17 +168,22 @@ def job_child(target: str, corpus: Path, batch_size: int) -> None:
 
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines() if line.strip()]
     channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
-    client = EmbeddingClient(target, channel=channel)
     stamps = []
     kwargs = (
         {"priority": "batch"}
         if "priority" in EmbeddingClient.embed_stream_batches.__code__.co_varnames
         else {}
     )
-    with client.embed_stream_batches(texts, batch_size=batch_size, **kwargs) as run:
+    # Closed before the interpreter exits: once, a job left its channel open and hung at exit, its
+    # main thread in gRPC's _MultiThreadedRendezvous.__del__ (garbage collection at finalization).
+    with (
+        channel,
+        EmbeddingClient(target, channel=channel) as client,
+        client.embed_stream_batches(texts, batch_size=batch_size, **kwargs) as run,
+    ):
         for result in run:
             stamps.append((time.time(), len(result)))
-    print(json.dumps(stamps))
+    print(json.dumps(stamps), flush=True)
 
 
 def two_jobs(target: str, corpus: Path, env: dict[str, str]) -> tuple[float, float]:
