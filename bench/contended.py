@@ -21,19 +21,16 @@ a machine it shares (and what a change to it would win).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentile, sentences, start_server
-from mixed import OpenLoopQueries, corpus_job
+from common import percentile, start_server
+from mixed import OpenLoopQueries, corpus_bench, corpus_job
 
 
 @contextmanager
@@ -73,16 +70,7 @@ def variant(name: str, checkout: Path | None, corpus: Path, workdir: Path) -> di
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--passages", type=int, default=300)
-    parser.add_argument("--before", type=Path, default=None, help="another checkout to compare with")
-    args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-contended-"))
-    corpus = workdir / "corpus.jsonl"
-    texts = sentences(args.passages, 80, 200, seed=5)
-    corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    args, workdir, corpus = corpus_bench(__doc__ or "", passages=300, seed=5)
     cores = len(os.sched_getaffinity(0))
     print(f"{args.passages} passages of 80-200 words, {cores} cores, {cores} CPU hogs at nice 0")
     results = {"this checkout": variant("this", None, corpus, workdir)}

@@ -268,17 +268,22 @@ def variant(name: str, checkout: Path | None, corpus: Path, workdir: Path) -> di
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--passages", type=int, default=1600)
+def corpus_bench(doc: str, passages: int, seed: int) -> tuple[argparse.Namespace, Path, Path]:
+    """The arguments (``--passages``, ``--before``), a work directory and its corpus of JSONL passages
+    of 80-200 words, for a bench that runs corpus jobs against this checkout and maybe another."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--passages", type=int, default=passages)
     parser.add_argument("--before", type=Path, default=None, help="another checkout to compare with")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-corpus-"))
     corpus = workdir / "corpus.jsonl"
-    texts = sentences(args.passages, 80, 200, seed=3)
+    texts = sentences(args.passages, 80, 200, seed=seed)
     corpus.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(texts)))
+    return args, workdir, corpus
+
+
+def main() -> None:
+    args, workdir, corpus = corpus_bench(__doc__ or "", passages=1600, seed=3)
     in_process = statistics.median(in_process_latency())
     cores = len(os.sched_getaffinity(0))
     print(f"{args.passages} passages of 80-200 words, {cores} cores, default model and flags")
