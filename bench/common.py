@@ -79,6 +79,15 @@ class ServerProcess:
                 self.process.kill()
 
 
+def checkout_env(checkout: Path | None) -> dict[str, str]:
+    """This process's environment; with ``checkout``, that checkout's ``server/`` and ``client/`` code
+    first on the path (what a server or a client of another version runs with)."""
+    env = dict(os.environ)
+    if checkout is not None:
+        env["PYTHONPATH"] = f"{checkout / 'server'}:{checkout / 'client'}"
+    return env
+
+
 def start_server(
     *args: str, rest: bool = True, timeout: float = 120, checkout: Path | None = None
 ) -> ServerProcess:
@@ -87,10 +96,7 @@ def start_server(
     log = tempfile.NamedTemporaryFile(prefix="bench-server-", suffix=".log", delete=False)  # noqa: SIM115
     command = [sys.executable, "-m", "embedding_server.cli", "--host", "127.0.0.1", "--port", str(port)]
     command += ["--rest-port", str(rest_port), "--log-level", "warning", *args]
-    env = dict(os.environ)
-    if checkout is not None:
-        env["PYTHONPATH"] = f"{checkout / 'server'}:{checkout / 'client'}"
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=checkout_env(checkout))
     server = ServerProcess(process, port, rest_port)
     channel = grpc.insecure_channel(server.target)
     stub = health_pb2_grpc.HealthStub(channel)

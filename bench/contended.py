@@ -29,7 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentile, start_server
+from common import checkout_env, percentile, start_server
 from mixed import OpenLoopQueries, corpus_bench, corpus_job
 
 
@@ -45,10 +45,8 @@ def hogs() -> Iterator[None]:
             proc.wait()
 
 
-def variant(name: str, checkout: Path | None, corpus: Path, workdir: Path) -> dict[str, float]:
-    env = dict(os.environ)
-    if checkout is not None:
-        env["PYTHONPATH"] = f"{checkout / 'server'}:{checkout / 'client'}"
+def variant(checkout: Path | None, corpus: Path, workdir: Path) -> dict[str, float]:
+    env = checkout_env(checkout)  # the corpus jobs' clients are of the same version as the server
     server = start_server(rest=False, checkout=checkout)
     try:
         alone = corpus_job(server.target, corpus, workdir / "alone.npy", env)
@@ -73,9 +71,9 @@ def main() -> None:
     args, workdir, corpus = corpus_bench(__doc__ or "", passages=300, seed=5)
     cores = len(os.sched_getaffinity(0))
     print(f"{args.passages} passages of 80-200 words, {cores} cores, {cores} CPU hogs at nice 0")
-    results = {"this checkout": variant("this", None, corpus, workdir)}
+    results = {"this checkout": variant(None, corpus, workdir)}
     if args.before is not None:
-        results[f"before ({args.before})"] = variant("before", args.before.resolve(), corpus, workdir)
+        results[f"before ({args.before})"] = variant(args.before.resolve(), corpus, workdir)
     for name, r in results.items():
         print(f"\n[{name}]")
         print(f"  corpus alone                {r['alone']:7.1f} passages/s")

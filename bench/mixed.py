@@ -39,7 +39,7 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import percentile, sentences, start_server
+from common import checkout_env, percentile, sentences, start_server
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
 
@@ -205,9 +205,9 @@ def two_jobs(target: str, corpus: Path, env: dict[str, str]) -> tuple[float, flo
     return done[0] / total, done[1] / total
 
 
-def peak_256(args: list[str], env: dict[str, str]) -> float:
+def peak_256(checkout: Path | None) -> float:
     """VmHWM after four concurrent Embed calls of 128 passages of ~256 tokens (truncate)."""
-    server = start_server(*args, rest=False)
+    server = start_server(rest=False, checkout=checkout)
     try:
         stub = private_stub(server.target)
         texts = sentences(128, 300, 320, seed=7)
@@ -228,26 +228,20 @@ def variant(name: str, checkout: Path | None, corpus: Path, workdir: Path) -> di
     half = workdir / "half.jsonl"  # each of the two concurrent jobs embeds half the corpus
     lines = corpus.read_text().splitlines(keepends=True)
     half.write_text("".join(lines[: len(lines) // 2]))
-    env = dict(os.environ)
-    if checkout is not None:
-        env["PYTHONPATH"] = f"{checkout / 'server'}:{checkout / 'client'}"
-    os.environ.update(env)  # start_server inherits it
+    env = checkout_env(checkout)  # the corpus jobs' clients are of the same version as the server
+    server = start_server(rest=True, checkout=checkout)  # /metrics on the REST port, to look inside
+    print(f"  [{name}] server pid {server.process.pid}, metrics on :{server.rest_port}", flush=True)
     try:
-        server = start_server(rest=True)  # /metrics on the REST port, to look inside if a step stalls
-        print(f"  [{name}] server pid {server.process.pid}, metrics on :{server.rest_port}", flush=True)
-        try:
-            idle = idle_latency(server.target)
-            rest_idle = rest_idle_latency(server.rest_port)
-            alone = corpus_job(server.target, corpus, workdir / "alone.npy", env)
-            with OpenLoopQueries(server.target) as queries:
-                mixed = corpus_job(server.target, corpus, workdir / "mixed.npy", env)
-            shares = two_jobs(server.target, half, env)
-            peak = server.peak_rss_mb()
-        finally:
-            server.stop()
-        peak256 = peak_256([], env)
+        idle = idle_latency(server.target)
+        rest_idle = rest_idle_latency(server.rest_port)
+        alone = corpus_job(server.target, corpus, workdir / "alone.npy", env)
+        with OpenLoopQueries(server.target) as queries:
+            mixed = corpus_job(server.target, corpus, workdir / "mixed.npy", env)
+        shares = two_jobs(server.target, half, env)
+        peak = server.peak_rss_mb()
     finally:
-        os.environ.pop("PYTHONPATH", None)
+        server.stop()
+    peak256 = peak_256(checkout)
     q = queries.latencies
     return {
         "name": name,
