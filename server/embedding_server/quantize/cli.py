@@ -2,8 +2,8 @@
 
 SRC_DIR is any model directory the server loads, ``all-minilm-l6-v2`` (the
 built-in model) or ``hf:ORG/REPO[@REVISION]`` (fetched into ``--cache-dir``
-as ``embedding-server`` fetches it). The result is refused (exit status 1, nothing written) when an
-output misses the floor, unless ``--force``.
+as ``embedding-server`` fetches it). The result is refused (exit status 1,
+nothing written) when an output misses the floor, unless ``--force``.
 """
 
 from __future__ import annotations
