@@ -11,7 +11,10 @@ import threading
 
 import grpc
 import httpx
+import openai
 import pytest
+from embedding_client import AsyncEmbeddingClient
+from embedding_client.errors import ResourceExhaustedError
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
 from embedding_server.engine import batcher as batcher_module
@@ -161,6 +164,43 @@ async def test_a_sequence_over_the_memory_budget_is_refused_and_the_engine_keeps
         assert len(reply.embeddings) == 8
     # and batches were cut to the budget: every run fits it
     assert all(budget.fits(len(run.rows), max(map(len, run.rows))) for run in sessions.runs)
+
+
+async def test_a_sequence_over_the_memory_budget_is_sent_once_by_retrying_clients(builtin, tmp_path):  # noqa: F811
+    """MEMORY_LIMIT fails the same way every time. The client's retry policy retries RESOURCE_EXHAUSTED
+    (a full queue) and the openai client retries 429: each sent it again and again (5 and 3 times).
+    Now it carries no RetryInfo, a trailer that stops gRPC's retries, and is 413 over REST."""
+    shape = ModelShape(hidden=384, heads=12)
+    budget = MemoryBudget(shape, run_bytes=shape.run_bytes(1, 64), queue_tokens=10_000)
+    embedder, sessions = make_embedder(builtin, memory=budget)
+    batcher = embedder.batchers[BUILTIN_MODEL]
+    long_text = " ".join(["memory"] * 150)
+    socket = tmp_path / "grpc.sock"
+    async with serve_in_process(embedder, unix_socket=socket) as server:
+        async with AsyncEmbeddingClient(server.target) as client:
+            with pytest.raises(ResourceExhaustedError) as info:
+                await client.embed(["short", long_text])
+        assert (info.value.reason, info.value.field, info.value.index) == ("MEMORY_LIMIT", "inputs", 1)
+        assert info.value.retry_after is None
+        assert batcher.stats.rejected == 1  # sent once
+
+        upstream = Upstream(f"unix:{socket}")
+        http = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=build_app(upstream)), base_url="http://shim"
+        )
+        async with http, openai.AsyncOpenAI(base_url="http://shim/v1", api_key="-", http_client=http) as rest:
+            with pytest.raises(openai.APIStatusError) as rest_info:
+                await rest.embeddings.create(model=BUILTIN_MODEL, input=["short", long_text])
+        await upstream.close()
+        assert rest_info.value.status_code == 413
+        assert rest_info.value.body == {
+            "message": info.value.message.replace("inputs[1]", "input[1]"),
+            "type": "invalid_request_error",
+            "param": "input",
+            "code": "memory_limit",
+        }
+        assert batcher.stats.rejected == 2  # sent once more, by the REST client
+    assert sessions.runs == []
 
 
 async def test_batches_are_cut_to_the_memory_budget(builtin):  # noqa: F811

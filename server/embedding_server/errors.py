@@ -88,6 +88,18 @@ class Overloaded(ServiceError):
     default_retry_after = 0.5  # seconds; about one batch run, the time a queue slot takes to free up
 
 
+class MemoryLimitExceeded(ServiceError):
+    """One sequence cannot run alone within this server's memory budget.
+
+    The same request fails the same way every time, so unlike a full queue it
+    carries no retry hint, and the gRPC mapping tells clients' retry policies
+    (which retry RESOURCE_EXHAUSTED for a full queue) not to retry it.
+    """
+
+    code = Code.RESOURCE_EXHAUSTED
+    default_reason = "MEMORY_LIMIT"
+
+
 class DeadlineExpired(ServiceError):
     """The call's deadline passed while it waited; the model never ran it."""
 

@@ -51,7 +51,7 @@ from typing import Protocol
 import numpy as np
 
 from ..cpus import ThreadBudget
-from ..errors import DeadlineExpired, NotServing, Overloaded
+from ..errors import DeadlineExpired, MemoryLimitExceeded, NotServing, Overloaded
 from ..models.base import RowRequest
 from ..models.loader import LoadedModel
 from ..models.types import Priority, SequenceVectors, Task
@@ -276,18 +276,17 @@ class ModelBatcher:
     def check_fits(
         self, lengths: list[int], priority: Priority = Priority.INTERACTIVE, field: str = "inputs"
     ) -> None:
-        """Overloaded (MEMORY_LIMIT) for the first sequence too long to run alone in the memory budget."""
+        """MemoryLimitExceeded for the first sequence too long to run alone in the memory budget."""
         budget = self.settings.memory
         if budget is None:
             return
         for index, length in enumerate(lengths):
             if not budget.fits(1, length):
                 self._refuse(priority, "MEMORY_LIMIT")
-                raise Overloaded(
+                raise MemoryLimitExceeded(
                     f"{field}[{index}]: {length} tokens do not fit this server's memory budget "
                     f"(at most {budget.longest_single()} tokens per sequence for model {self.model.name}; "
                     "raise --memory-limit or send shorter inputs)",
-                    reason="MEMORY_LIMIT",
                     field=field,
                     index=index,
                 )

@@ -4,7 +4,8 @@ docs/contract.md ("Error details", AIP-193): every error carries
 ``ErrorInfo`` (stable ``reason``, domain ``embedding.v1``, metadata ``field``
 and ``index`` when known) and ``RequestInfo`` (the call's request id, as in
 the logs and the ``x-request-id`` trailer); ``INVALID_ARGUMENT`` adds a
-``BadRequest`` field violation (``inputs[3]``), a full queue a ``RetryInfo``.
+``BadRequest`` field violation (``inputs[3]``), a full queue a ``RetryInfo``
+(MEMORY_LIMIT none, and a trailer that stops gRPC's retries: ``to_grpc_status``).
 Unary calls send the status as ``grpc-status-details-bin``; a StreamEmbed
 reply carries the same ``google.rpc.Status`` in ``EmbedResponse.error``.
 Clients and the REST shim read these details, never the message text.
@@ -34,6 +35,8 @@ REQUEST_ID_KEY = "x-request-id"  # metadata in, trailer out (interceptors.py)
 #: Metadata the in-process REST shim sends: the HTTP client's address, its fair-share flow
 #: (honoured only over the server's private Unix socket: servicer.py ``flow_of``).
 FLOW_KEY = "x-embedding-flow"
+#: A trailer that tells gRPC's retry policy not to retry this status (gRFC A6 server pushback).
+NO_RETRY = ("grpc-retry-pushback-ms", "-1")
 
 
 def status_code(error: ServiceError) -> grpc.StatusCode:
@@ -83,15 +86,21 @@ def to_rpc_status(error: ServiceError, request_id: str | None = None) -> status_
 
 
 def to_grpc_status(error: ServiceError, request_id: str | None = None) -> grpc.Status:
-    """The status to abort a call with: details in ``grpc-status-details-bin``, plus ``x-request-id``."""
-    status = to_rpc_status(error, request_id)
-    converted = rpc_status.to_status(status)
+    """The status to abort a call with: details in ``grpc-status-details-bin``, plus ``x-request-id``.
+
+    A RESOURCE_EXHAUSTED with no retry hint (MEMORY_LIMIT: the same request fails
+    every time) also carries ``grpc-retry-pushback-ms: -1``: clients' retry
+    policies list RESOURCE_EXHAUSTED for a full queue, and gRPC (gRFC A6) does
+    not retry a status with a negative pushback.
+    """
+    converted = rpc_status.to_status(to_rpc_status(error, request_id))
+    trailers = tuple(converted.trailing_metadata)
+    if error.code is Code.RESOURCE_EXHAUSTED and error.retry_after is None:
+        trailers += (NO_RETRY,)
     request_id = request_id if request_id is not None else current_request_id()
-    if not request_id:
-        return converted
-    return _Status(
-        converted.code, converted.details, (*converted.trailing_metadata, (REQUEST_ID_KEY, request_id))
-    )
+    if request_id:
+        trailers += ((REQUEST_ID_KEY, request_id),)
+    return _Status(converted.code, converted.details, trailers)
 
 
 async def abort(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, what: str) -> NoReturn:

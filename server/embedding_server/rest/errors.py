@@ -33,6 +33,11 @@ GRPC_TO_HTTP: dict[grpc.StatusCode, tuple[int, str, str | None]] = {
 #: A status a user cannot cause (UNKNOWN, INTERNAL, ...): a server bug, reported as such.
 FALLBACK = (500, "server_error", "internal_error")
 
+#: Reasons whose HTTP status differs from their gRPC status's: MEMORY_LIMIT is RESOURCE_EXHAUSTED
+#: like a full queue, but fails the same way every time, so not 429 (which clients retry).
+REASON_HTTP: dict[str, tuple[int, str, str | None]] = {
+    "MEMORY_LIMIT": (413, "invalid_request_error", "memory_limit"),
+}
 #: OpenAI ``code`` for reasons with a better one than their status's (OpenAI's own word if it has one).
 REASON_CODES: dict[str, str] = {
     "INPUT_TOO_LONG": "context_length_exceeded",
@@ -83,7 +88,7 @@ def from_grpc(status: status_pb2.Status, output_fields: list[str] | None = None)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.reason is None:
         # Not the service's QUEUE_FULL (that carries ErrorInfo): gRPC's own message size limit.
         return RestError(413, f"request too large: {message}", code="request_too_large")
-    status_code, kind, error_code = GRPC_TO_HTTP.get(code, FALLBACK)
+    status_code, kind, error_code = REASON_HTTP.get(details.reason or "") or GRPC_TO_HTTP.get(code, FALLBACK)
     param = _rest_param(details, output_fields or [])
     if param is not None and details.field is not None:
         message = _relabel(message, details.field, details.index, param)
