@@ -11,7 +11,12 @@ import dataclasses
 import subprocess
 
 import pytest
-from embedding_server.settings import ENV_PREFIX, Settings, build_parser, parse_settings
+from embedding_server.app import engine_settings
+from embedding_server.cpus import ThreadBudget
+from embedding_server.engine.embedder import EngineSettings
+from embedding_server.grpc_api.servicer import DEFAULT_STREAM_WINDOW
+from embedding_server.rest.standalone import parse_args
+from embedding_server.settings import DEFAULTS, ENV_PREFIX, Settings, build_parser, parse_settings
 
 from tests.support.server import server_command
 
@@ -58,6 +63,24 @@ def test_defaults_match_the_contract(monkeypatch):
 def test_parser_defaults_agree_with_the_dataclass():
     parsed = parse_settings([], {})
     assert parsed == Settings()
+
+
+def test_the_engine_gets_its_own_defaults_from_default_flags():
+    """The engine's defaults are the source: flags left alone hand the engine exactly those."""
+    threads = ThreadBudget.plan(2)
+    assert engine_settings(parse_settings([], {}), threads) == EngineSettings(threads=threads)
+    assert parse_settings([], {}).stream_window == DEFAULT_STREAM_WINDOW
+
+
+def test_rest_flags_share_the_server_defaults():
+    args = parse_args(["--target", "x:1"], {})
+    assert (args.host, args.port, args.max_body_mb, args.auto_truncate, args.log_level) == (
+        DEFAULTS.host,
+        DEFAULTS.rest_port,
+        DEFAULTS.rest_max_body_mb,
+        DEFAULTS.auto_truncate,
+        DEFAULTS.log_level,
+    )
 
 
 def test_flags():

@@ -3,6 +3,10 @@
 One name per setting: ``--rest-port`` is ``EMBEDDING_REST_PORT``. A flag on
 the command line wins over the environment. Repeatable flags (``--model``,
 ``--api-key``) take a comma-separated list from the environment.
+
+One source per default: the engine's own (``BatchSettings``, ``EngineSettings``,
+the servicer's stream window) for what the engine uses, ``Settings`` for the
+rest; the flags read theirs from ``DEFAULTS`` and ``--help`` prints them.
 """
 
 from __future__ import annotations
@@ -15,9 +19,17 @@ from typing import Any
 
 from embedding_client.envflags import OneLineParser, apply_environment, port_number
 
+from .engine.batcher import BatchSettings
+from .engine.embedder import EngineSettings
 from .engine.memory import parse_size
+from .grpc_api.servicer import DEFAULT_STREAM_WINDOW
 
 ENV_PREFIX = "EMBEDDING_"
+LOG_LEVELS = ["debug", "info", "warning", "error"]
+
+
+_ENGINE = EngineSettings()
+_BATCH = BatchSettings()
 
 
 @dataclass(frozen=True)
@@ -29,20 +41,20 @@ class Settings:
     models: list[str] = field(default_factory=list)
     model_aliases: list[str] = field(default_factory=list)
     auto_truncate: bool = False
-    max_inputs: int = 2048
+    max_inputs: int = _ENGINE.max_inputs
     sessions: int | None = None  # None: one per CPU, at most 4 (cpus.ThreadBudget)
     threads_per_session: int = 0  # 0: cores / sessions
     session_layout: str = "shared"
-    max_batch_tokens: int = 16384
-    max_batch_size: int = 128
-    max_padding_waste: int = 16
-    max_batch_wait_ms: float = 0.0
-    max_queue_requests: int = 1024
-    max_queue_tokens: int = 4_000_000
-    late_chunking_overlap: int = 256
-    max_document_tokens: int = 0  # 0: 16 windows of each model
+    max_batch_tokens: int = _BATCH.max_batch_tokens
+    max_batch_size: int = _BATCH.max_batch_size
+    max_padding_waste: int = _BATCH.max_padding_waste
+    max_batch_wait_ms: float = _BATCH.max_wait_ms
+    max_queue_requests: int = _BATCH.max_queue_requests
+    max_queue_tokens: int = _BATCH.max_queue_tokens
+    late_chunking_overlap: int = _ENGINE.late_chunking_overlap
+    max_document_tokens: int = _ENGINE.max_document_tokens  # 0: 16 x each model's max tokens
     memory_limit: int = 0  # bytes; 0: the cgroup memory limit, else 1 GiB (engine/memory.py)
-    stream_window: int = 32
+    stream_window: int = DEFAULT_STREAM_WINDOW
     max_message_mb: int = 64
     grace_period: float = 30.0
     api_keys: list[str] = field(default_factory=list, repr=False)  # never in a log line
@@ -57,6 +69,9 @@ class Settings:
     quantize: str = "none"
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/embedding-service
     otlp_endpoint: str | None = None  # None: tracing only if the standard OTEL_* variables ask for it
+
+
+DEFAULTS = Settings()
 
 
 def _positive(kind: type[int] | type[float]) -> Callable[[str], float]:
@@ -128,19 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.register("action", "append", _AppendOverridingDefault)
     add = p.add_argument
-    add("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    add("--port", type=port_number, default=50051, help="gRPC port (default 50051)")
+    add("--host", default=DEFAULTS.host, help="address to listen on")
+    add("--port", type=port_number, default=DEFAULTS.port, help="gRPC port")
     add(
         "--rest-port",
         type=port_number,
-        default=8000,
-        help="REST shim port; 0 turns the shim off (default 8000)",
+        default=DEFAULTS.rest_port,
+        help="REST shim port; 0 turns the shim off",
     )
     add(
         "--rest-max-body-mb",
         type=_positive(float),
-        default=64.0,
-        help="largest REST request body in MiB; more is HTTP 413 (default 64)",
+        default=DEFAULTS.rest_max_body_mb,
+        help="largest REST request body in MiB; more is HTTP 413",
     )
     add(
         "--model",
@@ -166,12 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--auto-truncate",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=DEFAULTS.auto_truncate,
         help="REST requests without a truncate field cut over-long inputs to the model's max tokens instead "
         "of answering 400 (for OpenAI tools, which cannot send truncate). gRPC is unchanged: its truncate "
-        "has no presence, false is a request for the error (default: off)",
+        "has no presence, false is a request for the error",
     )
-    add("--max-inputs", type=_positive(int), default=2048, help="most inputs per request (default 2048)")
+    add("--max-inputs", type=_positive(int), default=DEFAULTS.max_inputs, help="most inputs per request")
     add(
         "--sessions",
         type=_positive(int),
@@ -181,68 +196,95 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--threads-per-session",
         type=_positive(int),
-        default=0,
-        help="intra-op threads per session; 0: cores / sessions (default)",
+        default=DEFAULTS.threads_per_session,
+        help="intra-op threads per session; 0: cores / sessions",
     )
     add(
         "--session-layout",
         choices=["shared", "separate"],
-        default="shared",
-        help="shared: one ONNX session runs the --sessions concurrent batches (weights once, default); "
+        default=DEFAULTS.session_layout,
+        help="shared: one ONNX session runs the --sessions concurrent batches (weights once); "
         "separate: one session each",
     )
-    add("--max-batch-tokens", type=_positive(int), default=16384, help="padded tokens per session run")
-    add("--max-batch-size", type=_positive(int), default=128, help="sequences per session run")
+    add(
+        "--max-batch-tokens",
+        type=_positive(int),
+        default=DEFAULTS.max_batch_tokens,
+        help="padded tokens per session run",
+    )
+    add(
+        "--max-batch-size",
+        type=_positive(int),
+        default=DEFAULTS.max_batch_size,
+        help="sequences per session run",
+    )
     add(
         "--max-padding-waste",
         type=_positive(int),
-        default=16,
+        default=DEFAULTS.max_padding_waste,
         help="padding tokens one more sequence may add to a session run; beyond it, it waits for a run "
-        "of its own length (CPU cost is linear in padded tokens; 0: no limit; default 16)",
+        "of its own length (CPU cost is linear in padded tokens; 0: no limit)",
     )
     add(
-        "--max-batch-wait-ms", type=_positive(float), default=0.0, help="extra wait in ms for a batch to fill"
+        "--max-batch-wait-ms",
+        type=_positive(float),
+        default=DEFAULTS.max_batch_wait_ms,
+        help="extra wait in ms for a batch to fill",
     )
     add(
         "--max-queue-requests",
         type=_positive(int),
-        default=1024,
+        default=DEFAULTS.max_queue_requests,
         help="requests in flight before RESOURCE_EXHAUSTED",
     )
     add(
         "--max-queue-tokens",
         type=_positive(int),
-        default=4_000_000,
+        default=DEFAULTS.max_queue_tokens,
         help="tokens queued before RESOURCE_EXHAUSTED",
     )
     add(
         "--late-chunking-overlap",
         type=_positive(int),
-        default=256,
+        default=DEFAULTS.late_chunking_overlap,
         help="late chunking of a document longer than the model's window: tokens each window repeats "
-        "from the one before as context, at most half a window (more context per token, more CPU; "
-        "default 256)",
+        "from the one before as context, at most half a window (more context per token, more CPU)",
     )
     add(
         "--max-document-tokens",
         type=_positive(int),
-        default=0,
+        default=DEFAULTS.max_document_tokens,
         help="longest late-chunked document in tokens (special tokens included); longer is "
-        "INVALID_ARGUMENT. 0: 16 windows of each model, e.g. 4096 for a 256-token model (default 0)",
+        "INVALID_ARGUMENT. 0: 16 times the model's max tokens, e.g. 4096 for a 256-token model",
     )
     add(
         "--memory-limit",
         type=_size,
-        default=0,
+        default=DEFAULTS.memory_limit,
         help="memory the server plans for, e.g. 1GiB, 768MiB (default: the container's cgroup memory limit, "
         "else 1GiB). Batches are cut and long inputs refused (RESOURCE_EXHAUSTED) to stay under it. "
         "Measured peak RSS at default flags under a 1GiB limit: all-minilm-l6-v2 (default) 0.35GiB idle, "
         "up to 0.8GiB after the longest inputs (README, Memory); give bge-m3 / jina-embeddings-v3 "
         "(fp32, 568M params, 2.2GB of weights) at least 4GiB",
     )
-    add("--stream-window", type=_positive(int), default=32, help="requests of one StreamEmbed call in flight")
-    add("--max-message-mb", type=_positive(int), default=64, help="largest request message in MiB")
-    add("--grace-period", type=_positive(float), default=30.0, help="seconds for work in flight at shutdown")
+    add(
+        "--stream-window",
+        type=_positive(int),
+        default=DEFAULTS.stream_window,
+        help="requests of one StreamEmbed call in flight",
+    )
+    add(
+        "--max-message-mb",
+        type=_positive(int),
+        default=DEFAULTS.max_message_mb,
+        help="largest request message in MiB",
+    )
+    add(
+        "--grace-period",
+        type=_positive(float),
+        default=DEFAULTS.grace_period,
+        help="seconds for work in flight at shutdown",
+    )
     add(
         "--api-key",
         dest="api_keys",
@@ -254,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--auth-reflection",
         action=argparse.BooleanOptionalAction,
-        default=False,
+        default=DEFAULTS.auth_reflection,
         help="require the API key for reflection too (default: reflection is open)",
     )
     add("--tls-cert", default=None, help="PEM certificate chain: serve gRPC and REST over TLS")
@@ -263,17 +305,17 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--metrics-port",
         type=port_number,
-        default=0,
+        default=DEFAULTS.metrics_port,
         help="Prometheus /metrics on a port of its own, without auth (for a scraper-only network, or "
         "when the REST shim is off; 0: none)",
     )
     add(
         "--quantize",
         choices=["none", "int8"],
-        default="none",
+        default=DEFAULTS.quantize,
         help="int8: serve an int8 copy of every model that is not int8 yet, made at start (checked against "
         "fp32 on a calibration set, refused below min cosine 0.99 / mean 0.995) and cached in --cache-dir "
-        "(default none: as stored; the built-in model is exact fp32)",
+        "(none: as stored; the built-in model is exact fp32)",
     )
     add(
         "--cache-dir",
@@ -289,8 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(https:// for TLS). Default: off, unless the standard variables OTEL_EXPORTER_OTLP_ENDPOINT or "
         "OTEL_TRACES_EXPORTER ask for it; OTEL_SDK_DISABLED=true keeps it off",
     )
-    add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
-    add("--log-json", action=argparse.BooleanOptionalAction, default=False, help="JSON log lines")
+    add("--log-level", default=DEFAULTS.log_level, choices=LOG_LEVELS, help="log level")
+    add("--log-json", action=argparse.BooleanOptionalAction, default=DEFAULTS.log_json, help="JSON log lines")
     return p
 
 

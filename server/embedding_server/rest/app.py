@@ -28,6 +28,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from ..auth import ApiKeys
+from ..settings import DEFAULTS
 from ..tracing import Tracing
 from . import openapi, schema, translate
 from .errors import RestError
@@ -37,7 +38,7 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BODY_BYTES = int(DEFAULTS.rest_max_body_mb * 1024 * 1024)
 
 #: ``observe(method, code, seconds)`` per REST call, e.g. ``Metrics.observe_call``.
 Observer = Callable[[str, str, float], None]

@@ -39,6 +39,7 @@ from embedding_client.envflags import OneLineParser, apply_environment, port_num
 from ..auth import ApiKeys
 from ..errors import StartupError
 from ..metrics import CallMetrics, metrics_route
+from ..settings import DEFAULTS, LOG_LEVELS, DefaultsShown
 from ..tls import TlsConfigError, load_tls
 from ..tracing import Tracing, configure
 from .app import build_app
@@ -52,13 +53,14 @@ log = logging.getLogger("embedding_rest")
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="embedding-rest",
+        formatter_class=DefaultsShown,
         description="OpenAI-compatible REST shim in front of an embedding-server gRPC target. "
         f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>.",
     )
     add = p.add_argument
     add("--target", required=False, help="gRPC target of the embedding server, e.g. 10.0.0.5:50051")
-    add("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
-    add("--port", type=port_number, default=8000, help="port to listen on (default 8000)")
+    add("--host", default=DEFAULTS.host, help="address to listen on")
+    add("--port", type=port_number, default=DEFAULTS.rest_port, help="port to listen on")
     add("--api-key", dest="api_keys", action="append", default=[], help="require this key; repeatable")
     add("--api-key-file", default=None, help="file with accepted API keys, one per line")
     add("--target-api-key", default=None, help="key sent to the target (default: the client's header)")
@@ -69,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--max-body-mb",
         type=float,
-        default=64.0,
-        help="largest request body in MiB; more is 413 (default 64)",
+        default=DEFAULTS.rest_max_body_mb,
+        help="largest request body in MiB; more is 413",
     )
     add(
         "--auto-truncate",
         action=argparse.BooleanOptionalAction,
-        default=False,
-        help="requests without a truncate field cut over-long inputs instead of a 400 (default: off)",
+        default=DEFAULTS.auto_truncate,
+        help="requests without a truncate field cut over-long inputs instead of a 400",
     )
     add(
         "--otlp-endpoint",
@@ -85,7 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="send OpenTelemetry traces over OTLP/gRPC to this collector, e.g. http://otel-collector:4317 "
         "(default: off, unless OTEL_EXPORTER_OTLP_ENDPOINT or OTEL_TRACES_EXPORTER ask for it)",
     )
-    add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="log level")
+    add(
+        "--log-level",
+        default=DEFAULTS.log_level,
+        choices=LOG_LEVELS,
+        help="log level",
+    )
     return p
 
 
