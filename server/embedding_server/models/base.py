@@ -144,6 +144,20 @@ class EmbeddingModel(ABC):
         return None
 
 
+class TokenStatesModel(EmbeddingModel):
+    """A family whose graph's one output (``_output``, set by ``_configure``) is the token states:
+    pooled by the family, kept whole for late chunking."""
+
+    _output: str
+
+    @property
+    def output_names(self) -> list[str]:
+        return [self._output]
+
+    def token_states(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
+        return as_float32(outputs[self._output])
+
+
 def signature_of(session: Any) -> SessionSignature:
     """Read a session's input/output names and shapes (models.md: check at load)."""
     return SessionSignature(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidArgument, ModelLoadError
-from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_states
+from .base import RowRequest, TokenStatesModel, pooled_or_states
 from .family import JINA_V3
 from .limits import xlm_roberta_max_tokens
 from .pooling import mean_pool
@@ -22,7 +22,7 @@ DEFAULT_TASK = Task.RETRIEVAL_QUERY
 DEFAULT_MATRYOSHKA = (32, 64, 128, 256, 512, 768, 1024)
 
 
-class JinaV3Model(EmbeddingModel):
+class JinaV3Model(TokenStatesModel):
     family = JINA_V3
 
     def _configure(self) -> None:
@@ -88,13 +88,6 @@ class JinaV3Model(EmbeddingModel):
         if self._task_id_rank == 1:
             task_id = task_id.reshape(1)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "task_id": task_id}
-
-    @property
-    def output_names(self) -> list[str]:
-        return [self._output]
-
-    def token_states(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        return as_float32(outputs[self._output])
 
     def postprocess(
         self,

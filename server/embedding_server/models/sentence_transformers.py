@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from ..errors import ModelLoadError
-from .base import EmbeddingModel, RowRequest, as_float32, pooled_or_states
+from .base import RowRequest, TokenStatesModel, pooled_or_states
 from .family import SENTENCE_TRANSFORMERS
 from .limits import sentence_transformers_max_tokens
 from .pooling import cls_pool, max_pool, mean_pool, mean_sqrt_len_pool
@@ -30,7 +30,7 @@ POOLING_MODES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 PROMPT_TASKS = {"query": Task.RETRIEVAL_QUERY, "passage": Task.RETRIEVAL_PASSAGE}
 
 
-class SentenceTransformersModel(EmbeddingModel):
+class SentenceTransformersModel(TokenStatesModel):
     family = SENTENCE_TRANSFORMERS
 
     def _configure(self) -> None:
@@ -106,13 +106,6 @@ class SentenceTransformersModel(EmbeddingModel):
         if "token_type_ids" in self.signature.inputs:
             feeds["token_type_ids"] = np.zeros_like(input_ids)
         return feeds
-
-    @property
-    def output_names(self) -> list[str]:
-        return [self._output]
-
-    def token_states(self, outputs: dict[str, np.ndarray]) -> np.ndarray:
-        return as_float32(outputs[self._output])
 
     def postprocess(
         self,
