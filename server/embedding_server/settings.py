@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.register("action", "append", _AppendOverridingDefault)
     add = p.add_argument
+
+    def number(flag: str, kind: type[int] | type[float], help: str) -> None:
+        """A number flag (>= 0) whose default is the ``DEFAULTS`` field of its name."""
+        add(flag, type=_positive(kind), default=getattr(DEFAULTS, flag[2:].replace("-", "_")), help=help)
+
     add("--host", default=DEFAULTS.host, help="address to listen on")
     add("--port", type=port_number, default=DEFAULTS.port, help="gRPC port")
     add(
@@ -151,12 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULTS.rest_port,
         help="REST shim port; 0 turns the shim off",
     )
-    add(
-        "--rest-max-body-mb",
-        type=_positive(float),
-        default=DEFAULTS.rest_max_body_mb,
-        help="largest REST request body in MiB; more is HTTP 413",
-    )
+    number("--rest-max-body-mb", float, "largest REST request body in MiB; more is HTTP 413")
     add(
         "--model",
         dest="models",
@@ -186,19 +186,14 @@ def build_parser() -> argparse.ArgumentParser:
         "of answering 400 (for OpenAI tools, which cannot send truncate). gRPC is unchanged: its truncate "
         "has no presence, false is a request for the error",
     )
-    add("--max-inputs", type=_positive(int), default=DEFAULTS.max_inputs, help="most inputs per request")
+    number("--max-inputs", int, "most inputs per request")
     add(
         "--sessions",
         type=_positive(int),
         default=None,
         help="concurrent ONNX session runs per model (default: one per CPU, at most 4)",
     )
-    add(
-        "--threads-per-session",
-        type=_positive(int),
-        default=DEFAULTS.threads_per_session,
-        help="intra-op threads per session; 0: cores / sessions",
-    )
+    number("--threads-per-session", int, "intra-op threads per session; 0: cores / sessions")
     add(
         "--session-layout",
         choices=["shared", "separate"],
@@ -206,55 +201,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="shared: one ONNX session runs the --sessions concurrent batches (weights once); "
         "separate: one session each",
     )
-    add(
-        "--max-batch-tokens",
-        type=_positive(int),
-        default=DEFAULTS.max_batch_tokens,
-        help="padded tokens per session run",
-    )
-    add(
-        "--max-batch-size",
-        type=_positive(int),
-        default=DEFAULTS.max_batch_size,
-        help="sequences per session run",
-    )
-    add(
+    number("--max-batch-tokens", int, "padded tokens per session run")
+    number("--max-batch-size", int, "sequences per session run")
+    number(
         "--max-padding-waste",
-        type=_positive(int),
-        default=DEFAULTS.max_padding_waste,
-        help="padding tokens one more sequence may add to a session run; beyond it, it waits for a run "
+        int,
+        "padding tokens one more sequence may add to a session run; beyond it, it waits for a run "
         "of its own length (CPU cost is linear in padded tokens; 0: no limit)",
     )
-    add(
-        "--max-batch-wait-ms",
-        type=_positive(float),
-        default=DEFAULTS.max_batch_wait_ms,
-        help="extra wait in ms for a batch to fill",
-    )
-    add(
-        "--max-queue-requests",
-        type=_positive(int),
-        default=DEFAULTS.max_queue_requests,
-        help="requests in flight before RESOURCE_EXHAUSTED",
-    )
-    add(
-        "--max-queue-tokens",
-        type=_positive(int),
-        default=DEFAULTS.max_queue_tokens,
-        help="tokens queued before RESOURCE_EXHAUSTED",
-    )
-    add(
+    number("--max-batch-wait-ms", float, "extra wait in ms for a batch to fill")
+    number("--max-queue-requests", int, "requests in flight before RESOURCE_EXHAUSTED")
+    number("--max-queue-tokens", int, "tokens queued before RESOURCE_EXHAUSTED")
+    number(
         "--late-chunking-overlap",
-        type=_positive(int),
-        default=DEFAULTS.late_chunking_overlap,
-        help="late chunking of a document longer than the model's window: tokens each window repeats "
+        int,
+        "late chunking of a document longer than the model's window: tokens each window repeats "
         "from the one before as context, at most half a window (more context per token, more CPU)",
     )
-    add(
+    number(
         "--max-document-tokens",
-        type=_positive(int),
-        default=DEFAULTS.max_document_tokens,
-        help="longest late-chunked document in tokens (special tokens included); longer is "
+        int,
+        "longest late-chunked document in tokens (special tokens included); longer is "
         "INVALID_ARGUMENT. 0: 16 times the model's max tokens, e.g. 4096 for a 256-token model",
     )
     add(
@@ -267,24 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
         "up to 0.8GiB after the longest inputs (README, Memory); give bge-m3 / jina-embeddings-v3 "
         "(fp32, 568M params, 2.2GB of weights) at least 4GiB",
     )
-    add(
-        "--stream-window",
-        type=_positive(int),
-        default=DEFAULTS.stream_window,
-        help="requests of one StreamEmbed call in flight",
-    )
-    add(
-        "--max-message-mb",
-        type=_positive(int),
-        default=DEFAULTS.max_message_mb,
-        help="largest request message in MiB",
-    )
-    add(
-        "--grace-period",
-        type=_positive(float),
-        default=DEFAULTS.grace_period,
-        help="seconds for work in flight at shutdown",
-    )
+    number("--stream-window", int, "requests of one StreamEmbed call in flight")
+    number("--max-message-mb", int, "largest request message in MiB")
+    number("--grace-period", float, "seconds for work in flight at shutdown")
     add(
         "--api-key",
         dest="api_keys",
