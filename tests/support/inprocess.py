@@ -17,7 +17,7 @@ from embedding_client.proto import embedding_pb2_grpc
 from embedding_server.engine.embedder import Embedder
 from embedding_server.grpc_api.interceptors import InFlight, ObservingInterceptor
 from embedding_server.grpc_api.server import SERVING, build_server, set_health
-from embedding_server.grpc_api.servicer import EmbeddingServicer
+from embedding_server.grpc_api.servicer import DEFAULT_STREAM_WINDOW, EmbeddingServicer
 from embedding_server.grpc_api.state import Phase, ServingState
 from grpc_health.v1 import health
 
@@ -36,7 +36,10 @@ class InProcessServer:
 
 @asynccontextmanager
 async def serve_in_process(
-    embedder: Embedder, stream_window: int = 32, observed: bool = False, unix_socket: Path | None = None
+    embedder: Embedder,
+    stream_window: int = DEFAULT_STREAM_WINDOW,
+    observed: bool = False,
+    unix_socket: Path | None = None,
 ) -> AsyncIterator[InProcessServer]:
     """``observed``: with the production ObservingInterceptor (request ids, trailers); ``unix_socket``:
     also listen there, as the server does for its in-process REST shim."""
