@@ -290,12 +290,14 @@ def cmd_models(client: EmbeddingClient, args: argparse.Namespace) -> int:
                 "outputs": [output_name(o) for o in m.outputs],
                 "matryoshka_dimensions": list(m.matryoshka_dimensions),
                 "is_default": m.is_default,
+                "engine": m.engine,
+                "precision": m.precision,
             }
             for m in models
         ]
         print(json.dumps(rows, indent=2))
         return 0
-    header = ("NAME", "FAMILY", "DIMS", "MAX TOKENS", "MAX DOCUMENT", "OUTPUTS", "TASKS")
+    header = ("NAME", "FAMILY", "DIMS", "MAX TOKENS", "MAX DOCUMENT", "ENGINE", "OUTPUTS", "TASKS")
     table = [
         (
             m.name + (" (default)" if m.is_default else ""),
@@ -303,6 +305,7 @@ def cmd_models(client: EmbeddingClient, args: argparse.Namespace) -> int:
             str(m.dimensions),
             str(m.max_tokens),
             str(m.max_document_tokens or "-"),
+            f"{m.engine} {m.precision}".strip() or "-",
             ",".join(output_name(o) for o in m.outputs),
             ",".join(task_name(t) for t in m.tasks) or "-",
         )

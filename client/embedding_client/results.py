@@ -108,6 +108,8 @@ class ModelInfo:
     matryoshka_dimensions: tuple[int, ...]
     is_default: bool
     max_document_tokens: int = 0  # longest late-chunked document (tokens); 0: cannot late-chunk
+    precision: str = ""  # what it runs at: "fp32", "bf16", "int8" (empty: an older server)
+    engine: str = ""  # what runs it: "onnxruntime", "openvino" (empty: an older server)
 
 
 @dataclass(frozen=True)
@@ -195,6 +197,8 @@ def decode_model(info: pb.ModelInfo) -> ModelInfo:
         matryoshka_dimensions=tuple(info.matryoshka_dimensions),
         is_default=info.is_default,
         max_document_tokens=info.max_document_tokens,
+        precision=info.precision,
+        engine=info.engine,
     )
 
 

@@ -44,6 +44,7 @@ from .models.files import locate
 from .models.loader import BUILTIN_MODEL, LoadedModel, ModelSpec, load, model_files
 from .ports import PortUnavailable, ensure_free, grpc_address
 from .rest.inprocess import InProcessShim
+from .selection.measure import Plan, choose_candidate
 from .settings import Settings
 from .tls import TlsConfigError, TlsFiles, grpc_credentials, load_tls
 from .tracing import Tracing, configure
@@ -171,7 +172,11 @@ def load_models(
         started = time.monotonic()
         spec = fetched(spec, cache_dir, label=f"--model {spec.name}={spec.hub}")
         files = model_files(spec, cache_dir)
-        if settings.quantize == "int8":
+        plan = Plan(threads.sessions, threads.threads_per_session, settings.session_layout)
+        choice = choose_candidate(
+            spec.name, files, settings.engine, settings.precision, settings.fidelity_floor, plan, cache_dir
+        )
+        if choice.candidate.precision == "int8":
             from .quantize.cache import int8_files  # onnx and the quantizer: only when asked for
 
             files = int8_files(spec.name, files, cache_dir)
@@ -183,14 +188,23 @@ def load_models(
                 layout=settings.session_layout,
                 cache_dir=cache_dir,
                 files=files,
+                candidate=choice.candidate,
             )
         )
         loaded[-1].sessions.add_wide(threads.wide_threads)  # lone interactive runs use every core
+        description = loaded[-1].model.description
         log.info(
-            "loaded model %s (%s) in %.1fs", spec.name, loaded[-1].model.family, time.monotonic() - started
+            "loaded model %s (%s) on %s %s in %.1fs",
+            spec.name,
+            loaded[-1].model.family,
+            description.engine,
+            description.precision,
+            time.monotonic() - started,
         )
         if metrics is not None:
-            metrics.model_loaded(spec.name, time.monotonic() - started)
+            metrics.model_loaded(
+                spec.name, time.monotonic() - started, description.engine, description.precision
+            )
     return loaded
 
 

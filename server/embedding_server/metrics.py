@@ -19,7 +19,8 @@ Names (the operators' dashboards and alerts are written against them):
 - ``embedding_tokens_total{model}``, ``embedding_padded_tokens_total{model}``.
 - ``embedding_queue_depth{model,priority}``: sequences waiting for a session, read at scrape time.
 - ``embedding_in_flight_requests``: calls being served (what shutdown waits for).
-- ``embedding_model_load_seconds{model}``, ``embedding_serving`` (1 when SERVING).
+- ``embedding_model_load_seconds{model}``, ``embedding_model_info{model,engine,precision}`` (1: what
+  runs each model), ``embedding_serving`` (1 when SERVING).
 - the standard ``process_*`` and ``python_*`` collectors.
 
 The standalone ``embedding-rest`` exports only the call series and the process
@@ -167,6 +168,12 @@ class Metrics(CallMetrics):
         self.model_load_seconds = Gauge(
             "embedding_model_load_seconds", "Time to load a model at start.", ["model"], registry=r
         )
+        self.model_info = Gauge(
+            "embedding_model_info",
+            "1 for each model, labelled with the engine and precision that run it.",
+            ["model", "engine", "precision"],
+            registry=r,
+        )
         self.serving = Gauge("embedding_serving", "1 while the server is SERVING, else 0.", registry=r)
 
     # --- the API layers ----------------------------------------------------------------
@@ -210,8 +217,9 @@ class Metrics(CallMetrics):
             for priority in (Priority.INTERACTIVE, Priority.BATCH):
                 self.queue_depth.labels(name, _class(priority)).set_function(partial(batcher.depth, priority))
 
-    def model_loaded(self, model: str, seconds: float) -> None:
+    def model_loaded(self, model: str, seconds: float, engine: str, precision: str) -> None:
         self.model_load_seconds.labels(model).set(seconds)
+        self.model_info.labels(model, engine, precision).set(1)
 
 
 def _class(priority: Priority) -> str:

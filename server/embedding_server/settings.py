@@ -23,6 +23,8 @@ from .engine.batcher import BatchSettings
 from .engine.embedder import EngineSettings
 from .engine.memory import parse_size
 from .grpc_api.servicer import DEFAULT_STREAM_WINDOW
+from .models.engines import ENGINES, PRECISIONS
+from .selection.rule import DEFAULT_FLOOR
 
 ENV_PREFIX = "EMBEDDING_"
 LOG_LEVELS = ["debug", "info", "warning", "error"]
@@ -67,6 +69,9 @@ class Settings:
     log_level: str = "info"
     log_json: bool = False
     quantize: str = "none"
+    engine: str = "auto"  # auto: measured at first start (selection/measure.py)
+    precision: str = "auto"
+    fidelity_floor: float = DEFAULT_FLOOR
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/embedding-service
     otlp_endpoint: str | None = None  # None: tracing only if the standard OTEL_* variables ask for it
 
@@ -270,6 +275,28 @@ def build_parser() -> argparse.ArgumentParser:
         "(none: as stored; the built-in model is exact fp32)",
     )
     add(
+        "--engine",
+        choices=["auto", *ENGINES],
+        default=DEFAULTS.engine,
+        help="what runs the models: ONNX Runtime or OpenVINO (the same ONNX files). auto: at a model's first "
+        "start, measure each engine and precision this CPU runs natively and serve the fastest one that "
+        "keeps --fidelity-floor; the table is cached in --cache-dir and logged",
+    )
+    add(
+        "--precision",
+        choices=["auto", *PRECISIONS],
+        default=DEFAULTS.precision,
+        help="fp32 (exact), bf16 (OpenVINO, on CPUs with AMX or AVX-512 BF16; refused on others), int8 "
+        "(ONNX Runtime, the same as --quantize int8), or auto: fp32 or bf16, by measurement (never int8)",
+    )
+    add(
+        "--fidelity-floor",
+        type=float,
+        default=DEFAULTS.fidelity_floor,
+        help="--engine/--precision auto: the lowest cosine to ONNX Runtime fp32 a candidate may have on "
+        "the calibration texts (its worst output and task)",
+    )
+    add(
         "--cache-dir",
         default=None,
         help="where built, quantized and hub (hf:) models are cached "
@@ -300,4 +327,10 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         parser.error("--tls-client-ca needs --tls-cert and --tls-key")
+    if args.quantize == "int8":  # the older spelling of --precision int8
+        if args.precision not in ("auto", "int8"):
+            parser.error(f"--quantize int8 and --precision {args.precision} disagree")
+        args.precision = "int8"
+    if not 0.0 < args.fidelity_floor <= 1.0:
+        parser.error(f"--fidelity-floor: must be in (0, 1], got {args.fidelity_floor}")
     return Settings(**vars(args))

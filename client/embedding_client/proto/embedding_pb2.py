@@ -25,19 +25,19 @@ _sym_db = _symbol_database.Default()
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedding/v1/embedding.proto\x12\x0c\x65mbedding.v1\x1a\x17google/rpc/status.proto\"\xf5\x01\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12 \n\x04task\x18\x04 \x01(\x0e\x32\x12.embedding.v1.Task\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\x15\n\rlate_chunking\x18\x06 \x01(\x08\x12)\n\x07outputs\x18\x07 \x03(\x0e\x32\x18.embedding.v1.OutputType\x12\x10\n\x08truncate\x18\x08 \x01(\x08\x12(\n\x08priority\x18\t \x01(\x0e\x32\x16.embedding.v1.Priority\"\xa6\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\nembeddings\x18\x03 \x03(\x0b\x32\x17.embedding.v1.Embedding\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.embedding.v1.Usage\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\"\xda\x01\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12*\n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x19.embedding.v1.DenseVectorH\x00\x12,\n\x06sparse\x18\x03 \x01(\x0b\x32\x1a.embedding.v1.SparseVectorH\x00\x12,\n\x07\x63olbert\x18\x04 \x01(\x0b\x32\x19.embedding.v1.MultiVectorH\x00\x12,\n\x06\x62inary\x18\x05 \x01(\x0b\x32\x1a.embedding.v1.BinaryVectorH\x00\x42\x08\n\x06vector\"\x1d\n\x0b\x44\x65nseVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"/\n\x0cSparseVector\x12\x0f\n\x07indices\x18\x01 \x03(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"1\n\x0bMultiVector\x12\x12\n\ndimensions\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"0\n\x0c\x42inaryVector\x12\x0c\n\x04\x62its\x18\x01 \x01(\x0c\x12\x12\n\ndimensions\x18\x02 \x01(\r\"4\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.embedding.v1.ModelInfo\"\x82\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12!\n\x05tasks\x18\x05 \x03(\x0e\x32\x12.embedding.v1.Task\x12)\n\x07outputs\x18\x06 \x03(\x0e\x32\x18.embedding.v1.OutputType\x12\x1d\n\x15matryoshka_dimensions\x18\x07 \x03(\r\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12\x1b\n\x13max_document_tokens\x18\t \x01(\r\x12\x11\n\tprecision\x18\n \x01(\t\"R\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12 \n\x04task\x18\x03 \x01(\x0e\x32\x12.embedding.v1.Task\"A\n\x10TokenizeResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.embedding.v1.TokenizedInput\"-\n\x0eTokenizedInput\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t*\x98\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_RETRIEVAL_QUERY\x10\x01\x12\x1a\n\x16TASK_RETRIEVAL_PASSAGE\x10\x02\x12\x13\n\x0fTASK_SEPARATION\x10\x03\x12\x17\n\x13TASK_CLASSIFICATION\x10\x04\x12\x16\n\x12TASK_TEXT_MATCHING\x10\x05*\x89\x01\n\nOutputType\x12\x1b\n\x17OUTPUT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_TYPE_DENSE\x10\x01\x12\x16\n\x12OUTPUT_TYPE_SPARSE\x10\x02\x12\x17\n\x13OUTPUT_TYPE_COLBERT\x10\x03\x12\x16\n\x12OUTPUT_TYPE_BINARY\x10\x04*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02\x32\xbc\x02\n\x10\x45mbeddingService\x12@\n\x05\x45mbed\x12\x1a.embedding.v1.EmbedRequest\x1a\x1b.embedding.v1.EmbedResponse\x12J\n\x0bStreamEmbed\x12\x1a.embedding.v1.EmbedRequest\x1a\x1b.embedding.v1.EmbedResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.embedding.v1.ListModelsRequest\x1a .embedding.v1.ListModelsResponse\x12I\n\x08Tokenize\x12\x1d.embedding.v1.TokenizeRequest\x1a\x1e.embedding.v1.TokenizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x65mbedding/v1/embedding.proto\x12\x0c\x65mbedding.v1\x1a\x17google/rpc/status.proto\"\xf5\x01\n\x0c\x45mbedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x06inputs\x18\x03 \x03(\t\x12 \n\x04task\x18\x04 \x01(\x0e\x32\x12.embedding.v1.Task\x12\x12\n\ndimensions\x18\x05 \x01(\r\x12\x15\n\rlate_chunking\x18\x06 \x01(\x08\x12)\n\x07outputs\x18\x07 \x03(\x0e\x32\x18.embedding.v1.OutputType\x12\x10\n\x08truncate\x18\x08 \x01(\x08\x12(\n\x08priority\x18\t \x01(\x0e\x32\x16.embedding.v1.Priority\"\xa6\x01\n\rEmbedResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12+\n\nembeddings\x18\x03 \x03(\x0b\x32\x17.embedding.v1.Embedding\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.embedding.v1.Usage\x12!\n\x05\x65rror\x18\x05 \x01(\x0b\x32\x12.google.rpc.Status\"\xda\x01\n\tEmbedding\x12\r\n\x05index\x18\x01 \x01(\r\x12*\n\x05\x64\x65nse\x18\x02 \x01(\x0b\x32\x19.embedding.v1.DenseVectorH\x00\x12,\n\x06sparse\x18\x03 \x01(\x0b\x32\x1a.embedding.v1.SparseVectorH\x00\x12,\n\x07\x63olbert\x18\x04 \x01(\x0b\x32\x19.embedding.v1.MultiVectorH\x00\x12,\n\x06\x62inary\x18\x05 \x01(\x0b\x32\x1a.embedding.v1.BinaryVectorH\x00\x42\x08\n\x06vector\"\x1d\n\x0b\x44\x65nseVector\x12\x0e\n\x06values\x18\x01 \x03(\x02\"/\n\x0cSparseVector\x12\x0f\n\x07indices\x18\x01 \x03(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"1\n\x0bMultiVector\x12\x12\n\ndimensions\x18\x01 \x01(\r\x12\x0e\n\x06values\x18\x02 \x03(\x02\"0\n\x0c\x42inaryVector\x12\x0c\n\x04\x62its\x18\x01 \x01(\x0c\x12\x12\n\ndimensions\x18\x02 \x01(\r\"4\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x14\n\x0ctotal_tokens\x18\x02 \x01(\r\"\x13\n\x11ListModelsRequest\"=\n\x12ListModelsResponse\x12\'\n\x06models\x18\x01 \x03(\x0b\x32\x17.embedding.v1.ModelInfo\"\x92\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x12\n\ndimensions\x18\x03 \x01(\r\x12\x12\n\nmax_tokens\x18\x04 \x01(\r\x12!\n\x05tasks\x18\x05 \x03(\x0e\x32\x12.embedding.v1.Task\x12)\n\x07outputs\x18\x06 \x03(\x0e\x32\x18.embedding.v1.OutputType\x12\x1d\n\x15matryoshka_dimensions\x18\x07 \x03(\r\x12\x12\n\nis_default\x18\x08 \x01(\x08\x12\x1b\n\x13max_document_tokens\x18\t \x01(\r\x12\x11\n\tprecision\x18\n \x01(\t\x12\x0e\n\x06\x65ngine\x18\x0b \x01(\t\"R\n\x0fTokenizeRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06inputs\x18\x02 \x03(\t\x12 \n\x04task\x18\x03 \x01(\x0e\x32\x12.embedding.v1.Task\"A\n\x10TokenizeResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.embedding.v1.TokenizedInput\"-\n\x0eTokenizedInput\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06tokens\x18\x02 \x03(\t*\x98\x01\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x18\n\x14TASK_RETRIEVAL_QUERY\x10\x01\x12\x1a\n\x16TASK_RETRIEVAL_PASSAGE\x10\x02\x12\x13\n\x0fTASK_SEPARATION\x10\x03\x12\x17\n\x13TASK_CLASSIFICATION\x10\x04\x12\x16\n\x12TASK_TEXT_MATCHING\x10\x05*\x89\x01\n\nOutputType\x12\x1b\n\x17OUTPUT_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11OUTPUT_TYPE_DENSE\x10\x01\x12\x16\n\x12OUTPUT_TYPE_SPARSE\x10\x02\x12\x17\n\x13OUTPUT_TYPE_COLBERT\x10\x03\x12\x16\n\x12OUTPUT_TYPE_BINARY\x10\x04*R\n\x08Priority\x12\x18\n\x14PRIORITY_UNSPECIFIED\x10\x00\x12\x18\n\x14PRIORITY_INTERACTIVE\x10\x01\x12\x12\n\x0ePRIORITY_BATCH\x10\x02\x32\xbc\x02\n\x10\x45mbeddingService\x12@\n\x05\x45mbed\x12\x1a.embedding.v1.EmbedRequest\x1a\x1b.embedding.v1.EmbedResponse\x12J\n\x0bStreamEmbed\x12\x1a.embedding.v1.EmbedRequest\x1a\x1b.embedding.v1.EmbedResponse(\x01\x30\x01\x12O\n\nListModels\x12\x1f.embedding.v1.ListModelsRequest\x1a .embedding.v1.ListModelsResponse\x12I\n\x08Tokenize\x12\x1d.embedding.v1.TokenizeRequest\x1a\x1e.embedding.v1.TokenizeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'embedding.v1.embedding_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASK']._serialized_start=1488
-  _globals['_TASK']._serialized_end=1640
-  _globals['_OUTPUTTYPE']._serialized_start=1643
-  _globals['_OUTPUTTYPE']._serialized_end=1780
-  _globals['_PRIORITY']._serialized_start=1782
-  _globals['_PRIORITY']._serialized_end=1864
+  _globals['_TASK']._serialized_start=1504
+  _globals['_TASK']._serialized_end=1656
+  _globals['_OUTPUTTYPE']._serialized_start=1659
+  _globals['_OUTPUTTYPE']._serialized_end=1796
+  _globals['_PRIORITY']._serialized_start=1798
+  _globals['_PRIORITY']._serialized_end=1880
   _globals['_EMBEDREQUEST']._serialized_start=72
   _globals['_EMBEDREQUEST']._serialized_end=317
   _globals['_EMBEDRESPONSE']._serialized_start=320
@@ -59,13 +59,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTMODELSRESPONSE']._serialized_start=965
   _globals['_LISTMODELSRESPONSE']._serialized_end=1026
   _globals['_MODELINFO']._serialized_start=1029
-  _globals['_MODELINFO']._serialized_end=1287
-  _globals['_TOKENIZEREQUEST']._serialized_start=1289
-  _globals['_TOKENIZEREQUEST']._serialized_end=1371
-  _globals['_TOKENIZERESPONSE']._serialized_start=1373
-  _globals['_TOKENIZERESPONSE']._serialized_end=1438
-  _globals['_TOKENIZEDINPUT']._serialized_start=1440
-  _globals['_TOKENIZEDINPUT']._serialized_end=1485
-  _globals['_EMBEDDINGSERVICE']._serialized_start=1867
-  _globals['_EMBEDDINGSERVICE']._serialized_end=2183
+  _globals['_MODELINFO']._serialized_end=1303
+  _globals['_TOKENIZEREQUEST']._serialized_start=1305
+  _globals['_TOKENIZEREQUEST']._serialized_end=1387
+  _globals['_TOKENIZERESPONSE']._serialized_start=1389
+  _globals['_TOKENIZERESPONSE']._serialized_end=1454
+  _globals['_TOKENIZEDINPUT']._serialized_start=1456
+  _globals['_TOKENIZEDINPUT']._serialized_end=1501
+  _globals['_EMBEDDINGSERVICE']._serialized_start=1883
+  _globals['_EMBEDDINGSERVICE']._serialized_end=2199
 # @@protoc_insertion_point(module_scope)

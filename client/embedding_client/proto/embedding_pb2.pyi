@@ -144,7 +144,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "dimensions", "max_tokens", "tasks", "outputs", "matryoshka_dimensions", "is_default", "max_document_tokens", "precision")
+    __slots__ = ("name", "family", "dimensions", "max_tokens", "tasks", "outputs", "matryoshka_dimensions", "is_default", "max_document_tokens", "precision", "engine")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     DIMENSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class ModelInfo(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     MAX_DOCUMENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PRECISION_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     dimensions: int
@@ -165,7 +166,8 @@ class ModelInfo(_message.Message):
     is_default: bool
     max_document_tokens: int
     precision: str
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., dimensions: _Optional[int] = ..., max_tokens: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., outputs: _Optional[_Iterable[_Union[OutputType, str]]] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., is_default: _Optional[bool] = ..., max_document_tokens: _Optional[int] = ..., precision: _Optional[str] = ...) -> None: ...
+    engine: str
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., dimensions: _Optional[int] = ..., max_tokens: _Optional[int] = ..., tasks: _Optional[_Iterable[_Union[Task, str]]] = ..., outputs: _Optional[_Iterable[_Union[OutputType, str]]] = ..., matryoshka_dimensions: _Optional[_Iterable[int]] = ..., is_default: _Optional[bool] = ..., max_document_tokens: _Optional[int] = ..., precision: _Optional[str] = ..., engine: _Optional[str] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("model", "inputs", "task")

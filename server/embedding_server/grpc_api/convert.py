@@ -82,6 +82,7 @@ def model_info(description: ModelDescription, is_default: bool) -> pb.ModelInfo:
         is_default=is_default,
         max_document_tokens=description.max_document_tokens,
         precision=description.precision,
+        engine=description.engine,
     )
 
 

@@ -18,17 +18,17 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .base import EmbeddingModel, signature_of
+from .base import EmbeddingModel, SessionSignature, signature_of
 from .bge_m3 import BgeM3Model
 from .build_minilm import BUILTIN_MODEL as BUILTIN_MODEL
 from .build_minilm import built_fp32_model
 from .build_minilm import builtin_root as builtin_root
+from .engines import ONNXRUNTIME, Candidate, RunPool, open_pool
 from .family import BGE_M3, JINA_V3, detect_family
 from .files import QUANTIZATION_REPORT as REPORT_JSON
 from .files import ModelFiles, locate
 from .jina_v3 import JinaV3Model
 from .sentence_transformers import SentenceTransformersModel
-from .sessions import SessionPool
 
 FAMILY_CLASSES: dict[str, type[EmbeddingModel]] = {
     JINA_V3: JinaV3Model,
@@ -108,10 +108,10 @@ class ModelSpec:
 
 @dataclass
 class LoadedModel:
-    """A model and the sessions that run it."""
+    """A model and the engine's run pool that runs it."""
 
     model: EmbeddingModel
-    sessions: SessionPool
+    sessions: RunPool
 
 
 def builtin_files(cache_dir: Path | None = None) -> ModelFiles:
@@ -130,8 +130,8 @@ def model_files(spec: ModelSpec, cache_dir: Path | None = None) -> ModelFiles:
 
 
 def build_model(name: str, files: ModelFiles, session: object) -> EmbeddingModel:
-    """The family's model class over an open session (also used by the quantizer's fidelity check)."""
-    signature = signature_of(session)
+    """The family's model class over an open session or its signature (also used by the quantizer)."""
+    signature = session if isinstance(session, SessionSignature) else signature_of(session)
     family = detect_family(files, signature.outputs)
     model_class = FAMILY_CLASSES.get(family, SentenceTransformersModel)
     return model_class(name, files, signature)
@@ -144,16 +144,20 @@ def load(
     layout: str = "shared",
     cache_dir: Path | None = None,
     files: ModelFiles | None = None,
+    candidate: Candidate | None = None,
 ) -> LoadedModel:
-    """Open the sessions, detect the family and build the model; ModelLoadError on any problem.
+    """Open the engine's run pool, detect the family and build the model; ModelLoadError on any problem.
 
     ``files``: what to serve instead of the spec's own files (app.py passes the int8 copy for
-    ``--quantize int8``, so this layer never calls the quantizer, which builds on it).
+    int8, so this layer never calls the quantizer, which builds on it). ``candidate``: the engine
+    and precision (None: ONNX Runtime at the file's own precision).
     """
     files = files or model_files(spec, cache_dir)
-    pool = SessionPool(files.onnx, sessions=sessions, threads=threads, layout=layout)
-    model = build_model(spec.name, files, pool.first)
-    model.description = replace(model.description, precision=precision_of(files))
+    candidate = candidate or Candidate(ONNXRUNTIME, "fp32")
+    pool = open_pool(candidate, files.onnx, sessions=sessions, threads=threads, layout=layout)
+    model = build_model(spec.name, files, pool.signature)
+    precision = "int8" if precision_of(files) == "int8" else pool.precision
+    model.description = replace(model.description, precision=precision, engine=pool.engine)
     return LoadedModel(model=model, sessions=pool)
 
 

@@ -35,7 +35,10 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import ModelLoadError
+from .base import SessionSignature, signature_of
 from .files import missing_external_data, truncated_external_data
+
+ENGINE = "onnxruntime"
 
 
 def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
@@ -44,7 +47,9 @@ def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only: ORT's warnings are noise for operators
+    # Fatal only: a file ORT cannot load raises, and open_session turns that into one line of ours
+    # (at 3, errors, ORT also printed its own "[E:onnxruntime:...]" line for it on stderr).
+    options.log_severity_level = 4
     # ORT's intra-op threads busy-wait between ops by default. In a server they
     # share the cores with the tokenizer threads and the event loop, and the
     # spinning starves them: measured on 2 cores with another process busy,
@@ -86,6 +91,9 @@ WIDE_MAX_BYTES = 256 * 1024 * 1024
 class SessionPool:
     """N run slots over one model; ``run`` may be called from N threads at once."""
 
+    engine = ENGINE
+    precision = "fp32"  # of the computation: an int8 graph's precision is its file's (loader.py)
+
     def __init__(self, path: Path, sessions: int = 1, threads: int = 1, layout: str = "shared") -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"session layout must be one of {LAYOUTS}, not {layout!r}")
@@ -98,6 +106,7 @@ class SessionPool:
             self._sessions = [open_session(path, threads) for _ in range(sessions)]
         self._wide: ort.InferenceSession | None = None
         self.wide_threads = 0
+        self.signature: SessionSignature = signature_of(self._sessions[0])
 
     def add_wide(self, threads: int) -> bool:
         """Open the all-cores session for lone interactive runs; False when not worth it.
@@ -118,10 +127,6 @@ class SessionPool:
     @property
     def size(self) -> int:
         return len(self._sessions)
-
-    @property
-    def first(self) -> ort.InferenceSession:
-        return self._sessions[0]
 
     def run(
         self, slot: int, output_names: list[str], feeds: dict[str, np.ndarray], wide: bool = False

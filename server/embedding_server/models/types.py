@@ -59,7 +59,8 @@ class ModelDescription:
     outputs: tuple[Output, ...] = (Output.DENSE, Output.BINARY)
     matryoshka_dimensions: tuple[int, ...] = ()
     max_document_tokens: int = 0  # the longest late-chunked document accepted; 0: cannot late-chunk
-    precision: str = "fp32"  # the weights as served: "fp32", "fp16" or "int8"
+    precision: str = "fp32"  # as served: "fp32", "bf16" (OpenVINO), "fp16" or "int8"
+    engine: str = "onnxruntime"  # what runs it: "onnxruntime" or "openvino" (models/engines.py)
 
 
 @dataclass

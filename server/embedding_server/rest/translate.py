@@ -122,6 +122,8 @@ def to_models_response(response: pb.ListModelsResponse) -> dict[str, object]:
                 "outputs": [_output_name(o) for o in model.outputs],
                 "matryoshka_dimensions": list(model.matryoshka_dimensions),
                 "is_default": model.is_default,
+                "engine": model.engine,
+                "precision": model.precision,
             }
             for model in response.models
         ],
