@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
+
+# Before gRPC is imported: this process never forks a child that uses gRPC, and gRPC's fork
+# handlers print a line of their own ("skipping fork() handlers") whenever a library forks
+# while the server's threads are in gRPC (OpenVINO's Core does, once, at first use).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from .app import serve
 from .errors import StartupError

@@ -23,18 +23,18 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
+import pickle
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import StartupError
+from ..errors import ModelLoadError, StartupError
 from ..models.base import EmbeddingModel
 from ..models.build_minilm import atomic_write, default_cache_dir, writable_cache
 from ..models.engines import (
@@ -180,13 +180,35 @@ def write_table(path: Path, table: Sequence[Measured]) -> None:
 def measure_in_child(
     name: str, files: ModelFiles, allowed: Sequence[Candidate], plan: Plan
 ) -> list[Measured]:
-    """``measure`` in a spawned process; a child that dies is a StartupError naming the model."""
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=1, mp_context=context) as executor:
-        try:
-            return executor.submit(measure, name, files, list(allowed), plan).result()
-        except BrokenProcessPool as exc:
-            raise StartupError(f"model {name}: measuring the engines failed: the child process died") from exc
+    """``measure`` in a child interpreter (``python -m embedding_server.selection.measure``).
+
+    A fresh interpreter, so nothing of the measuring stays in the server's memory. The arguments and the result (the
+    table, or the ModelLoadError that names a broken file) travel pickled over the pipes; a
+    child that dies otherwise is a StartupError with its last line of stderr.
+    """
+    done = subprocess.run(
+        [sys.executable, "-m", __name__],
+        input=pickle.dumps((name, files, list(allowed), plan)),
+        capture_output=True,
+        check=False,
+    )
+    if done.returncode == 0:
+        result = pickle.loads(done.stdout)
+        if isinstance(result, Exception):
+            raise result
+        return list(result)
+    last = (done.stderr.decode(errors="replace").strip().splitlines() or [f"exit {done.returncode}"])[-1]
+    raise StartupError(f"model {name}: measuring the engines failed ({last})")
+
+
+def _child_main() -> None:
+    """The child's side: read the arguments, measure, write the table (or a load error) back."""
+    name, files, allowed, plan = pickle.loads(sys.stdin.buffer.read())
+    try:
+        result: object = measure(name, files, allowed, plan)
+    except ModelLoadError as exc:
+        result = exc
+    sys.stdout.buffer.write(pickle.dumps(result))
 
 
 def measure(name: str, files: ModelFiles, allowed: Sequence[Candidate], plan: Plan) -> list[Measured]:
@@ -244,3 +266,7 @@ def throughput(model: EmbeddingModel, run: Runner, texts: list[str]) -> float:
         run(model.output_names, feeds)
         times.append(time.perf_counter() - started)
     return len(texts) / statistics.median(times)
+
+
+if __name__ == "__main__":
+    _child_main()
