@@ -27,7 +27,7 @@ from tests.support.reference import (
     assert_binary_matches,
     backbone_states,
 )
-from tests.support.server import RunningServer, start_server
+from tests.support.server import ENGINES_AT_FP32, RunningServer, start_server
 from tests.support.synthetic import (
     BGE_M3_HEADS,
     BGE_M3_HIDDEN,
@@ -63,10 +63,10 @@ def refs(bge_dirs: dict[str, BgeM3Dir]) -> dict[str, BgeM3Reference]:
     return {name: BgeM3Reference(model) for name, model in bge_dirs.items()}
 
 
-@pytest.fixture(scope="module")
-def server(bge_dirs: dict[str, BgeM3Dir]) -> Iterator[RunningServer]:
+@pytest.fixture(scope="module", params=list(ENGINES_AT_FP32))
+def server(bge_dirs: dict[str, BgeM3Dir], request: pytest.FixtureRequest) -> Iterator[RunningServer]:
     args = [arg for name, model in bge_dirs.items() for arg in ("--model", f"{name}={model.path}")]
-    running = start_server(*args, "--max-batch-wait-ms", "20")
+    running = start_server(*args, *ENGINES_AT_FP32[request.param], "--max-batch-wait-ms", "20")
     yield running
     running.stop()
 

@@ -19,7 +19,7 @@ import pytest
 from embedding_client.proto import embedding_pb2 as pb
 
 from tests.support.reference import COSINES, JinaV3Reference, assert_binary_matches, backbone_states
-from tests.support.server import RunningServer, start_server
+from tests.support.server import ENGINES_AT_FP32, RunningServer, start_server
 from tests.support.synthetic import (
     JINA_HIDDEN,
     JINA_MATRYOSHKA,
@@ -68,10 +68,10 @@ def refs(jina_dirs: dict[str, JinaV3Dir]) -> dict[str, JinaV3Reference]:
     return {name: JinaV3Reference(model) for name, model in jina_dirs.items()}
 
 
-@pytest.fixture(scope="module")
-def server(jina_dirs: dict[str, JinaV3Dir]) -> Iterator[RunningServer]:
+@pytest.fixture(scope="module", params=list(ENGINES_AT_FP32))
+def server(jina_dirs: dict[str, JinaV3Dir], request: pytest.FixtureRequest) -> Iterator[RunningServer]:
     args = [arg for name, model in jina_dirs.items() for arg in ("--model", f"{name}={model.path}")]
-    running = start_server(*args, "--max-batch-wait-ms", "20")
+    running = start_server(*args, *ENGINES_AT_FP32[request.param], "--max-batch-wait-ms", "20")
     yield running
     running.stop()
 

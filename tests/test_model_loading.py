@@ -28,7 +28,7 @@ from tests.support.reference import (
     JinaV3Reference,
     SentenceTransformersReference,
 )
-from tests.support.server import RunningServer, free_port, server_command, start_server
+from tests.support.server import ENGINES_AT_FP32, RunningServer, free_port, server_command, start_server
 from tests.support.synthetic import (
     BGE_M3_HEADS,
     BGE_M3_HIDDEN,
@@ -98,10 +98,10 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def server(dirs: dict[str, object]) -> Iterator[RunningServer]:
+@pytest.fixture(scope="module", params=list(ENGINES_AT_FP32))
+def server(dirs: dict[str, object], request: pytest.FixtureRequest) -> Iterator[RunningServer]:
     args = [arg for name, model in dirs.items() for arg in ("--model", f"{name}={model.path}")]  # type: ignore[attr-defined]
-    running = start_server(*args)
+    running = start_server(*args, *ENGINES_AT_FP32[request.param])
     yield running
     running.stop()
 

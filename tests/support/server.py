@@ -25,6 +25,9 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 #: tests compare with numpy at fp32 tolerances, and --engine auto would pick bf16 on one machine
 #: and fp32 on another. tests/test_engines.py runs every engine, precision and the auto choice.
 PINNED_ENGINE = {"EMBEDDING_ENGINE": "onnxruntime"}
+#: The flags of each engine at fp32, for a module-scoped server fixture parametrized over them: the
+#: family tests (jina-v3, bge-m3, sentence-transformers layouts) run on both at fp32 tolerances.
+ENGINES_AT_FP32 = {"onnxruntime": (), "openvino": ("--engine", "openvino", "--precision", "fp32")}
 
 
 def free_port() -> int:

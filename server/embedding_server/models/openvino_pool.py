@@ -114,11 +114,16 @@ class OpenVinoPool:
         except Exception as exc:  # openvino raises RuntimeError with a multi-line C++ trace
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelLoadError(f"{path}: OpenVINO cannot compile it ({first})") from exc
+        # The names as the ONNX file has them: compiling may merge a tensor's names (bge-m3's
+        # token_embeddings came back as "tanh_23"), so they are read before, and each output
+        # is fetched by its port, which answers to every name it has.
         self.signature = SessionSignature(
-            inputs={p.get_any_name(): _dims(p) for p in self._compiled.inputs},
-            outputs={p.get_any_name(): _dims(p) for p in self._compiled.outputs},
-            output_types={p.get_any_name(): _type_name(p) for p in self._compiled.outputs},
+            inputs={p.get_any_name(): _dims(p) for p in model.inputs},
+            outputs={p.get_any_name(): _dims(p) for p in model.outputs},
+            output_types={p.get_any_name(): _type_name(p) for p in model.outputs},
         )
+        self._ports = {name: self._compiled.output(name) for name in self.signature.outputs}
+        del model  # the compiled model holds its own (converted) weights
         self._free: list[Any] = []
         self._lock = threading.Lock()
         self._running = 0
@@ -142,7 +147,7 @@ class OpenVinoPool:
         tokens = max((int(np.prod(v.shape[:2])) for v in feeds.values() if v.ndim >= 2), default=0)
         try:
             results = request.infer(feeds)  # releases the GIL; outputs are copies (share_outputs off)
-            return {name: np.asarray(results[name]) for name in output_names}
+            return {name: np.asarray(results[self._ports[name]]) for name in output_names}
         finally:
             with self._lock:
                 self._free.append(request)

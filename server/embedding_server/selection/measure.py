@@ -182,9 +182,10 @@ def measure_in_child(
 ) -> list[Measured]:
     """``measure`` in a child interpreter (``python -m embedding_server.selection.measure``).
 
-    A fresh interpreter, so nothing of the measuring stays in the server's memory. The arguments and the result (the
-    table, or the ModelLoadError that names a broken file) travel pickled over the pipes; a
-    child that dies otherwise is a StartupError with its last line of stderr.
+    A fresh interpreter, so nothing of the measuring stays in the server's memory. The
+    arguments and the result (the table, or the ModelLoadError that names a broken file)
+    travel pickled over the pipes; a child that dies otherwise is a StartupError with its
+    last line of stderr.
     """
     done = subprocess.run(
         [sys.executable, "-m", __name__],
