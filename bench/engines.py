@@ -96,6 +96,9 @@ class InProcess:
         return out
 
 
+Loads = dict[str, list[str]]
+
+
 def in_process(
     args: argparse.Namespace, loads: dict[str, list[str]], expected: dict[str, np.ndarray]
 ) -> None:
