@@ -28,12 +28,14 @@ import contextlib
 import http.client
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -205,9 +207,9 @@ def two_jobs(target: str, corpus: Path, env: dict[str, str]) -> tuple[float, flo
     return done[0] / total, done[1] / total
 
 
-def peak_256(checkout: Path | None) -> float:
+def peak_256(checkout: Path | None, flags: Sequence[str] = ()) -> float:
     """VmHWM after four concurrent Embed calls of 128 passages of ~256 tokens (truncate)."""
-    server = start_server(rest=False, checkout=checkout)
+    server = start_server(*flags, rest=False, checkout=checkout)
     try:
         stub = private_stub(server.target)
         texts = sentences(128, 300, 320, seed=7)
@@ -224,12 +226,14 @@ def peak_256(checkout: Path | None) -> float:
         server.stop()
 
 
-def variant(name: str, checkout: Path | None, corpus: Path, workdir: Path) -> dict[str, object]:
+def variant(
+    name: str, checkout: Path | None, corpus: Path, workdir: Path, flags: Sequence[str] = ()
+) -> dict[str, object]:
     half = workdir / "half.jsonl"  # each of the two concurrent jobs embeds half the corpus
     lines = corpus.read_text().splitlines(keepends=True)
     half.write_text("".join(lines[: len(lines) // 2]))
     env = checkout_env(checkout)  # the corpus jobs' clients are of the same version as the server
-    server = start_server(rest=True, checkout=checkout)  # /metrics on the REST port, to look inside
+    server = start_server(*flags, rest=True, checkout=checkout)  # /metrics on the REST port
     print(f"  [{name}] server pid {server.process.pid}, metrics on :{server.rest_port}", flush=True)
     try:
         idle = idle_latency(server.target)
@@ -241,7 +245,7 @@ def variant(name: str, checkout: Path | None, corpus: Path, workdir: Path) -> di
         peak = server.peak_rss_mb()
     finally:
         server.stop()
-    peak256 = peak_256(checkout)
+    peak256 = peak_256(checkout, flags)
     q = queries.latencies
     return {
         "name": name,
@@ -268,6 +272,11 @@ def corpus_bench(doc: str, passages: int, seed: int) -> tuple[argparse.Namespace
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--passages", type=int, default=passages)
     parser.add_argument("--before", type=Path, default=None, help="another checkout to compare with")
+    parser.add_argument(
+        "--compare-flags",
+        default=None,
+        help='this checkout again with these server flags, e.g. "--engine onnxruntime --precision fp32"',
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="bench-corpus-"))
     corpus = workdir / "corpus.jsonl"
@@ -282,11 +291,14 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"{args.passages} passages of 80-200 words, {cores} cores, default model and flags")
     print(f"in-process all-cores single query: p50 {in_process:.1f} ms", flush=True)
-    variants = [("this checkout", None)]
+    variants: list[tuple[str, Path | None, list[str]]] = [("this checkout", None, [])]
+    if args.compare_flags:
+        flags = shlex.split(args.compare_flags)
+        variants.append((f"this checkout {args.compare_flags}", None, flags))
     if args.before is not None:
-        variants.append((f"before ({args.before})", args.before.resolve()))
-    for name, checkout in variants:
-        report(variant(name, checkout, corpus, workdir), in_process)
+        variants.append((f"before ({args.before})", args.before.resolve(), []))
+    for name, checkout, flags in variants:
+        report(variant(name, checkout, corpus, workdir, flags), in_process)
 
 
 def report(r: dict[str, object], in_process: float) -> None:
