@@ -5,28 +5,36 @@ MultiHeadAttention and Gelu included) and compiles them once per model for
 this CPU; ``INFERENCE_PRECISION_HINT`` bf16 runs the matrix work on AMX or
 AVX-512 BF16 where the CPU has them (``native_bf16``).
 
-One compiled model with one *stream* per concurrent run the batcher may start
-(``sessions`` bulk runs plus as many interactive ones), each stream with
-``threads`` threads: the streams share the weights, each holds its own
-intermediate buffers, and a run never waits inside OpenVINO for a stream that
-another run holds (a query beside two bulk runs gets a stream of its own).
-Runs go through a free list of infer requests, one per concurrent caller.
+Slots. A compiled model runs one request per *stream* at a time, and OpenVINO
+caps its streams at the number of cores: with 2 streams on 2 cores, a query
+waited behind two bulk runs (bench/mixed.py: p99 266 ms under a corpus job). A
+single-stream, single-thread compiled model runs its request on the calling
+thread itself (its thread CPU time equals its wall time), so the batcher's
+threads keep their roles: a bulk run executes on a niced ``bulk-`` thread and a
+query on its ``run-`` thread, as with ONNX Runtime, and no hand-off to a worker
+thread is paid (measured, 9-token query: 1.90 ms inline, 3.33 ms through a
+2-stream model). So a model of at most ``SLOTS_MAX_BYTES`` gets one
+single-stream compiled model per concurrent run the batcher may start
+(``sessions`` bulk runs and as many interactive ones), each with ``threads``
+threads; each copy costs its converted weights (built-in model: +31 MiB a copy
+in bf16). A larger model gets one compiled model with ``sessions`` streams that
+share its weights, and requests beyond them wait inside OpenVINO.
 
-Memory: a stream keeps the intermediate buffers of the largest shape it ran
-(its high-water mark, like ONNX Runtime's arena). So the process does not stay
-at a long batch's peak, ``release_memory`` gives them back whenever the pool
-goes idle after a run of at least ``RELEASE_AFTER_TOKENS`` padded tokens
-(measured on the built-in model: a 64 x 256 run left 315 MiB held, 9 ms to
-release, small runs after it no slower). Concurrent runs still peak at one
-run's working set per stream, which the memory budget plans for.
+Memory: a compiled model keeps the intermediate buffers of the largest shape it
+ran (its high-water mark, like ONNX Runtime's arena). After a run of at least
+``RELEASE_AFTER_TOKENS`` padded tokens, ``release_memory`` gives them back once
+that compiled model is idle (measured on the built-in model: a 64 x 256 run left
+315 MiB held, 9 ms to release, small runs after it no slower). Concurrent runs
+peak at one run's working set each, which the memory budget plans for.
 
-No wide session: one stream of 1 thread ran a 9-token query in 1.70 ms, all
-2 cores in 1.59 ms (bf16, AMX): a second compiled copy is not worth its memory.
+No wide session: on 2 cores one thread ran a 9-token bf16 query in 1.90 ms and
+two threads in 2.02 ms.
 """
 
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,7 @@ import numpy as np
 
 from ..errors import ModelLoadError
 from .base import SessionSignature
+from .sessions import model_bytes
 
 ENGINE = "openvino"
 #: A run of at least this many padded tokens makes the pool release its buffers once idle.
@@ -85,11 +94,30 @@ def _type_name(port: Any) -> str:
     return _OV_TYPES.get(name, f"tensor({name})")
 
 
+#: Largest model (graph and external weights) served by one compiled copy per run slot.
+SLOTS_MAX_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class _Compiled:
+    """One compiled model, the requests it has handed out, and its held buffers' high-water mark."""
+
+    model: Any
+    ports: dict[str, Any] = field(default_factory=dict)  # output name -> this model's output port
+    running: int = 0
+    largest: int = 0  # padded tokens of the largest run since its buffers were last released
+
+
+@dataclass
+class _Slot:
+    compiled: _Compiled
+    request: Any
+
+
 class OpenVinoPool:
-    """Concurrent runs of one compiled model; ``run`` may be called from any number of threads."""
+    """Concurrent runs of one model on OpenVINO; ``run`` may be called from any number of threads."""
 
     engine = ENGINE
-    layout = "streams"
     wide_threads = 0
     has_wide = False
 
@@ -100,17 +128,21 @@ class OpenVinoPool:
         self.threads = threads
         self.precision = precision
         self._sessions = sessions
-        self.streams = 2 * sessions  # bulk runs, and as many interactive runs beside them
+        runs = 2 * sessions  # bulk runs, and as many interactive runs beside them
+        per_slot = model_bytes(path) <= SLOTS_MAX_BYTES
+        self.layout = "slots" if per_slot else "streams"
         config = {
             "INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-            "NUM_STREAMS": str(self.streams),
-            "INFERENCE_NUM_THREADS": str(self.streams * threads),
+            "NUM_STREAMS": "1" if per_slot else str(sessions),
+            "INFERENCE_NUM_THREADS": str(threads if per_slot else sessions * threads),
             # In a container the cores a process may use are a quota, not a set: never pin.
             "ENABLE_CPU_PINNING": "NO",
         }
         try:
             model = core().read_model(str(path))
-            self._compiled = core().compile_model(model, "CPU", config)
+            compiled = [
+                _Compiled(core().compile_model(model, "CPU", config)) for _ in range(runs if per_slot else 1)
+            ]
         except Exception as exc:  # openvino raises RuntimeError with a multi-line C++ trace
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise ModelLoadError(f"{path}: OpenVINO cannot compile it ({first})") from exc
@@ -122,12 +154,13 @@ class OpenVinoPool:
             outputs={p.get_any_name(): _dims(p) for p in model.outputs},
             output_types={p.get_any_name(): _type_name(p) for p in model.outputs},
         )
-        self._ports = {name: self._compiled.output(name) for name in self.signature.outputs}
-        del model  # the compiled model holds its own (converted) weights
-        self._free: list[Any] = []
+        del model  # each compiled model holds its own (converted) weights
+        for c in compiled:
+            c.ports = {name: c.model.output(name) for name in self.signature.outputs}
+        self._free = [
+            _Slot(c, c.model.create_infer_request()) for c in compiled for _ in range(1 if per_slot else runs)
+        ]
         self._lock = threading.Lock()
-        self._running = 0
-        self._largest = 0  # padded tokens of the largest run since the buffers were last released
 
     @property
     def size(self) -> int:
@@ -140,19 +173,20 @@ class OpenVinoPool:
     def run(
         self, slot: int, output_names: list[str], feeds: dict[str, np.ndarray], wide: bool = False
     ) -> dict[str, np.ndarray]:
-        """One run on a free stream (``slot`` and ``wide`` do not apply: streams are shared)."""
+        """One run on a free slot, on this thread (``slot`` and ``wide`` do not apply: slots are shared)."""
         with self._lock:
-            request = self._free.pop() if self._free else self._compiled.create_infer_request()
-            self._running += 1
+            taken = self._free.pop()
+            taken.compiled.running += 1
         tokens = max((int(np.prod(v.shape[:2])) for v in feeds.values() if v.ndim >= 2), default=0)
         try:
-            results = request.infer(feeds)  # releases the GIL; outputs are copies (share_outputs off)
-            return {name: np.asarray(results[self._ports[name]]) for name in output_names}
+            results = taken.request.infer(feeds)  # releases the GIL; outputs are copies (share_outputs off)
+            return {name: np.asarray(results[taken.compiled.ports[name]]) for name in output_names}
         finally:
+            compiled = taken.compiled
             with self._lock:
-                self._free.append(request)
-                self._running -= 1
-                self._largest = max(self._largest, tokens)
-                if self._running == 0 and self._largest >= RELEASE_AFTER_TOKENS:
-                    self._compiled.release_memory()
-                    self._largest = 0
+                compiled.running -= 1
+                compiled.largest = max(compiled.largest, tokens)
+                if compiled.running == 0 and compiled.largest >= RELEASE_AFTER_TOKENS:
+                    compiled.model.release_memory()  # under the lock: no run starts on it meanwhile
+                    compiled.largest = 0
+                self._free.append(taken)

@@ -114,7 +114,7 @@ class SessionPool:
         Not worth it when it would have no more threads than a slot, or the
         model is too big to hold twice.
         """
-        if threads <= self.threads or _model_bytes(self.path) > WIDE_MAX_BYTES:
+        if threads <= self.threads or model_bytes(self.path) > WIDE_MAX_BYTES:
             return False
         self._wide = open_session(self.path, threads, spinning=True)
         self.wide_threads = threads
@@ -140,6 +140,6 @@ class SessionPool:
         return dict(zip(output_names, outputs, strict=True))
 
 
-def _model_bytes(path: Path) -> int:
+def model_bytes(path: Path) -> int:
     """The graph file and its external weights beside it (``model.onnx_data``, ``model.onnx.data``...)."""
     return sum(f.stat().st_size for f in path.parent.glob(path.name + "*") if f.is_file())
