@@ -15,7 +15,8 @@ Served: real ``embedding-server`` processes, the default (no flags, so
 ``--engine auto --precision auto``) beside ``--engine onnxruntime --precision
 fp32``; 8 concurrent ``Embed`` calls of 32 texts, rounds alternating between
 the servers; texts/s, ratio to the ONNX Runtime fp32 server, min cosine to numpy
-over the default server's replies, and each server's peak RSS (VmHWM).
+over the default server's replies, each server's peak RSS (VmHWM), and the
+idle latency of one short query at a time (client side, rounds alternating).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(ROOT))
-from common import sentences, start_server  # noqa: E402
+from common import percentile, sentences, start_server  # noqa: E402
 from embedding_client import EmbeddingClient  # noqa: E402
 from embedding_server.cpus import available_cpus  # noqa: E402
 from embedding_server.engine.memory import current_rss  # noqa: E402
@@ -44,6 +45,7 @@ from embedding_server.models.openvino_pool import native_bf16  # noqa: E402
 from tests.support import minilm_reference as numpy_ref  # noqa: E402
 
 BATCH = 32
+QUERY = "how do I reset my password"
 LONG_TOKENS = 256
 
 
@@ -158,6 +160,14 @@ def served(args: argparse.Namespace, loads: Loads, expected: dict[str, np.ndarra
 
         for name, client in clients.items():  # warm-up and fidelity
             cosines[name] = min(min_cosine(run(client, texts), expected[n]) for n, texts in loads.items())
+        idle: dict[str, list[float]] = {name: [] for name in clients}
+        for _ in range(args.rounds * 2):  # one query at a time, idle servers, alternating
+            for name, client in clients.items():
+                for i in range(60):
+                    t0 = time.perf_counter()
+                    client.embed(QUERY)
+                    if i >= 10:
+                        idle[name].append((time.perf_counter() - t0) * 1000)
         for _ in range(args.rounds):
             for name, client in clients.items():
                 for load_name, texts in loads.items():
@@ -166,7 +176,7 @@ def served(args: argparse.Namespace, loads: Loads, expected: dict[str, np.ndarra
                     times.setdefault((name, load_name), []).append(time.perf_counter() - t0)
         print("8 concurrent Embed calls of 32 texts, medians of alternating rounds")
         print(f"{'server':<18} {'runs on':<18} {'short texts/s':>14} {'ratio':>6} {'long texts/s':>13} "
-              f"{'ratio':>6} {'min cos (numpy)':>16} {'peak RSS':>9}")  # fmt: skip
+              f"{'ratio':>6} {'min cos (numpy)':>16} {'peak RSS':>9} {'idle query p50/p99':>19}")  # fmt: skip
         base = "onnxruntime fp32"
         for name in servers:
             rates = {n: len(loads[n]) / statistics.median(times[(name, n)]) for n in loads}
@@ -176,7 +186,8 @@ def served(args: argparse.Namespace, loads: Loads, expected: dict[str, np.ndarra
             runs_on = f"{models[name].engine} {models[name].precision}"
             print(f"{name:<18} {runs_on:<18} {rates['short']:>14.1f} {ratio['short']:>5.2f}x "
                   f"{rates['long']:>13.1f} {ratio['long']:>5.2f}x {cosines[name]:>16.5f} "
-                  f"{servers[name].peak_rss_mb():>5.0f} MiB")  # fmt: skip
+                  f"{servers[name].peak_rss_mb():>5.0f} MiB "
+                  f"{percentile(idle[name], 50):>9.2f}/{percentile(idle[name], 99):.2f} ms")  # fmt: skip
         for client in clients.values():
             client.close()
     finally:

@@ -16,6 +16,7 @@ server:
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
 import sys
 from collections.abc import Callable
@@ -93,8 +94,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--memory-limit", default="", help="server --memory-limit (default: its own)")
     parser.add_argument("--case", action="append", choices=list(CASES), help="only these cases (repeatable)")
+    parser.add_argument("--server-flags", default="", help='more server flags, e.g. "--engine onnxruntime"')
     args = parser.parse_args()
     server_args = ["--memory-limit", args.memory_limit] if args.memory_limit else []
+    server_args += shlex.split(args.server_flags)
     cases = {name: CASES[name] for name in args.case or CASES}
     peaks: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(args.rounds):
