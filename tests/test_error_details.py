@@ -20,10 +20,10 @@ from embedding_server.errors import ERROR_DOMAIN
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from tests.support.engine import make_embedder, sentence
 from tests.support.inprocess import serve_in_process
 from tests.support.instrumented import CountingSessions
 from tests.support.server import RunningServer, start_server
-from tests.test_batching import builtin, make_embedder, sentence  # noqa: F401  (module fixture)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
@@ -188,7 +188,7 @@ def test_not_serving_and_unauthenticated_carry_details():
         server.stop()
 
 
-async def test_not_serving_is_unavailable_with_details(builtin):  # noqa: F811
+async def test_not_serving_is_unavailable_with_details(builtin):
     from embedding_server.grpc_api.state import Phase
 
     embedder, _ = make_embedder(builtin)
@@ -211,7 +211,7 @@ async def test_not_serving_is_unavailable_with_details(builtin):  # noqa: F811
         server.state.phase = Phase.SERVING
 
 
-async def test_queue_full_carries_retry_info(builtin):  # noqa: F811
+async def test_queue_full_carries_retry_info(builtin):
     embedder, sessions = make_embedder(builtin, max_queue_requests=1)
     async with serve_in_process(embedder, observed=True) as server:
         sessions.hold()
@@ -250,7 +250,7 @@ class FailingSessions(CountingSessions):
         raise RuntimeError("injected failure")
 
 
-async def test_unexpected_exception_is_internal_everywhere(builtin, caplog):  # noqa: F811
+async def test_unexpected_exception_is_internal_everywhere(builtin, caplog):
     from embedding_server.engine.batcher import BatchSettings
     from embedding_server.engine.embedder import Embedder, EngineSettings
     from embedding_server.models.loader import LoadedModel
