@@ -237,7 +237,7 @@ def test_api_key_is_sent_on_unary_and_stream_calls(keyed_server):
 
 def test_mutual_tls(tmp_path_factory):
     from tests.support.certs import make_pki
-    from tests.test_ops_tls import start_tls_server
+    from tests.support.tls import start_tls_server
 
     pki = make_pki(tmp_path_factory.mktemp("client-pki"))
     server = start_tls_server(pki, mutual=True)
