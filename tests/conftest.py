@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.support.keyed import KEY
 from tests.support.server import RunningServer, start_server
 
 if TYPE_CHECKING:
@@ -34,3 +35,14 @@ def builtin() -> LoadedModel:
     from embedding_server.models.loader import BUILTIN_MODEL, ModelSpec, load
 
     return load(ModelSpec(BUILTIN_MODEL, None), sessions=1, threads=1)
+
+
+@pytest.fixture(scope="module")
+def keyed_server() -> Iterator[RunningServer]:
+    """A default-model server that wants tests.support.keyed.KEY, once per test module.
+
+    tests/test_ops_auth.py defines its own keyed_server (other keys), which wins there.
+    """
+    server = start_server("--api-key", KEY)
+    yield server
+    server.stop()
