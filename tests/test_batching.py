@@ -12,56 +12,14 @@ import time
 
 import numpy as np
 import pytest
-from embedding_server.engine.batcher import BatchSettings
-from embedding_server.engine.embedder import Embedder, EngineSettings
+from embedding_server.engine.embedder import Embedder
 from embedding_server.engine.requests import EmbedJob
 from embedding_server.errors import DeadlineExpired, Overloaded
-from embedding_server.models.loader import BUILTIN_MODEL, LoadedModel, ModelSpec, load
+from embedding_server.models.loader import BUILTIN_MODEL
 
+from tests.support.engine import make_embedder, sentence, started
 from tests.support.instrumented import CountingSessions
 from tests.support.polling import until
-
-WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "seven",
-    "wizards",
-    "quietly",
-    "judge",
-    "boxing",
-    "matches",
-]
-
-
-def sentence(i: int) -> str:
-    """A deterministic sentence of 3..40 words."""
-    n = 3 + (i * 7) % 38
-    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n)) + f" {i}"
-
-
-@pytest.fixture(scope="module")
-def builtin() -> LoadedModel:
-    return load(ModelSpec(BUILTIN_MODEL, None), sessions=1, threads=1)
-
-
-def make_embedder(builtin: LoadedModel, **batch: object) -> tuple[Embedder, CountingSessions]:
-    sessions = CountingSessions(builtin.sessions)
-    loaded = LoadedModel(model=builtin.model, sessions=sessions)  # type: ignore[arg-type]
-    return Embedder([loaded], EngineSettings(batch=BatchSettings(**batch))), sessions  # type: ignore[arg-type]
-
-
-async def started(embedder: Embedder, sessions: CountingSessions) -> Embedder:
-    for batcher in embedder.batchers.values():
-        batcher.start()
-    return embedder
 
 
 async def blocked_run(embedder: Embedder, sessions: CountingSessions, text: str) -> asyncio.Task:

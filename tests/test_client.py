@@ -28,20 +28,11 @@ from embedding_client import (
 )
 from embedding_client.proto import embedding_pb2 as pb
 
+from tests.support.keyed import KEY
+from tests.support.replies import raw_dense
 from tests.support.server import RunningServer, free_port, start_server
 from tests.support.synthetic import make_bge_m3_aapot, make_jina_v3
-
-WORDS = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex and jinx the bold".split()
-
-
-def sentence(i: int) -> str:
-    """Distinct texts of varied length (1 to 40 words), so batches pad differently."""
-    n = 1 + (i * 7) % 40
-    return " ".join(WORDS[(i + k * 3) % len(WORDS)] for k in range(n)) + f" {i}"
-
-
-def raw_dense(reply: pb.EmbedResponse) -> np.ndarray:
-    return np.array([e.dense.values for e in reply.embeddings], dtype=np.float32)
+from tests.support.texts import sentence
 
 
 @pytest.fixture(scope="module")
@@ -212,16 +203,6 @@ def test_nothing_listening_is_unavailable():
 # --- API key and TLS -------------------------------------------------------------------------------
 
 
-KEY = "client-test-key-5d1e"
-
-
-@pytest.fixture(scope="module")
-def keyed_server() -> Iterator[RunningServer]:
-    server = start_server("--api-key", KEY)
-    yield server
-    server.stop()
-
-
 def test_api_key_is_sent_on_unary_and_stream_calls(keyed_server):
     with EmbeddingClient(keyed_server.target, api_key=KEY) as c:
         assert c.embed(["x"]).dense.shape == (1, 384)
@@ -237,7 +218,7 @@ def test_api_key_is_sent_on_unary_and_stream_calls(keyed_server):
 
 def test_mutual_tls(tmp_path_factory):
     from tests.support.certs import make_pki
-    from tests.test_ops_tls import start_tls_server
+    from tests.support.tls import start_tls_server
 
     pki = make_pki(tmp_path_factory.mktemp("client-pki"))
     server = start_tls_server(pki, mutual=True)

@@ -23,8 +23,8 @@ from embedding_client.errors import ErrorDetails, from_status, status_of
 from embedding_client.proto import embedding_pb2 as pb
 from google.rpc import status_pb2
 
+from tests.support.keyed import KEY
 from tests.support.server import RunningServer
-from tests.test_client import KEY, keyed_server  # noqa: F401  (module fixture)
 
 
 def raw_details(server: RunningServer, request: pb.EmbedRequest) -> ErrorDetails:
@@ -84,7 +84,7 @@ def test_stream_errors_expose_details(default_server):
     assert error.request_id
 
 
-def test_unauthenticated_reasons(keyed_server):  # noqa: F811
+def test_unauthenticated_reasons(keyed_server):
     with EmbeddingClient(keyed_server.target) as anonymous, pytest.raises(UnauthenticatedError) as missing:
         anonymous.list_models()
     with (
@@ -156,7 +156,7 @@ def test_settings_and_a_conflicting_argument_are_refused():
         AsyncEmbeddingClient("localhost:1", server_name="x", settings=ChannelSettings(server_name="y"))
 
 
-def test_an_api_key_beside_settings_is_kept_and_sent(keyed_server):  # noqa: F811
+def test_an_api_key_beside_settings_is_kept_and_sent(keyed_server):
     settings = ChannelSettings(retry=None, health_check=False)
     with EmbeddingClient(keyed_server.target, api_key=KEY, settings=settings) as client:
         assert client.settings.api_key == KEY and client.settings.retry is None

@@ -9,23 +9,20 @@ from __future__ import annotations
 
 import signal
 import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
-import grpc
 import httpx
 import numpy as np
 import pytest
 from embedding_client import ChannelSettings, EmbeddingClient, RetryPolicy, StreamRetry, UnavailableError
 from embedding_client.proto import embedding_pb2 as pb
-from grpc_health.v1 import health_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.server import RunningServer, free_port, server_command, start_server
-from tests.test_client import raw_dense, sentence
+from tests.support.launch import launch, wait_serving
+from tests.support.replies import raw_dense
+from tests.support.server import RunningServer, free_port, start_server
+from tests.support.texts import sentence
 
 MODEL = "all-minilm-l6-v2"
 N = 300
@@ -53,33 +50,9 @@ def in_flight(server: RunningServer) -> float:
     return samples(server).get(("embedding_in_flight_requests", ()), 0.0)
 
 
-def launch(port: int, rest_port: int = 0, *args: str) -> RunningServer:
-    """A server on a chosen port, not waited for (start_server picks its own port and waits)."""
-    log_path = Path(tempfile.mkstemp(prefix="embedding-server-", suffix=".log")[1])
-    flags = ["--host", "127.0.0.1", "--port", str(port), "--rest-port", str(rest_port), *args]
-    command = server_command(flags)
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    return RunningServer(process, port, rest_port, log_path)
-
-
 def port_open(port: int) -> bool:
     with socket.socket() as sock:
         return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-def wait_serving(server: RunningServer, timeout: float = 120) -> RunningServer:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.poll() is not None:
-            raise RuntimeError(f"server exited:\n{server.log()}")
-        try:
-            if server.health() == health_pb2.HealthCheckResponse.SERVING:
-                return server
-        except grpc.RpcError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(server.log())
 
 
 @pytest.fixture(scope="module")

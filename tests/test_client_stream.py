@@ -19,8 +19,9 @@ from embedding_client import (
 from embedding_client.proto import embedding_pb2 as pb
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.replies import raw_dense
 from tests.support.server import RunningServer, start_server
-from tests.test_client import raw_dense, sentence
+from tests.support.texts import sentence
 
 
 @pytest.fixture(scope="module")

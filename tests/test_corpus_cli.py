@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -22,28 +21,11 @@ from embedding_client.corpus_formats import count_records, read_records
 from embedding_client.corpus_input import CorpusInputError
 from embedding_client.proto import embedding_pb2 as pb
 
+from tests.support.corpus_cli import N, cli, kill_mid_run, run_cli, unary_vectors
+from tests.support.launch import launch, wait_serving
+from tests.support.replies import raw_dense
 from tests.support.server import RunningServer, free_port
-from tests.test_client import raw_dense, sentence
-from tests.test_client_replicas import launch, wait_serving
-
-N = 480
-
-
-def cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "embedding_client.cli", *args]
-
-
-def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run the CLI; if it hangs, fail with every thread's stack (faulthandler on SIGABRT)."""
-    command = [sys.executable, "-X", "faulthandler", *cli(*args)[1:]]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        process.send_signal(signal.SIGABRT)
-        stdout, stderr = process.communicate()
-        pytest.fail(f"embedding-client {' '.join(args)} hung:\n{stderr}")
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+from tests.support.texts import sentence
 
 
 def write_corpus(path: Path, count: int) -> list[str]:
@@ -65,10 +47,7 @@ def corpus(tmp_path_factory) -> tuple[Path, list[str]]:
 
 @pytest.fixture(scope="module")
 def expected(default_server: RunningServer, corpus) -> np.ndarray:
-    texts = corpus[1]
-    stub = default_server.stub()
-    parts = [stub.Embed(pb.EmbedRequest(inputs=texts[i : i + 120]), timeout=120) for i in range(0, N, 120)]
-    return np.concatenate([raw_dense(part) for part in parts])
+    return unary_vectors(default_server, corpus[1])
 
 
 def test_corpus_to_npy_and_jsonl(default_server, corpus, expected, tmp_path):
@@ -95,23 +74,6 @@ def test_progress_bar_shows_rate_and_eta(default_server, tmp_path):
     done = run_cli("corpus", str(source), str(tmp_path / "small.npy"), "--target", default_server.target)
     assert done.returncode == 0, done.stderr
     assert "40/40" in done.stderr and "items/s" in done.stderr and "<" in done.stderr  # elapsed<remaining
-
-
-def kill_mid_run(args: list[str], partial: Path, min_bytes: int) -> None:
-    """Start the CLI, SIGKILL it once its partial output holds ``min_bytes``."""
-    process = subprocess.Popen(cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline and process.poll() is None:
-            if partial.exists() and partial.stat().st_size >= min_bytes:
-                process.send_signal(signal.SIGKILL)
-                break
-            time.sleep(0.01)
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "the run ended before it could be interrupted"
 
 
 @pytest.mark.parametrize("suffix", [".npy", ".jsonl"])

@@ -18,11 +18,15 @@ from embedding_client.corpus_formats import count_records, read_records
 from embedding_client.corpus_input import CorpusInputError
 from embedding_client.corpus_parquet import ROW_GROUP_ROWS
 
-from tests import test_corpus_cli
-from tests.test_client import sentence
-from tests.test_corpus_cli import N, kill_mid_run, run_cli
+from tests.support.corpus_cli import N, kill_mid_run, run_cli, unary_vectors
+from tests.support.server import RunningServer
+from tests.support.texts import sentence
 
-expected = test_corpus_cli.expected  # the unary answers for this module's corpus (same texts)
+
+@pytest.fixture(scope="module")
+def expected(default_server: RunningServer, corpus) -> np.ndarray:
+    """The unary answers for this module's corpus (as test_corpus_cli's, for these texts)."""
+    return unary_vectors(default_server, corpus[1])
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +152,7 @@ def test_late_chunking_parquet_documents(default_server, tmp_path):
     """A chunks column in, an embeddings column (a vector per chunk) out, as the unary late-chunked Embed."""
     from embedding_client.proto import embedding_pb2 as pb
 
-    from tests.test_client import raw_dense
+    from tests.support.replies import raw_dense
 
     documents = [["The city lies on a river.", "It has three bridges."], ["One chunk only."], ["a", "b", "c"]]
     source = tmp_path / "documents.parquet"

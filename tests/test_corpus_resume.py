@@ -39,10 +39,10 @@ from embedding_client.length_sort import Reorder, sorted_requests
 from embedding_client.requests import DEFAULT_BATCH_SIZE
 from embedding_client.results import Embeddings
 
+from tests.support.corpus_cli import run_cli
 from tests.support.polling import until_sync
 from tests.support.server import RunningServer, start_server
 from tests.support.synthetic import WORDS, make_sentence_transformers
-from tests.test_corpus_cli import run_cli
 
 N = 4 * DEFAULT_LENGTH_SORT
 #: What can still come back once the server is frozen: the look-ahead and the requests in flight

@@ -13,35 +13,11 @@ import pytest
 from embedding_client.proto import embedding_pb2 as pb
 
 from tests.support import minilm_reference as ref
+from tests.support.texts import LONG_TEXT, SENTENCES
 
 MODEL = "all-minilm-l6-v2"
 DIMENSIONS = 384
 MAX_TOKENS = 256
-
-LONG_TEXT = (
-    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
-    "combined movable metal type, oil-based ink and a screw press adapted from winemaking. Within a "
-    "few decades, print shops had spread across Europe, and the price of books fell sharply. Scholars "
-    "could compare identical copies of a text, which helped standardize spelling and grammar. "
-    "Pamphlets carried news and arguments faster than ever before, feeding religious and political "
-    "debates. Literacy rose as books became affordable to merchants and artisans, not only to clergy "
-    "and nobles. Printers also produced maps, calendars and scientific tables, so that errors could "
-    "be corrected in later editions rather than copied by hand. Historians still argue about how "
-    "quickly these changes happened and how much the press caused them, but few doubt that it "
-    "reshaped how knowledge was stored, shared and questioned for centuries to come. Modern "
-    "digital publishing echoes these shifts, once again lowering the cost of copies."
-)
-
-SENTENCES = [
-    "hi",
-    "A man is playing a guitar.",
-    "The quick brown fox jumps over the lazy dog!!! ... ???",
-    "What's the weather like in São Paulo, Zürich and Kraków today?",
-    "東京は日本の首都です。 Москва — столица России. 🙂🚀",
-    "e = mc^2; f(x) = x**2 + 3*x - 7 (see §4.2, pp. 12-15) <tag attr='v'>",
-    "   leading and trailing spaces   ",
-    LONG_TEXT,
-]
 
 
 def embed(server, inputs: list[str], **fields) -> pb.EmbedResponse:

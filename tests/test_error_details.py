@@ -16,61 +16,12 @@ from collections.abc import Iterator
 import grpc
 import pytest
 from embedding_client.proto import embedding_pb2 as pb
-from embedding_server.errors import ERROR_DOMAIN
-from google.rpc import error_details_pb2, status_pb2
-from grpc_status import rpc_status
 
+from tests.support.engine import make_embedder, sentence
+from tests.support.error_details import call_status, check_error_info, unpack
 from tests.support.inprocess import serve_in_process
 from tests.support.instrumented import CountingSessions
 from tests.support.server import RunningServer, start_server
-from tests.test_batching import builtin, make_embedder, sentence  # noqa: F401  (module fixture)
-
-INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-def unpack(status: status_pb2.Status) -> dict[str, object]:
-    """The details of a status by type name (each type at most once)."""
-    kinds = {
-        "ErrorInfo": error_details_pb2.ErrorInfo,
-        "RequestInfo": error_details_pb2.RequestInfo,
-        "BadRequest": error_details_pb2.BadRequest,
-        "RetryInfo": error_details_pb2.RetryInfo,
-    }
-    found: dict[str, object] = {}
-    for packed in status.details:
-        for name, kind in kinds.items():
-            if packed.Is(kind.DESCRIPTOR):
-                message = kind()
-                packed.Unpack(message)
-                assert name not in found, f"{name} twice"
-                found[name] = message
-    assert set(found) <= set(kinds) and len(found) == len(status.details), status
-    return found
-
-
-def call_status(error: grpc.RpcError) -> status_pb2.Status:
-    status = rpc_status.from_call(error)
-    assert status is not None, f"no grpc-status-details-bin on {error.code()}: {error.details()}"
-    assert status.code == error.code().value[0] and status.message == error.details()
-    return status
-
-
-def check_error_info(
-    status: status_pb2.Status, reason: str, field: str | None = None, index: int | None = None
-):
-    details = unpack(status)
-    info = details["ErrorInfo"]
-    assert (info.reason, info.domain) == (reason, ERROR_DOMAIN), status
-    assert info.metadata.get("field") == field
-    assert info.metadata.get("index") == (None if index is None else str(index))
-    assert details["RequestInfo"].request_id
-    if status.code == INVALID.value[0] and field is not None:
-        (violation,) = details["BadRequest"].field_violations
-        assert violation.field == (field if index is None else f"{field}[{index}]")
-        assert violation.reason == reason
-    else:
-        assert "BadRequest" not in details
-    return details
 
 
 def failed(call) -> grpc.RpcError:
@@ -188,7 +139,7 @@ def test_not_serving_and_unauthenticated_carry_details():
         server.stop()
 
 
-async def test_not_serving_is_unavailable_with_details(builtin):  # noqa: F811
+async def test_not_serving_is_unavailable_with_details(builtin):
     from embedding_server.grpc_api.state import Phase
 
     embedder, _ = make_embedder(builtin)
@@ -211,7 +162,7 @@ async def test_not_serving_is_unavailable_with_details(builtin):  # noqa: F811
         server.state.phase = Phase.SERVING
 
 
-async def test_queue_full_carries_retry_info(builtin):  # noqa: F811
+async def test_queue_full_carries_retry_info(builtin):
     embedder, sessions = make_embedder(builtin, max_queue_requests=1)
     async with serve_in_process(embedder, observed=True) as server:
         sessions.hold()
@@ -250,7 +201,7 @@ class FailingSessions(CountingSessions):
         raise RuntimeError("injected failure")
 
 
-async def test_unexpected_exception_is_internal_everywhere(builtin, caplog):  # noqa: F811
+async def test_unexpected_exception_is_internal_everywhere(builtin, caplog):
     from embedding_server.engine.batcher import BatchSettings
     from embedding_server.engine.embedder import Embedder, EngineSettings
     from embedding_server.models.loader import LoadedModel

@@ -36,6 +36,7 @@ from embedding_server.models.tokenization import TokenizedText
 from embedding_server.settings import parse_settings
 
 from tests.support import minilm_reference
+from tests.support.corpus_cli import run_cli
 from tests.support.instrumented import CountingSessions
 from tests.support.reference import (
     COSINES,
@@ -50,7 +51,6 @@ from tests.support.reference import (
 )
 from tests.support.server import RunningServer, start_server
 from tests.support.synthetic import JINA_HIDDEN, JINA_MAX_TOKENS, WORDS, JinaV3Dir, make_jina_v3
-from tests.test_corpus_cli import run_cli
 
 SMALL_WINDOW = 16  # tokens a window, <s> and </s> included
 CAPACITY = SMALL_WINDOW - 2  # content tokens a window

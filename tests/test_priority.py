@@ -13,8 +13,8 @@ import pytest
 from embedding_client import EmbeddingClient
 from embedding_client.proto import embedding_pb2 as pb
 
+from tests.support.corpus_cli import run_cli
 from tests.support.server import RunningServer
-from tests.test_corpus_cli import run_cli
 
 MODEL = "all-minilm-l6-v2"
 

@@ -29,7 +29,7 @@ from tests.support.synthetic import (
     make_jina_v3,
     make_sentence_transformers,
 )
-from tests.test_default_model import LONG_TEXT, SENTENCES
+from tests.support.texts import LONG_TEXT, SENTENCES
 
 FLOOR_MIN, FLOOR_MEAN = 0.99, 0.995
 CALIBRATION = 40  # texts: enough for every path, small for CI

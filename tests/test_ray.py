@@ -27,9 +27,10 @@ from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.ray import EmbedBatches
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.launch import launch, wait_serving
+from tests.support.replies import raw_dense
 from tests.support.server import RunningServer, free_port
-from tests.test_client import WORDS, raw_dense
-from tests.test_client_replicas import launch, wait_serving
+from tests.support.texts import WORDS
 
 N = 5000
 # On one core shared with another busy process (issue 13's check) a 5,000-row run took over 500 s:

@@ -11,10 +11,8 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -25,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.polling import until_sync
 from tests.support.server import RunningServer, free_port, server_command, start_server
+from tests.support.standalone import Standalone
 
 KEY = "test-key-0123"
 
@@ -186,36 +185,6 @@ def test_rest_port_in_use_is_a_startup_error():
 
 
 # --- standalone embedding-rest -------------------------------------------------------------------
-
-
-class Standalone:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = Path(tempfile.mkstemp(prefix="embedding-rest-", suffix=".log")[1])
-        command = [sys.executable, "-m", "embedding_server.rest.standalone", "--host", "127.0.0.1", *args]
-        environment = {**os.environ, "EMBEDDING_REST_PORT": str(self.port), **(env or {})}
-        with open(self.log, "wb") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.log.read_text()
-            try:
-                httpx.get(self.url + "/openapi.json", timeout=1)
-                return
-            except httpx.TransportError:
-                time.sleep(0.05)
-        raise TimeoutError(self.log.read_text())
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
 
 
 def test_standalone_in_front_of_a_running_server(default_server):

@@ -27,15 +27,15 @@ from embedding_server.models.types import Priority
 from embedding_server.rest.app import build_app
 from embedding_server.rest.upstream import Upstream
 
+from tests.support.engine import make_embedder, sentence, started
 from tests.support.inprocess import serve_in_process
 from tests.support.polling import until
-from tests.test_batching import builtin, make_embedder, sentence, started  # noqa: F401  (module fixture)
 
 BATCH = Priority.BATCH
 INTERACTIVE = Priority.INTERACTIVE
 
 
-def ids_of(builtin, text: str) -> tuple[int, ...]:  # noqa: F811
+def ids_of(builtin, text: str) -> tuple[int, ...]:
     return tuple(builtin.model.tokenize([text], 0, False)[0].ids.tolist())
 
 
@@ -51,7 +51,7 @@ async def hold_one_run(embedder, sessions, text: str, priority: Priority) -> asy
     return blocker
 
 
-async def test_interactive_queued_behind_batch_work_runs_first(builtin):  # noqa: F811
+async def test_interactive_queued_behind_batch_work_runs_first(builtin):
     embedder, sessions = make_embedder(builtin, interactive_slot=False)
     await started(embedder, sessions)
     batcher = embedder.batchers[BUILTIN_MODEL]
@@ -66,7 +66,7 @@ async def test_interactive_queued_behind_batch_work_runs_first(builtin):  # noqa
     assert sessions.runs[1].rows == [ids_of(builtin, "where is my query")]  # first after the held run
 
 
-async def test_a_query_does_not_wait_for_a_long_bulk_run(builtin):  # noqa: F811
+async def test_a_query_does_not_wait_for_a_long_bulk_run(builtin):
     """Every regular slot holds a bulk run: the query gets the extra slot and runs at once."""
     embedder, sessions = make_embedder(builtin)
     await started(embedder, sessions)
@@ -80,7 +80,7 @@ async def test_a_query_does_not_wait_for_a_long_bulk_run(builtin):  # noqa: F811
     await embedder.close()
 
 
-async def test_batch_work_is_not_starved_by_endless_queries(builtin):  # noqa: F811
+async def test_batch_work_is_not_starved_by_endless_queries(builtin):
     """With queries always waiting, one bulk run still goes every ``batch_share`` query runs."""
     embedder, sessions = make_embedder(builtin, interactive_slot=False, max_batch_size=1, batch_share=4)
     await started(embedder, sessions)
@@ -97,7 +97,7 @@ async def test_batch_work_is_not_starved_by_endless_queries(builtin):  # noqa: F
     assert position == 1 + 4  # the held run, four queries, then the bulk run (15 queries still waited)
 
 
-async def test_two_flows_share_runs_fairly_whatever_their_request_sizes(builtin):  # noqa: F811
+async def test_two_flows_share_runs_fairly_whatever_their_request_sizes(builtin):
     """Flow A sends short texts, flow B texts ~5x longer; served padded tokens stay level."""
     embedder, sessions = make_embedder(builtin, interactive_slot=False, max_batch_tokens=256)
     await started(embedder, sessions)
@@ -125,7 +125,7 @@ async def test_two_flows_share_runs_fairly_whatever_their_request_sizes(builtin)
     assert {len(run.rows) for run in sessions.runs[1:] if run.rows[0][1] == alpha} != {1}  # batched
 
 
-async def test_streams_of_one_connection_are_one_flow(builtin):  # noqa: F811
+async def test_streams_of_one_connection_are_one_flow(builtin):
     """Fair shares are per client connection: many streams on one channel count once."""
     embedder, sessions = make_embedder(builtin, interactive_slot=False)
     async with serve_in_process(embedder) as server:
@@ -148,7 +148,7 @@ async def test_streams_of_one_connection_are_one_flow(builtin):  # noqa: F811
         await other.close()
 
 
-async def test_a_sequence_over_the_memory_budget_is_refused_and_the_engine_keeps_serving(builtin):  # noqa: F811
+async def test_a_sequence_over_the_memory_budget_is_refused_and_the_engine_keeps_serving(builtin):
     shape = ModelShape(hidden=384, heads=12)
     budget = MemoryBudget(shape, run_bytes=shape.run_bytes(1, 64), queue_tokens=10_000)
     embedder, sessions = make_embedder(builtin, memory=budget)
@@ -166,7 +166,7 @@ async def test_a_sequence_over_the_memory_budget_is_refused_and_the_engine_keeps
     assert all(budget.fits(len(run.rows), max(map(len, run.rows))) for run in sessions.runs)
 
 
-async def test_a_sequence_over_the_memory_budget_is_sent_once_by_retrying_clients(builtin, tmp_path):  # noqa: F811
+async def test_a_sequence_over_the_memory_budget_is_sent_once_by_retrying_clients(builtin, tmp_path):
     """MEMORY_LIMIT fails the same way every time. The client's retry policy retries RESOURCE_EXHAUSTED
     (a full queue) and the openai client retries 429: each sent it again and again (5 and 3 times).
     Now it carries no RetryInfo, a trailer that stops gRPC's retries, and is 413 over REST."""
@@ -203,7 +203,7 @@ async def test_a_sequence_over_the_memory_budget_is_sent_once_by_retrying_client
     assert sessions.runs == []
 
 
-async def test_batches_are_cut_to_the_memory_budget(builtin):  # noqa: F811
+async def test_batches_are_cut_to_the_memory_budget(builtin):
     shape = ModelShape(hidden=384, heads=12)
     budget = MemoryBudget(shape, run_bytes=shape.run_bytes(4, 40), queue_tokens=100_000)
     embedder, sessions = make_embedder(builtin, memory=budget)
@@ -215,7 +215,7 @@ async def test_batches_are_cut_to_the_memory_budget(builtin):  # noqa: F811
     assert max(len(run.rows) for run in sessions.runs) <= 4 < 32
 
 
-async def test_refused_requests_are_never_tokenized(builtin, monkeypatch):  # noqa: F811
+async def test_refused_requests_are_never_tokenized(builtin, monkeypatch):
     embedder, sessions = make_embedder(builtin, max_queue_requests=1)
     await started(embedder, sessions)
     tokenized: list[list[str]] = []
@@ -238,7 +238,7 @@ async def test_refused_requests_are_never_tokenized(builtin, monkeypatch):  # no
     await embedder.close()
 
 
-async def test_batch_work_cannot_fill_the_admission_queries_need(builtin):  # noqa: F811
+async def test_batch_work_cannot_fill_the_admission_queries_need(builtin):
     embedder, sessions = make_embedder(builtin, max_queue_requests=4)
     await started(embedder, sessions)
     blocker = await hold_one_run(embedder, sessions, "held", BATCH)
@@ -254,7 +254,7 @@ async def test_batch_work_cannot_fill_the_admission_queries_need(builtin):  # no
     await embedder.close()
 
 
-async def test_close_fails_waiting_work_instead_of_leaving_it_hanging(builtin):  # noqa: F811
+async def test_close_fails_waiting_work_instead_of_leaving_it_hanging(builtin):
     embedder, sessions = make_embedder(builtin, interactive_slot=False)
     await started(embedder, sessions)
     blocker = await hold_one_run(embedder, sessions, "running", INTERACTIVE)
@@ -269,7 +269,7 @@ async def test_close_fails_waiting_work_instead_of_leaving_it_hanging(builtin): 
     assert len((await blocker).vectors) == 1  # the run in progress finished
 
 
-async def test_a_failed_dispatcher_fails_waiting_work_and_refuses_new_work(builtin):  # noqa: F811
+async def test_a_failed_dispatcher_fails_waiting_work_and_refuses_new_work(builtin):
     embedder, sessions = make_embedder(builtin, interactive_slot=False)
     failures: list[BaseException] = []
     embedder.on_failure(failures.append)
@@ -293,7 +293,7 @@ async def test_a_failed_dispatcher_fails_waiting_work_and_refuses_new_work(built
     await embedder.close()
 
 
-async def test_list_models_and_tokenize_never_wait_behind_embedding_work(builtin):  # noqa: F811
+async def test_list_models_and_tokenize_never_wait_behind_embedding_work(builtin):
     embedder, sessions = make_embedder(builtin, interactive_slot=False)
     async with serve_in_process(embedder) as server:
         blocker = await hold_one_run(embedder, sessions, "held", BATCH)
@@ -352,7 +352,7 @@ async def until_async_health(stub, status: int) -> None:
     raise AssertionError(f"health never became {status}")
 
 
-async def test_a_short_query_tokenizes_on_the_loop_longer_work_on_tokenizer_threads(builtin, monkeypatch):  # noqa: F811
+async def test_a_short_query_tokenizes_on_the_loop_longer_work_on_tokenizer_threads(builtin, monkeypatch):
     """A thread hop costs more than tokenizing a query; anything longer, or batch work, leaves the loop."""
     embedder, sessions = make_embedder(builtin)
     await started(embedder, sessions)
@@ -373,7 +373,7 @@ async def test_a_short_query_tokenizes_on_the_loop_longer_work_on_tokenizer_thre
     assert threads[2].startswith("tokenize_")
 
 
-async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_pooling_thread(builtin, monkeypatch):  # noqa: F811
+async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_pooling_thread(builtin, monkeypatch):
     """One thread hop per query; bulk runs hand their finish step to the niced pooling thread."""
     embedder, sessions = make_embedder(builtin)
     await started(embedder, sessions)
@@ -403,7 +403,7 @@ async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_pooling_th
     assert sessions.runs[0].rows and sessions.runs[1].rows  # both went through the session
 
 
-def test_only_the_wide_session_spins(builtin):  # noqa: F811
+def test_only_the_wide_session_spins(builtin):
     """The slot sessions share the cores with everything else; the wide one runs only on an idle server."""
     pool = SessionPool(builtin.sessions.path, sessions=1, threads=1)
     assert pool.add_wide(2)
@@ -413,7 +413,7 @@ def test_only_the_wide_session_spins(builtin):  # noqa: F811
     assert wide is not None and wide.get_session_options().get_session_config_entry(key) == "1"
 
 
-async def test_rest_clients_are_a_flow_each_and_only_the_shim_may_name_one(builtin, tmp_path, monkeypatch):  # noqa: F811
+async def test_rest_clients_are_a_flow_each_and_only_the_shim_may_name_one(builtin, tmp_path, monkeypatch):
     """Batch work through the REST shim: each HTTP client connection is its own fair-share flow (as
     each gRPC connection is), so one client's four requests do not all run before another's one.
     The shim's flow header counts only over the server's private Unix socket."""

@@ -22,10 +22,10 @@ from embedding_server.app import ServedModels
 from embedding_server.settings import parse_settings
 
 from tests.support import minilm_reference as ref
+from tests.support.error_details import call_status, check_error_info
 from tests.support.reference import SentenceTransformersReference
 from tests.support.server import RunningServer, free_port, server_command, start_server
 from tests.support.synthetic import SentenceTransformersDir, make_sentence_transformers
-from tests.test_error_details import call_status, check_error_info
 
 OPENAI_NAME = "text-embedding-3-small"
 #: every served name, in ListModels order: each loaded model, then its other names

@@ -10,9 +10,9 @@ import pytest
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_server.models.loader import BUILTIN_MODEL
 
+from tests.support.engine import make_embedder, sentence
 from tests.support.inprocess import serve_in_process
 from tests.support.polling import until
-from tests.test_batching import builtin, make_embedder, sentence  # noqa: F401  (module fixture)
 
 
 def vectors(response: pb.EmbedResponse) -> np.ndarray:
@@ -39,7 +39,7 @@ def test_stream_replies_equal_unary_replies(default_server):
         np.testing.assert_allclose(vectors(streamed), vectors(unary), atol=1e-6)
 
 
-async def test_stream_backpressure_bounds_work_in_flight(builtin):  # noqa: F811
+async def test_stream_backpressure_bounds_work_in_flight(builtin):
     embedder, sessions = make_embedder(builtin)
     async with serve_in_process(embedder, stream_window=4) as server:
         batcher = embedder.batchers[BUILTIN_MODEL]
@@ -68,7 +68,7 @@ async def test_stream_backpressure_bounds_work_in_flight(builtin):  # noqa: F811
     assert sorted(ids, key=int) == [str(i) for i in range(200)]
 
 
-async def test_cancelled_stream_drops_its_queued_work(builtin):  # noqa: F811
+async def test_cancelled_stream_drops_its_queued_work(builtin):
     embedder, sessions = make_embedder(builtin)
     async with serve_in_process(embedder, stream_window=16) as server:
         batcher = embedder.batchers[BUILTIN_MODEL]
@@ -86,7 +86,7 @@ async def test_cancelled_stream_drops_its_queued_work(builtin):  # noqa: F811
         assert len(sessions.runs) == runs_before + 1  # only that request ran after the cancel
 
 
-async def test_unary_deadline_in_queue_is_deadline_exceeded(builtin):  # noqa: F811
+async def test_unary_deadline_in_queue_is_deadline_exceeded(builtin):
     embedder, sessions = make_embedder(builtin)
     async with serve_in_process(embedder) as server:
         sessions.hold()
@@ -101,7 +101,7 @@ async def test_unary_deadline_in_queue_is_deadline_exceeded(builtin):  # noqa: F
         assert len(sessions.runs) == 1
 
 
-async def test_overload_is_resource_exhausted_over_the_wire(builtin):  # noqa: F811
+async def test_overload_is_resource_exhausted_over_the_wire(builtin):
     embedder, sessions = make_embedder(builtin, max_queue_requests=2)
     async with serve_in_process(embedder) as server:
         sessions.hold()

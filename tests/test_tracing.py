@@ -44,8 +44,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from tests.support.polling import until, until_sync
 from tests.support.server import RunningServer, free_port, start_server
+from tests.support.standalone import Standalone
 from tests.support.synthetic import make_sentence_transformers
-from tests.test_rest_servers import Standalone
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBED_SPAN = "/embedding.v1.EmbeddingService/Embed"

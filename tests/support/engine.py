@@ -1,0 +1,51 @@
+"""An in-process Embedder over the built-in model whose session runs are counted.
+
+Shared by the in-process engine tests (test_batching, test_scheduling,
+test_stream_embed, test_error_details); the model itself is the module-scoped
+``builtin`` fixture in tests/conftest.py.
+"""
+
+from __future__ import annotations
+
+from embedding_server.engine.batcher import BatchSettings
+from embedding_server.engine.embedder import Embedder, EngineSettings
+from embedding_server.models.loader import LoadedModel
+
+from tests.support.instrumented import CountingSessions
+
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "wizards",
+    "quietly",
+    "judge",
+    "boxing",
+    "matches",
+]
+
+
+def sentence(i: int) -> str:
+    """A deterministic sentence of 3..40 words."""
+    n = 3 + (i * 7) % 38
+    return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n)) + f" {i}"
+
+
+def make_embedder(builtin: LoadedModel, **batch: object) -> tuple[Embedder, CountingSessions]:
+    sessions = CountingSessions(builtin.sessions)
+    loaded = LoadedModel(model=builtin.model, sessions=sessions)  # type: ignore[arg-type]
+    return Embedder([loaded], EngineSettings(batch=BatchSettings(**batch))), sessions  # type: ignore[arg-type]
+
+
+async def started(embedder: Embedder, sessions: CountingSessions) -> Embedder:
+    for batcher in embedder.batchers.values():
+        batcher.start()
+    return embedder
