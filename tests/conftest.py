@@ -5,6 +5,7 @@ each module imported its own copy).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,13 @@ from tests.support.server import RunningServer, start_server
 
 if TYPE_CHECKING:
     from embedding_server.models.loader import LoadedModel
+
+
+#: Every server a test starts runs on ONNX Runtime (at the file's precision) unless the test names
+#: an engine (a flag beats the environment): the tests compare with numpy at fp32 tolerances, and
+#: --engine auto would pick bf16 on one machine and fp32 on another. tests/test_engines.py runs
+#: OpenVINO at every precision and the auto choice; the family tests run both engines at fp32.
+os.environ.setdefault("EMBEDDING_ENGINE", "onnxruntime")
 
 
 @pytest.fixture(scope="session")

@@ -219,7 +219,7 @@ def test_an_impossible_explicit_choice_is_one_startup_line(flags, words):
 
 @pytest.mark.skipif(NATIVE_BF16, reason="this CPU runs bf16 natively")
 def test_bf16_is_refused_on_this_cpu():
-    (line,) = failing("--log-level", "error", "--precision", "bf16")
+    (line,) = failing("--log-level", "error", "--engine", "openvino", "--precision", "bf16")
     assert "no native bf16" in line, line
 
 
@@ -247,3 +247,22 @@ def test_auto_measures_once_then_reuses_the_table(dirs, tmp_path):
         assert (again.engine, again.precision) == (chosen.engine, chosen.precision)
     finally:
         second.stop()
+
+
+def test_the_default_server_keeps_the_exactness_goal_on_the_built_in_model(tmp_path):
+    """At default flags (auto) the built-in model, whatever engine won here, is within cosine 0.9999
+    of plain numpy from the fp32 safetensors, short and window-long inputs alike."""
+    from tests.support import minilm_reference as numpy_ref
+
+    server = start_server("--engine", "auto", "--cache-dir", str(tmp_path))
+    try:
+        chosen = server.stub().ListModels(pb.ListModelsRequest(), timeout=10).models[0]
+        assert server.logged(f"serving on {chosen.engine} {chosen.precision}")
+        texts = ["cats", TEXT, " ".join([TEXT] * 12)]  # the last is cut to 256 tokens
+        reply = server.stub().Embed(pb.EmbedRequest(inputs=texts, truncate=True), timeout=60)
+        for text, embedding in zip(texts, reply.embeddings, strict=True):
+            ids = numpy_ref.tokenize(text, 256).ids
+            want = numpy_ref.normalize(numpy_ref.pooled([ids]))[0]
+            CosineLog().check(f"default/{chosen.engine}-{chosen.precision}", embedding.dense.values, want)
+    finally:
+        server.stop()

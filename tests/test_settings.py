@@ -163,6 +163,8 @@ def example_value(action: argparse.Action) -> tuple[str, object]:
         return str(choice), choice
     if action.type is None:
         return "some-value", "some-value"
+    if action.dest == "fidelity_floor":  # a cosine: at most 1
+        return "0.999", 0.999
     kind = float if isinstance(action.default, float) else int
     return "7", kind(7)
 

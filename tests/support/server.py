@@ -21,10 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
-#: Test servers run on ONNX Runtime (at the file's precision) unless a test names an engine: the
-#: tests compare with numpy at fp32 tolerances, and --engine auto would pick bf16 on one machine
-#: and fp32 on another. tests/test_engines.py runs every engine, precision and the auto choice.
-PINNED_ENGINE = {"EMBEDDING_ENGINE": "onnxruntime"}
 #: The flags of each engine at fp32, for a module-scoped server fixture parametrized over them: the
 #: family tests (jina-v3, bge-m3, sentence-transformers layouts) run on both at fp32 tolerances.
 ENGINES_AT_FP32 = {"onnxruntime": (), "openvino": ("--engine", "openvino", "--precision", "fp32")}
@@ -129,7 +125,7 @@ def start_server(
     command = server_command(
         ["--host", "127.0.0.1", "--port", str(port), "--rest-port", str(rest_port), *args], program
     )
-    environment = {**PINNED_ENGINE, **os.environ, **(env or {})}
+    environment = {**os.environ, **(env or {})}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=environment)
     server = RunningServer(process, port, rest_port, log_path)
