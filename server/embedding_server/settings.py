@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="embedding-server",
         formatter_class=DefaultsShown,
-        description="gRPC embedding server (and OpenAI-compatible REST shim) on ONNX Runtime CPU sessions. "
+        description="gRPC embedding server (and OpenAI-compatible REST shim) on ONNX Runtime or OpenVINO. "
         f"Every flag can also be set as an environment variable {ENV_PREFIX}<FLAG>, e.g. EMBEDDING_PORT.",
     )
     p.register("action", "append", _AppendOverridingDefault)
