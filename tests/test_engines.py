@@ -266,3 +266,22 @@ def test_the_default_server_keeps_the_exactness_goal_on_the_built_in_model(tmp_p
             CosineLog().check(f"default/{chosen.engine}-{chosen.precision}", embedding.dense.values, want)
     finally:
         server.stop()
+
+
+def test_openvino_gives_a_long_run_s_buffers_back_once_idle():
+    """A compiled model keeps its largest run's buffers; the pool releases them after a quiet second."""
+    from embedding_server.engine.memory import current_rss
+    from embedding_server.models.loader import builtin_files
+    from embedding_server.models.openvino_pool import OpenVinoPool
+
+    from tests.support.polling import until_sync
+
+    pool = OpenVinoPool(builtin_files().onnx, sessions=1, threads=1, precision="fp32")
+    ids = np.full((32, 256), 1000, np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    before = current_rss()
+    pool.run(0, ["last_hidden_state"], feeds)
+    held = current_rss() - before
+    assert pool.holds_long_run_buffers and held > 100 * 2**20  # the fixture has teeth: it is held
+    until_sync(lambda: not pool.holds_long_run_buffers, "the buffers released", limit=30)
+    assert current_rss() - before < held / 2

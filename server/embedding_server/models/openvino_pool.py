@@ -21,11 +21,14 @@ in bf16). A larger model gets one compiled model with ``sessions`` streams that
 share its weights, and requests beyond them wait inside OpenVINO.
 
 Memory: a compiled model keeps the intermediate buffers of the largest shape it
-ran (its high-water mark, like ONNX Runtime's arena). After a run of at least
-``RELEASE_AFTER_TOKENS`` padded tokens, ``release_memory`` gives them back once
-that compiled model is idle (measured on the built-in model: a 64 x 256 run left
-315 MiB held, 9 ms to release, small runs after it no slower). Concurrent runs
-peak at one run's working set each, which the memory budget plans for.
+ran (its high-water mark, like ONNX Runtime's arena), so under load the pool
+holds at most one run's working set per concurrent run, which the memory budget
+plans for. Once the pool has been idle for ``IDLE_RELEASE_SECONDS`` after runs
+of at least ``RELEASE_AFTER_TOKENS`` padded tokens, ``release_memory`` gives the
+buffers back (measured on the built-in model: a 64 x 256 run left 315 MiB held,
+9 ms to release, small runs after it no slower). Not after every long run: under
+a corpus job that re-allocated every batch's buffers and, releasing under the
+pool's lock, held up the queries beside it (p99 77 ms).
 
 No wide session: on 2 cores one thread ran a 9-token bf16 query in 1.90 ms and
 two threads in 2.02 ms.
@@ -47,6 +50,8 @@ from .sessions import model_bytes
 ENGINE = "openvino"
 #: A run of at least this many padded tokens makes the pool release its buffers once idle.
 RELEASE_AFTER_TOKENS = 2048
+#: How long the pool must stay idle before it releases those buffers.
+IDLE_RELEASE_SECONDS = 1.0
 
 _core: Any = None
 _core_lock = threading.Lock()
@@ -157,14 +162,24 @@ class OpenVinoPool:
         del model  # each compiled model holds its own (converted) weights
         for c in compiled:
             c.ports = {name: c.model.output(name) for name in self.signature.outputs}
+        self._compiled = compiled
         self._free = [
             _Slot(c, c.model.create_infer_request()) for c in compiled for _ in range(1 if per_slot else runs)
         ]
         self._lock = threading.Lock()
+        self._running = 0
+        self._runs = 0  # runs started: a release waits for a moment with none since it was planned
+        self._release_timer: threading.Timer | None = None
 
     @property
     def size(self) -> int:
         return self._sessions
+
+    @property
+    def holds_long_run_buffers(self) -> bool:
+        """Whether a compiled model still holds the buffers of a run of RELEASE_AFTER_TOKENS or more."""
+        with self._lock:
+            return any(c.largest >= RELEASE_AFTER_TOKENS for c in self._compiled)
 
     def add_wide(self, threads: int) -> bool:
         """Never: see the module docstring."""
@@ -177,6 +192,8 @@ class OpenVinoPool:
         with self._lock:
             taken = self._free.pop()
             taken.compiled.running += 1
+            self._running += 1
+            self._runs += 1
         tokens = max((int(np.prod(v.shape[:2])) for v in feeds.values() if v.ndim >= 2), default=0)
         try:
             results = taken.request.infer(feeds)  # releases the GIL; outputs are copies (share_outputs off)
@@ -186,7 +203,27 @@ class OpenVinoPool:
             with self._lock:
                 compiled.running -= 1
                 compiled.largest = max(compiled.largest, tokens)
-                if compiled.running == 0 and compiled.largest >= RELEASE_AFTER_TOKENS:
-                    compiled.model.release_memory()  # under the lock: no run starts on it meanwhile
-                    compiled.largest = 0
+                self._running -= 1
                 self._free.append(taken)
+                self._plan_release()
+
+    def _plan_release(self) -> None:
+        """Under the lock: when idle with buffers worth releasing, release them after a quiet second."""
+        if self._running or self._release_timer is not None:
+            return
+        if all(c.largest < RELEASE_AFTER_TOKENS for c in self._compiled):
+            return
+        self._release_timer = threading.Timer(IDLE_RELEASE_SECONDS, self._release_if_quiet, [self._runs])
+        self._release_timer.daemon = True
+        self._release_timer.start()
+
+    def _release_if_quiet(self, runs: int) -> None:
+        """The timer's thread: release if no run started since it was planned, else plan again."""
+        with self._lock:
+            self._release_timer = None
+            if self._running == 0 and self._runs == runs:
+                for compiled in self._compiled:
+                    if compiled.largest >= RELEASE_AFTER_TOKENS:
+                        compiled.model.release_memory()
+                        compiled.largest = 0
+            self._plan_release()
