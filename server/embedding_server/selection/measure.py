@@ -60,7 +60,7 @@ log = logging.getLogger("embedding_server.selection")
 
 AUTO = "auto"
 #: Cache format: a change to what is measured makes old tables stale.
-CACHE_VERSION = "2"
+CACHE_VERSION = "3"
 SHORT_BATCH = 32
 LONG_BATCH = 8
 LONG_TOKENS = 512
