@@ -125,6 +125,11 @@ class SessionPool:
         return self._wide is not None
 
     @property
+    def first(self) -> ort.InferenceSession:
+        """The first slot's session (its options are what every slot session was opened with)."""
+        return self._sessions[0]
+
+    @property
     def size(self) -> int:
         return len(self._sessions)
 
