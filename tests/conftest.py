@@ -15,7 +15,7 @@ from tests.support.keyed import KEY
 from tests.support.server import RunningServer, start_server
 
 if TYPE_CHECKING:
-    from embedding_server.models.loader import LoadedModel
+    from embedding_server.models.loaded import LoadedModel
 
 
 #: Every server a test starts runs on ONNX Runtime (at the file's precision) unless the test names

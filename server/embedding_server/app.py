@@ -41,7 +41,8 @@ from .grpc_api.servicer import EmbeddingServicer
 from .grpc_api.state import Phase, ServingState
 from .metrics import Metrics, MetricsHttpServer, metrics_route
 from .models.files import locate
-from .models.loader import BUILTIN_MODEL, LoadedModel, ModelSpec, load, model_files
+from .models.loaded import LoadedModel
+from .models.loader import BUILTIN_MODEL, ModelSpec, load, model_files
 from .ports import PortUnavailable, ensure_free, grpc_address
 from .rest.inprocess import InProcessShim
 from .selection.measure import Plan, choose_candidate

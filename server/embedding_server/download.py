@@ -20,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .cache_dir import default_cache_dir
 from .errors import ModelLoadError
 
 if TYPE_CHECKING:  # embedding-download itself stays light: no onnxruntime, no numpy
@@ -195,8 +196,6 @@ def fetched(spec: ModelSpec, cache_dir: Path | None, label: str) -> ModelSpec:
     any other spec as it is. ``label``: how the caller's user wrote it, for the error line."""
     if spec.hub is None:
         return spec
-    from .models.build_minilm import default_cache_dir  # the server's cache, only for a hub spec
-
     root = cache_dir or default_cache_dir()
     path = fetch_hub_model(spec.hub.repo_id, spec.hub.revision, root, label=label)
     return replace(spec, path=path)

@@ -22,9 +22,9 @@ from embedding_client.envflags import OneLineParser, apply_environment, port_num
 from .engine.batcher import BatchSettings
 from .engine.embedder import EngineSettings
 from .engine.memory import parse_size
-from .grpc_api.servicer import DEFAULT_STREAM_WINDOW
 from .models.engines import ENGINES, PRECISIONS
 from .selection.rule import DEFAULT_FLOOR
+from .streaming import DEFAULT_STREAM_WINDOW
 
 ENV_PREFIX = "EMBEDDING_"
 LOG_LEVELS = ["debug", "info", "warning", "error"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from embedding_server.engine.batcher import BatchSettings
 from embedding_server.engine.embedder import Embedder, EngineSettings
-from embedding_server.models.loader import LoadedModel
+from embedding_server.models.loaded import LoadedModel
 
 from tests.support.instrumented import CountingSessions
 

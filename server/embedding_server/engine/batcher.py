@@ -53,7 +53,7 @@ import numpy as np
 from ..cpus import ThreadBudget
 from ..errors import DeadlineExpired, MemoryLimitExceeded, NotServing, Overloaded
 from ..models.base import RowRequest
-from ..models.loader import LoadedModel
+from ..models.loaded import LoadedModel
 from ..models.types import Priority, SequenceVectors, Task
 from .batch_selection import select_batch
 from .finish import finish_batch

@@ -25,7 +25,7 @@ from ..cpus import ThreadBudget
 from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
 from ..models.late_chunking import DEFAULT_OVERLAP, LateChunkedDocument, document_limit
-from ..models.loader import LoadedModel
+from ..models.loaded import LoadedModel
 from ..models.types import ModelDescription, Output, Priority, SequenceVectors, Task
 from .batcher import Admission, BatchSettings, EngineObserver, ModelBatcher, lower_thread_priority
 from .finish import finish_document

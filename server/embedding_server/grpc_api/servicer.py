@@ -16,13 +16,12 @@ from ..call_context import record_engine_time
 from ..engine.requests import EmbedResult
 from ..errors import InvalidArgument
 from ..models.types import Priority
+from ..streaming import DEFAULT_STREAM_WINDOW
 from ..tracing import Tracing, mark_failed
 from . import convert
 from .state import ServingState
 from .status import FLOW_KEY, abort, as_service_error, to_rpc_status
 from .wire import bad_utf8_field
-
-DEFAULT_STREAM_WINDOW = 32
 
 
 class MalformedRequest:

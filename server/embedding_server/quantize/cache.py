@@ -12,8 +12,8 @@ import logging
 import time
 from pathlib import Path
 
+from ..cache_dir import default_cache_dir, writable_cache
 from ..errors import ModelLoadError
-from ..models.build_minilm import default_cache_dir, writable_cache
 from ..models.files import ModelFiles, locate
 from .calibration import default_texts
 from .core import QuantizeRefused, quantize_directory, source_digest

@@ -23,8 +23,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from ..cache_dir import file_digest
 from ..models.base import EmbeddingModel
-from ..models.build_minilm import file_digest
 from ..models.files import ModelFiles, external_data_extents
 from ..models.loader import build_model
 from ..models.sessions import open_session, session_options

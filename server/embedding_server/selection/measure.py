@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache_dir import atomic_write, default_cache_dir, writable_cache
 from ..errors import ModelLoadError, StartupError
 from ..models.base import EmbeddingModel
-from ..models.build_minilm import atomic_write, default_cache_dir, writable_cache
 from ..models.engines import (
     ENGINES,
     OPENVINO,
