@@ -202,8 +202,8 @@ class FailingSessions(CountingSessions):
 
 
 async def test_unexpected_exception_is_internal_everywhere(builtin, caplog):
-    from embedding_server.engine.batcher import BatchSettings
-    from embedding_server.engine.embedder import Embedder, EngineSettings
+    from embedding_server.engine.embedder import Embedder
+    from embedding_server.engine.tuning import BatchSettings, EngineSettings
     from embedding_server.models.loader import LoadedModel
 
     sessions = FailingSessions(builtin.sessions)

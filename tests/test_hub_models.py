@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from embedding_client.proto import embedding_pb2 as pb
-from embedding_server.app import ServedModels
+from embedding_server.compose import ServedModels
 from embedding_server.download import COMPLETE_MARK, GENERIC_FILES, PRESETS, fetch_hub_model, hub_cache_path
 from embedding_server.errors import ModelLoadError
 from embedding_server.models.files import locate

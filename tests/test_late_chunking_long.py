@@ -27,9 +27,10 @@ import numpy as np
 import pytest
 from embedding_client.corpus import CorpusJob
 from embedding_client.proto import embedding_pb2 as pb
-from embedding_server.app import engine_settings
-from embedding_server.engine.embedder import Embedder, EngineSettings
+from embedding_server.compose import engine_settings
+from embedding_server.engine.embedder import Embedder
 from embedding_server.engine.requests import EmbedJob
+from embedding_server.engine.tuning import EngineSettings
 from embedding_server.models.late_chunking import content_windows, plan_document
 from embedding_server.models.loader import LoadedModel, ModelSpec, load
 from embedding_server.models.tokenization import TokenizedText

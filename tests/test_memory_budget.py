@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from embedding_server.app import batch_settings
+from embedding_server.compose import batch_settings
 from embedding_server.engine.memory import (
     MIB,
     MemoryBudget,

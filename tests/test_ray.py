@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
+from embedding_client.errors import ResourceExhaustedError
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.ray import EmbedBatches
 from prometheus_client.parser import text_string_to_metric_families
@@ -30,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.support.launch import launch, wait_serving
 from tests.support.replies import raw_dense
 from tests.support.server import RunningServer, free_port
+from tests.support.synthetic import JINA_HIDDEN, make_jina_v3
 from tests.support.texts import WORDS
 
 N = 5000
@@ -224,3 +226,36 @@ def test_late_chunking_gives_one_vector_per_chunk_in_both_modes(default_server):
             np.testing.assert_allclose(np.array(got, dtype=np.float32), want, atol=1e-5)
     with pytest.raises(ValueError, match=r"chunks: row 0 of this batch needs a non-empty list"):
         EmbedBatches(default_server.target, chunks_column="chunks")(pa.table({"chunks": [[]]}))
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (VmRSS)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def test_in_process_mode_keeps_the_servers_memory_budget(tmp_path):
+    """Ray's in-process engine is built by the server's composition: the same --memory-limit refuses
+    what the server would, with the same typed error, and runs what fits.
+
+    A tiny jina-v3 with an 8192-token window: its weights are small, but one 8000-token sequence
+    costs 8000² attention scores (~770 MB at the budget's 12 bytes each). The limit leaves ~300 MB
+    of working memory above what this process holds with the model loaded (64 MiB of margin for
+    the load): ample for a short text, never enough for the long one.
+    """
+    model = make_jina_v3(tmp_path / "jina", max_tokens=8192)
+    limit = int((resident_bytes() + (64 << 20) + (300 << 20)) / 0.85)
+    args = ["--engine", "onnxruntime", "--precision", "fp32", "--model", f"jina={model.path}"]
+    embed = EmbedBatches(engine_args=[*args, "--memory-limit", str(limit)], task="retrieval.query")
+    try:
+        short = embed(pa.table({"text": ["a short text fits"]}))
+        assert short.column("embedding").type == pa.list_(pa.float32(), JINA_HIDDEN)
+        long_text = " ".join(WORDS[i % len(WORDS)] for i in range(8000))
+        with pytest.raises(ResourceExhaustedError) as info:
+            embed(pa.table({"text": ["fits", long_text]}))
+        assert (info.value.reason, info.value.field, info.value.index) == ("MEMORY_LIMIT", "inputs", 1)
+        assert "memory budget" in str(info.value)
+    finally:
+        embed.close()

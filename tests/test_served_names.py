@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from embedding_client import EmbeddingClient
 from embedding_client.proto import embedding_pb2 as pb
-from embedding_server.app import ServedModels
+from embedding_server.compose import ServedModels
 from embedding_server.settings import parse_settings
 
 from tests.support import minilm_reference as ref

@@ -11,12 +11,19 @@ import dataclasses
 import subprocess
 
 import pytest
-from embedding_server.app import engine_settings
+from embedding_server.compose import engine_settings
 from embedding_server.cpus import ThreadBudget
-from embedding_server.engine.embedder import EngineSettings
+from embedding_server.engine.tuning import BatchSettings, EngineSettings, knob_fields
 from embedding_server.grpc_api.servicer import DEFAULT_STREAM_WINDOW
 from embedding_server.rest.standalone import parse_args
-from embedding_server.settings import DEFAULTS, ENV_PREFIX, Settings, build_parser, parse_settings
+from embedding_server.settings import (
+    DEFAULTS,
+    ENV_PREFIX,
+    Settings,
+    build_parser,
+    parse_settings,
+    shown_default,
+)
 
 from tests.support.server import server_command
 
@@ -56,7 +63,7 @@ def test_defaults_match_the_contract(monkeypatch):
     assert settings.port == 50051
     assert settings.rest_port == 8000
     assert settings.models == []
-    assert settings.max_inputs == 2048
+    assert settings.tuning.max_inputs == 2048
     assert settings.api_keys == []
 
 
@@ -70,6 +77,33 @@ def test_the_engine_gets_its_own_defaults_from_default_flags():
     threads = ThreadBudget.plan(2)
     assert engine_settings(parse_settings([], {}), threads) == EngineSettings(threads=threads)
     assert parse_settings([], {}).stream_window == DEFAULT_STREAM_WINDOW
+
+
+def _knobs() -> list[tuple[str, str]]:
+    """(settings class name, field name) of every knob engine/tuning.py declares."""
+    return [(cls.__name__, f.name) for cls in (EngineSettings, BatchSettings) for f in knob_fields(cls)]
+
+
+def _knob_value(settings: Settings, owner: str, name: str) -> object:
+    engine = engine_settings(settings, ThreadBudget.plan(2))
+    return getattr(engine.batch if owner == "BatchSettings" else engine, name)
+
+
+@pytest.mark.parametrize(("owner", "name"), _knobs())
+def test_every_engine_knob_is_a_flag_and_a_variable_that_reach_the_engine(owner, name):
+    """Declared once (engine/tuning.py): its flag, variable, help and plan field follow from that."""
+    default = _knob_value(parse_settings([], {}), owner, name)
+    value = type(default)(default + 3)  # a value no default has
+    flag = "--" + name.replace("_", "-")
+    assert _knob_value(parse_settings([flag, str(value)], {}), owner, name) == value
+    help_text = " ".join(build_parser().format_help().split())
+    assert f"{flag} " in help_text and f"(default: {shown_default(default)})" in help_text
+
+
+def test_knobs_are_found():
+    """The parametrization above is not empty: it covers the batch limits and the request limits."""
+    names = {name for _, name in _knobs()}
+    assert {"max_batch_tokens", "max_batch_wait_ms", "max_queue_tokens", "max_inputs"} <= names
 
 
 def test_rest_flags_share_the_server_defaults():
@@ -104,8 +138,8 @@ def test_flags():
     assert settings.port == 6000
     assert settings.rest_port == 0
     assert settings.models == ["all-minilm-l6-v2", "jina=/models/jina"]
-    assert settings.max_inputs == 16
-    assert settings.max_batch_wait_ms == 2.5
+    assert settings.tuning.max_inputs == 16
+    assert settings.tuning.batch.max_batch_wait_ms == 2.5
     assert settings.api_keys == ["k1", "k2"]
     assert settings.log_level == "debug"
     assert settings.log_json is True
@@ -139,7 +173,7 @@ def test_environment_variables():
     assert settings.port == 7000
     assert settings.rest_port == 0
     assert settings.models == ["a=/m/a", "b=/m/b"]
-    assert settings.max_inputs == 3
+    assert settings.tuning.max_inputs == 3
     assert settings.api_keys == ["k1", "k2"]
     assert settings.log_json is True
     assert settings.grace_period == 1.5
@@ -175,12 +209,23 @@ def test_every_flag_has_an_environment_variable(action):
     assert expected != action.default, "the example must differ from the default"
     companions = COMPANIONS.get(action.dest, [])
     settings = parse_settings(companions, {env_name(action.option_strings[0]): raw})
-    assert getattr(settings, action.dest) == expected
+    assert value_of(settings, action.dest) == expected
+
+
+def value_of(settings: Settings, name: str) -> object:
+    """A setting by its flag's name: on ``Settings``, or an engine knob in ``settings.tuning``."""
+    for holder in (settings, settings.tuning, settings.tuning.batch):
+        if hasattr(holder, name):
+            return getattr(holder, name)
+    raise AttributeError(name)
 
 
 def test_every_setting_has_a_flag():
+    """Every ``Settings`` field, and every engine knob in ``Settings.tuning``, is a flag; no flag is
+    left over."""
     dests = {a.dest for a in option_actions()}
-    assert dests == {f.name for f in dataclasses.fields(Settings)}
+    fields = {f.name for f in dataclasses.fields(Settings) if f.name != "tuning"}
+    assert dests == fields | {name for _, name in _knobs()}
 
 
 # --- precedence ------------------------------------------------------------------------------

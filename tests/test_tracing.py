@@ -286,9 +286,9 @@ async def test_a_failed_call_is_an_error_span_and_probes_are_not_traced(traced: 
 async def test_engine_stamps_are_ordered_for_plain_and_late_chunked_jobs(tmp_path: Path) -> None:
     """tokenize → enqueue → run → finish, consistent with the trailer timings; a late-chunked
     document over several windows ends after its last run (its chunks are pooled after)."""
-    from embedding_server.engine.batcher import BatchSettings
-    from embedding_server.engine.embedder import Embedder, EngineSettings
+    from embedding_server.engine.embedder import Embedder
     from embedding_server.engine.requests import EmbedJob
+    from embedding_server.engine.tuning import BatchSettings, EngineSettings
     from embedding_server.models.loader import ModelSpec, load
 
     from tests.support.synthetic import WORDS, make_jina_v3

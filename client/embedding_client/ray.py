@@ -20,9 +20,10 @@ Two modes, the same vectors:
   marked ``PRIORITY_BATCH`` so the servers put interactive traffic first.
 - **in-process** (``engine_args=[...]``): each actor loads the models with the
   server's own engine, from the same ``embedding-server`` flags (``--model``,
-  ``--max-batch-tokens``, ...) and runs the same request path minus the wire:
-  :func:`to_job` → :class:`Embedder` (the server's batcher) → :func:`to_response`
-  → the client's decoder. For clusters without a serving fleet. Needs the
+  ``--max-batch-tokens``, ``--memory-limit``, ...), built as the server builds
+  it, and runs the same request path minus the wire
+  (``embedding_server.in_process``, found through the ``embedding_client.engines``
+  entry point). For clusters without a serving fleet. Needs the
   ``embedding-server`` distribution on the workers.
 
 Every column of the input batch is kept, rows stay in place (set
@@ -38,9 +39,9 @@ per chunk (a list of them).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeAlias
+from importlib.metadata import entry_points
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import numpy as np
 import pyarrow as pa
@@ -49,14 +50,12 @@ from .channel import ChannelSettings, count_addresses
 from .client import DEFAULT_WINDOW, EmbeddingClient
 from .corpus_parquet import fixed_rows
 from .enums import Output, OutputLike, PriorityLike, TaskLike
-from .requests import DEFAULT_BATCH_SIZE, EmbedOptions, batches
+from .requests import DEFAULT_BATCH_SIZE, EmbedOptions
 from .results import Embeddings, concatenate
 from .retry import StreamRetry
 
 #: Streams per actor for a target whose replicas a resolver finds (as the corpus CLI).
 RESOLVER_STREAMS = 4
-#: At most this many requests of one batch queued in an in-process engine at a time.
-IN_PROCESS_WINDOW = 32
 #: In-process engines use one session per CPU the actor was given, up to this many.
 MAX_IN_PROCESS_SESSIONS = 4
 
@@ -116,7 +115,7 @@ class EmbedBatches:
         self.chunks_column = chunks_column
         self.output_column = output_column
         self.batch_size = batch_size
-        self.backend: ServiceBackend | InProcessBackend
+        self.backend: Backend
         if target is not None:
             self.backend = ServiceBackend(
                 target,
@@ -127,7 +126,7 @@ class EmbedBatches:
                 retry=StreamRetry(timeout=retry_timeout),
             )
         else:
-            self.backend = InProcessBackend(list(engine_args or []))
+            self.backend = in_process_engine([*default_engine_args(), *(engine_args or [])])
 
     def __call__(self, batch: Batch) -> pa.Table:
         table = as_table(batch)
@@ -201,50 +200,29 @@ class ServiceBackend:
         self.client.close()
 
 
-class InProcessBackend:
-    """The server's engine in this process, driven by an event loop of its own.
+class Backend(Protocol):
+    """What a mode runs a batch with: one result per request (``batch_size`` texts, or one document)."""
 
-    The loop runs only inside :meth:`run` (``run_until_complete``): Ray calls
-    a map_batches actor from one thread, and the engine's batchers and session
-    threads need a running loop only while there is work.
-    """
+    def run(self, options: EmbedOptions, items: list[Any], batch_size: int) -> Iterator[Embeddings]: ...
 
-    def __init__(self, engine_args: list[str]) -> None:
-        from embedding_server.app import engine_settings, load_models  # the embedding-server distribution
-        from embedding_server.engine.embedder import Embedder
-        from embedding_server.settings import parse_settings
+    def close(self) -> None: ...
 
-        settings = parse_settings([*default_engine_args(), *engine_args], environ={})
-        self.loop = asyncio.new_event_loop()
-        self.embedder = Embedder(load_models(settings), engine_settings(settings))
-        self.loop.run_until_complete(self.embedder.start())
 
-    def run(self, options: EmbedOptions, items: list[Any], batch_size: int) -> Iterator[Embeddings]:
-        requests = [[item] for item in items] if options.late_chunking else list(batches(items, batch_size))
-        return iter(self.loop.run_until_complete(self._embed_all(options, requests)))
+#: The entry point group where the embedding-server distribution offers its in-process engine.
+ENGINES_GROUP = "embedding_client.engines"
 
-    async def _embed_all(self, options: EmbedOptions, requests: list[list[Any]]) -> list[Embeddings]:
-        slots = asyncio.Semaphore(IN_PROCESS_WINDOW)
 
-        async def one(inputs: list[Any]) -> Embeddings:
-            async with slots:
-                return await self._embed(options, inputs)
-
-        return list(await asyncio.gather(*(one(inputs) for inputs in requests)))
-
-    async def _embed(self, options: EmbedOptions, inputs: list[Any]) -> Embeddings:
-        from embedding_server.grpc_api.convert import to_job, to_response
-
-        from .results import decode_embeddings
-
-        texts = inputs[0] if options.late_chunking else inputs
-        result = await self.embedder.embed(to_job(options.request(list(texts)), deadline=None))
-        return decode_embeddings(to_response("", result), len(texts), options.outputs)
-
-    def close(self) -> None:
-        if not self.loop.is_closed():
-            self.loop.run_until_complete(self.embedder.close())
-            self.loop.close()
+def in_process_engine(engine_args: list[str]) -> Backend:
+    """The server's engine in this process, found by its entry point (the client never imports the
+    server: it installs and runs without it)."""
+    found = entry_points(group=ENGINES_GROUP, name="in_process")
+    if not found:
+        raise RuntimeError(
+            "EmbedBatches(engine_args=...): in-process mode needs the embedding-server distribution "
+            "on every worker (pip install embedding-server)"
+        )
+    engine: Backend = next(iter(found)).load()(engine_args)
+    return engine
 
 
 def default_engine_args() -> list[str]:

@@ -4,9 +4,10 @@ One name per setting: ``--rest-port`` is ``EMBEDDING_REST_PORT``. A flag on
 the command line wins over the environment. Repeatable flags (``--model``,
 ``--api-key``) take a comma-separated list from the environment.
 
-One source per default: the engine's own (``BatchSettings``, ``EngineSettings``,
-the servicer's stream window) for what the engine uses, ``Settings`` for the
-rest; the flags read theirs from ``DEFAULTS`` and ``--help`` prints them.
+One source per default: the engine's knobs are declared once, in
+``engine/tuning.py`` (name, type, default, help), and their flags and
+``Settings.tuning`` derive from there; ``Settings`` holds the rest. The
+flags read their defaults from ``DEFAULTS`` and ``--help`` prints them.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from typing import Any
 
 from embedding_client.envflags import OneLineParser, apply_environment, port_number
 
-from .engine.batcher import BatchSettings
-from .engine.embedder import EngineSettings
 from .engine.memory import parse_size
+from .engine.tuning import BatchSettings, EngineSettings, knob_fields, knob_of
 from .models.engines import ENGINES, PRECISIONS
 from .selection.rule import DEFAULT_FLOOR
 from .streaming import DEFAULT_STREAM_WINDOW
@@ -29,9 +29,9 @@ from .streaming import DEFAULT_STREAM_WINDOW
 ENV_PREFIX = "EMBEDDING_"
 LOG_LEVELS = ["debug", "info", "warning", "error"]
 
-
-_ENGINE = EngineSettings()
-_BATCH = BatchSettings()
+#: Flags that must be at least 1 (0 would refuse every request, or hang a stream), besides the knobs
+#: that say so in engine/tuning.py.
+AT_LEAST_ONE = ("sessions", "stream_window", "max_message_mb")
 
 
 @dataclass(frozen=True)
@@ -43,18 +43,10 @@ class Settings:
     models: list[str] = field(default_factory=list)
     model_aliases: list[str] = field(default_factory=list)
     auto_truncate: bool = False
-    max_inputs: int = _ENGINE.max_inputs
     sessions: int | None = None  # None: one per CPU, at most 4 (cpus.ThreadBudget)
     threads_per_session: int = 0  # 0: cores / sessions
     session_layout: str = "shared"
-    max_batch_tokens: int = _BATCH.max_batch_tokens
-    max_batch_size: int = _BATCH.max_batch_size
-    max_padding_waste: int = _BATCH.max_padding_waste
-    max_batch_wait_ms: float = _BATCH.max_wait_ms
-    max_queue_requests: int = _BATCH.max_queue_requests
-    max_queue_tokens: int = _BATCH.max_queue_tokens
-    late_chunking_overlap: int = _ENGINE.late_chunking_overlap
-    max_document_tokens: int = _ENGINE.max_document_tokens  # 0: 16 x each model's max tokens
+    tuning: EngineSettings = field(default_factory=EngineSettings)  # every engine knob (engine/tuning.py)
     memory_limit: int = 0  # bytes; 0: the cgroup memory limit, else 1 GiB (engine/memory.py)
     stream_window: int = DEFAULT_STREAM_WINDOW
     max_message_mb: int = 64
@@ -153,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
         """A number flag (>= 0) whose default is the ``DEFAULTS`` field of its name."""
         add(flag, type=_positive(kind), default=getattr(DEFAULTS, flag[2:].replace("-", "_")), help=help)
 
+    def knobs(defaults: BatchSettings | EngineSettings) -> None:
+        """A flag per knob of ``defaults``' class, declared in engine/tuning.py (default, help, type)."""
+        for declared in knob_fields(type(defaults)):
+            default = getattr(defaults, declared.name)
+            kind = float if isinstance(default, float) else int
+            flag = "--" + declared.name.replace("_", "-")
+            add(flag, type=_positive(kind), default=default, help=knob_of(declared).help)
+
     add("--host", default=DEFAULTS.host, help="address to listen on")
     add("--port", type=port_number, default=DEFAULTS.port, help="gRPC port")
     add(
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of answering 400 (for OpenAI tools, which cannot send truncate). gRPC is unchanged: its truncate "
         "has no presence, false is a request for the error",
     )
-    number("--max-inputs", int, "most inputs per request")
+    knobs(DEFAULTS.tuning)
     add(
         "--sessions",
         type=_positive(int),
@@ -206,29 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="shared: one ONNX session runs the --sessions concurrent batches (weights once); "
         "separate: one session each",
     )
-    number("--max-batch-tokens", int, "padded tokens per session run")
-    number("--max-batch-size", int, "sequences per session run")
-    number(
-        "--max-padding-waste",
-        int,
-        "padding tokens one more sequence may add to a session run; beyond it, it waits for a run "
-        "of its own length (CPU cost is linear in padded tokens; 0: no limit)",
-    )
-    number("--max-batch-wait-ms", float, "extra wait in ms for a batch to fill")
-    number("--max-queue-requests", int, "requests in flight before RESOURCE_EXHAUSTED")
-    number("--max-queue-tokens", int, "tokens queued before RESOURCE_EXHAUSTED")
-    number(
-        "--late-chunking-overlap",
-        int,
-        "late chunking of a document longer than the model's window: tokens each window repeats "
-        "from the one before as context, at most half a window (more context per token, more CPU)",
-    )
-    number(
-        "--max-document-tokens",
-        int,
-        "longest late-chunked document in tokens (special tokens included); longer is "
-        "INVALID_ARGUMENT. 0: 16 times the model's max tokens, e.g. 4096 for a 256-token model",
-    )
+    knobs(DEFAULTS.tuning.batch)
     add(
         "--memory-limit",
         type=_size,
@@ -319,8 +297,8 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
     parser = build_parser()
     apply_environment(parser, os.environ if environ is None else environ, ENV_PREFIX)
     args = parser.parse_args(argv)
-    at_least_one = ("max_inputs", "sessions", "stream_window", "max_batch_size", "max_batch_tokens")
-    for name in (*at_least_one, "max_message_mb", "max_queue_requests"):
+    declared = [f for cls in (EngineSettings, BatchSettings) for f in knob_fields(cls)]
+    for name in (*AT_LEAST_ONE, *(f.name for f in declared if knob_of(f).at_least >= 1)):
         if getattr(args, name) is not None and getattr(args, name) < 1:  # 0 refuses all, or hangs a stream
             parser.error(f"--{name.replace('_', '-')}: must be at least 1")
     if bool(args.tls_cert) != bool(args.tls_key):
@@ -333,4 +311,7 @@ def parse_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str]
         args.precision = "int8"
     if not 0.0 < args.fidelity_floor <= 1.0:
         parser.error(f"--fidelity-floor: must be in (0, 1], got {args.fidelity_floor}")
-    return Settings(**vars(args))
+    values = vars(args)
+    batch = BatchSettings(**{f.name: values.pop(f.name) for f in knob_fields(BatchSettings)})
+    tuning = EngineSettings(**{f.name: values.pop(f.name) for f in knob_fields(EngineSettings)}, batch=batch)
+    return Settings(**values, tuning=tuning)

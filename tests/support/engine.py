@@ -7,8 +7,8 @@ test_stream_embed, test_error_details); the model itself is the module-scoped
 
 from __future__ import annotations
 
-from embedding_server.engine.batcher import BatchSettings
-from embedding_server.engine.embedder import Embedder, EngineSettings
+from embedding_server.engine.embedder import Embedder
+from embedding_server.engine.tuning import BatchSettings, EngineSettings
 from embedding_server.models.loaded import LoadedModel
 
 from tests.support.instrumented import CountingSessions

@@ -57,8 +57,8 @@ from ..models.loaded import LoadedModel
 from ..models.types import Priority, SequenceVectors, Task
 from .batch_selection import select_batch
 from .finish import finish_batch
-from .memory import MemoryBudget
 from .requests import StageTimings
+from .tuning import BatchSettings
 from .work import PaddedBatch, WorkItem, pad
 
 log = logging.getLogger(__name__)
@@ -92,21 +92,6 @@ class EngineObserver(Protocol):
     ) -> None: ...
 
     def on_refused(self, model: str, priority: Priority, reason: str) -> None: ...
-
-
-@dataclass(frozen=True)
-class BatchSettings:
-    """How batches form and how much may wait."""
-
-    max_batch_tokens: int = 16384  # padded tokens (longest x count) per session run
-    max_batch_size: int = 128  # sequences per session run
-    max_padding_waste: int = 16  # padding tokens one more sequence may add to a run (0: no limit)
-    max_wait_ms: float = 0.0  # extra wait for a batch to fill when a slot is free
-    max_queue_requests: int = 1024  # requests admitted and not yet answered
-    max_queue_tokens: int = 4_000_000  # tokens admitted and not yet answered
-    interactive_slot: bool = True  # extra run slots only interactive work may use, while bulk runs
-    batch_share: int = 4  # when both classes wait, one batch run per this many interactive runs
-    memory: MemoryBudget | None = None  # None: no memory cut (tests)
 
 
 @dataclass
@@ -423,8 +408,8 @@ class ModelBatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self.settings.max_wait_ms > 0 and self.queue_depth < self.settings.max_batch_size:
-                await asyncio.sleep(self.settings.max_wait_ms / 1000)
+            if self.settings.max_batch_wait_ms > 0 and self.queue_depth < self.settings.max_batch_size:
+                await asyncio.sleep(self.settings.max_batch_wait_ms / 1000)
                 self._drop_expired()
                 choice = self._choose()
                 if choice is None:

@@ -17,22 +17,22 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..cpus import ThreadBudget
 from ..errors import ModelNotFound
 from ..models.base import EmbeddingModel, RowRequest
-from ..models.late_chunking import DEFAULT_OVERLAP, LateChunkedDocument, document_limit
+from ..models.late_chunking import LateChunkedDocument, document_limit
 from ..models.loaded import LoadedModel
 from ..models.types import ModelDescription, Output, Priority, SequenceVectors, Task
-from .batcher import Admission, BatchSettings, EngineObserver, ModelBatcher, lower_thread_priority
+from .batcher import Admission, EngineObserver, ModelBatcher, lower_thread_priority
 from .finish import finish_document
 from .requests import EmbedJob, EmbedResult, TokenizedResult
+from .tuning import BatchSettings, EngineSettings
 from .validation import check_dimensions, check_inputs, check_late_chunking, parse_outputs, parse_task
 
-DEFAULT_MAX_INPUTS = 2048
 WARMUP_TEXT = "warm up"
 #: Batch requests being tokenized or waiting for a tokenizer thread, per thread.
 TOKENIZER_BACKLOG = 2
@@ -41,15 +41,6 @@ TOKENIZER_BACKLOG = 2
 INLINE_TOKENIZE_CHARS = 256
 #: Tokens an input may have beyond its characters: special tokens ([CLS], [SEP]) and their like.
 SPECIAL_TOKENS = 4
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    max_inputs: int = DEFAULT_MAX_INPUTS
-    batch: BatchSettings = field(default_factory=BatchSettings)
-    threads: ThreadBudget | None = None  # None: planned from the CPUs and each model's session pool
-    late_chunking_overlap: int = DEFAULT_OVERLAP  # tokens; a window uses min(this, its capacity // 2)
-    max_document_tokens: int = 0  # longest late-chunked document; 0: 16 windows of each model
 
 
 @dataclass
