@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 from embedding_server.engine.embedder import Embedder
-from embedding_server.engine.requests import EmbedJob
+from embedding_server.engine.jobs import EmbedJob
 from embedding_server.errors import DeadlineExpired, Overloaded
 from embedding_server.models.loader import BUILTIN_MODEL
 

@@ -29,7 +29,7 @@ from embedding_client.corpus import CorpusJob
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_server.compose import engine_settings
 from embedding_server.engine.embedder import Embedder
-from embedding_server.engine.requests import EmbedJob
+from embedding_server.engine.jobs import EmbedJob
 from embedding_server.engine.tuning import EngineSettings
 from embedding_server.models.late_chunking import content_windows, plan_document
 from embedding_server.models.loader import LoadedModel, ModelSpec, load

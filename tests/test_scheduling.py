@@ -18,8 +18,8 @@ from embedding_client.errors import ResourceExhaustedError
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
 from embedding_server.engine import batcher as batcher_module
+from embedding_server.engine.jobs import EmbedJob
 from embedding_server.engine.memory import MemoryBudget, ModelShape
-from embedding_server.engine.requests import EmbedJob
 from embedding_server.errors import NotServing, Overloaded
 from embedding_server.models.loader import BUILTIN_MODEL
 from embedding_server.models.sessions import SessionPool

@@ -236,7 +236,7 @@ async def test_stream_embed_has_a_span_per_request_with_its_stages(traced: Trace
     trace_id = span.get_span_context().trace_id
 
     def complete(spans: list[ReadableSpan]) -> bool:
-        return has(STREAM_SPAN)(spans) and sum(s.name == "pool" for s in spans) == 3
+        return has(STREAM_SPAN)(spans) and sum(s.name == "finish" for s in spans) == 3
 
     spans = await traced.of_trace(trace_id, complete, "StreamEmbed and 3 requests")
     rpc = only(spans, STREAM_SPAN)
@@ -287,7 +287,7 @@ async def test_engine_stamps_are_ordered_for_plain_and_late_chunked_jobs(tmp_pat
     """tokenize → enqueue → run → finish, consistent with the trailer timings; a late-chunked
     document over several windows ends after its last run (its chunks are pooled after)."""
     from embedding_server.engine.embedder import Embedder
-    from embedding_server.engine.requests import EmbedJob
+    from embedding_server.engine.jobs import EmbedJob
     from embedding_server.engine.tuning import BatchSettings, EngineSettings
     from embedding_server.models.loader import ModelSpec, load
 
@@ -324,8 +324,8 @@ async def test_engine_stamps_are_ordered_for_plain_and_late_chunked_jobs(tmp_pat
 
 
 def test_a_job_split_over_runs_has_a_run_span_for_each() -> None:
-    """The engine's ``runs`` stamps become one ``run`` span each, between ``queue`` and ``pool``."""
-    from embedding_server.engine.requests import EmbedResult, StageTimings
+    """The engine's ``runs`` stamps become one ``run`` span each, between ``queue`` and ``finish``."""
+    from embedding_server.engine.jobs import EmbedResult, StageTimings
 
     exporter = InMemorySpanExporter()
     provider = new_provider()

@@ -19,7 +19,7 @@ On, the pieces are:
 - stages: the engine records ``time.monotonic()`` stamps of each job
   (``engine.requests.StageTimings``; the engine never imports OpenTelemetry)
   and ``record_stages`` turns them into the child spans ``tokenize``,
-  ``queue``, ``run`` and ``pool`` of the current span, with those start and
+  ``queue``, ``run`` and ``finish`` of the current span, with those start and
   end times; a StreamEmbed call has one ``StreamEmbed request`` span per
   request, with its stages under it.
 
@@ -46,7 +46,7 @@ from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, Status, StatusCode
 
 from .call_context import current_request_id
-from .engine.requests import EmbedResult, StageTimings
+from .engine.jobs import EmbedResult, StageTimings
 from .errors import StartupError
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ SERVICE_NAME = "embedding-server"
 TRACER_NAME = "embedding_server"
 STREAM_REQUEST_SPAN = "StreamEmbed request"
 #: The stage spans, in the order a job goes through them.
-STAGES = ("tokenize", "queue", "run", "pool")
+STAGES = ("tokenize", "queue", "run", "finish")
 #: REST paths that are probes or scrapes, not work: no span.
 UNTRACED_PATHS = "/health$,/metrics$,/openapi.json$"
 EXPORTERS = ("otlp", "console")
@@ -197,7 +197,7 @@ class Tracing:
         return (*metadata, *carrier.items())
 
     def record_stages(self, result: EmbedResult) -> None:
-        """The job's ``tokenize``, ``queue``, ``run`` (one per session run) and ``pool`` spans, children
+        """The job's ``tokenize``, ``queue``, ``run`` (one per session run) and ``finish`` spans, children
         of the current span."""
         timings: StageTimings = result.timings
         if not timings.finished:
@@ -217,7 +217,7 @@ class Tracing:
             ("queue", timings.enqueued, timings.run_start),
             # one span per session run the job was split over (a long request, a document's windows)
             *(("run", start, end) for start, end in timings.runs or ((timings.run_start, timings.run_end),)),
-            ("pool", timings.run_end, timings.finished),
+            ("finish", timings.run_end, timings.finished),
         )
         for name, start, end in stages:
             if start and end:

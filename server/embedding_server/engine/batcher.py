@@ -57,7 +57,7 @@ from ..models.loaded import LoadedModel
 from ..models.types import Priority, SequenceVectors, Task
 from .batch_selection import select_batch
 from .finish import finish_batch
-from .requests import StageTimings
+from .jobs import StageTimings
 from .tuning import BatchSettings
 from .work import PaddedBatch, WorkItem, pad
 

@@ -29,7 +29,7 @@ from ..models.loaded import LoadedModel
 from ..models.types import ModelDescription, Output, Priority, SequenceVectors, Task
 from .batcher import Admission, EngineObserver, ModelBatcher, lower_thread_priority
 from .finish import finish_document
-from .requests import EmbedJob, EmbedResult, TokenizedResult
+from .jobs import EmbedJob, EmbedResult, TokenizedResult
 from .tuning import BatchSettings, EngineSettings
 from .validation import check_dimensions, check_inputs, check_late_chunking, parse_outputs, parse_task
 
@@ -83,10 +83,10 @@ class Embedder:
                     f"alias {alias!r} -> {target!r}: the name is taken or the model is not loaded"
                 )
         #: every served name, in the order ListModels shows them: each model, then its aliases
-        self._served: dict[str, str] = {}
+        self._model_of: dict[str, str] = {}
         for name in self._models:
-            self._served[name] = name
-            self._served.update({a: t for a, t in (aliases or {}).items() if t == name})
+            self._model_of[name] = name
+            self._model_of.update({a: t for a, t in (aliases or {}).items() if t == name})
         self._descriptions = {
             name: replace(
                 model.description,
@@ -137,7 +137,7 @@ class Embedder:
 
     def descriptions(self) -> list[ModelDescription]:
         """One per served name (an alias is listed as a model of its own, under its name)."""
-        return [replace(self._descriptions[model], name=name) for name, model in self._served.items()]
+        return [replace(self._descriptions[model], name=name) for name, model in self._model_of.items()]
 
     def served_name(self, name: str) -> str:
         """The served name a request's ``model`` field means ("" = the default model's name)."""
@@ -145,10 +145,10 @@ class Embedder:
 
     def model(self, name: str) -> EmbeddingModel:
         """The model for a request's ``model`` field ("" = the default), by any of its served names."""
-        model = self._served.get(self.served_name(name))
+        model = self._model_of.get(self.served_name(name))
         if model is None:
             raise ModelNotFound(
-                f"model: {name!r} is not served here (models: {', '.join(self._served)})",
+                f"model: {name!r} is not served here (models: {', '.join(self._model_of)})",
                 field="model",
                 reason="UNKNOWN_MODEL",
             )

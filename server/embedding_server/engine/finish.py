@@ -17,8 +17,9 @@ Everything after that is the same for every family and lives here
 - **binary**: the sign bits of the finished dense vector, ``np.packbits(v > 0)``
   MSB first.
 
-One rule set, two points in time: ``finish_batch`` on the batcher's pooling
-thread for the rows of a run, ``finish_document`` once every window of a
+One rule set, two points in time: ``finish_batch`` for the rows of a run (a
+query's on its run thread, in the same hop as the run; batch work's on the
+batcher's finish thread), ``finish_document`` once every window of a
 late-chunked document has run. What leaves here is final: the API layers
 only convert it (grpc_api/convert.py).
 """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..errors import InvalidArgument
 from ..models.base import EmbeddingModel
 from ..models.types import ModelDescription, Output, Task
-from .requests import EmbedJob
+from .jobs import EmbedJob
 
 LATE_CHUNKING_OUTPUTS = frozenset({Output.DENSE, Output.BINARY})
 

@@ -7,7 +7,7 @@ from typing import cast
 
 from embedding_client.proto import embedding_pb2 as pb
 
-from ..engine.requests import EmbedJob, EmbedResult, TokenizedResult
+from ..engine.jobs import EmbedJob, EmbedResult, TokenizedResult
 from ..models.types import ModelDescription, Output, Priority, SequenceVectors
 
 

@@ -13,7 +13,7 @@ from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 from ..call_context import record_engine_time
-from ..engine.requests import EmbedResult
+from ..engine.jobs import EmbedResult
 from ..errors import InvalidArgument
 from ..models.types import Priority
 from ..streaming import DEFAULT_STREAM_WINDOW
