@@ -167,3 +167,20 @@ def test_the_client_never_imports_the_server() -> None:
         if name.startswith("embedding_client") and any(t.startswith("embedding_server") for t in targets)
     }
     assert users == set()
+
+
+def test_the_model_layer_names_no_request_field() -> None:
+    """Models state what they cannot take (models/refusals.py); the engine names the field
+    (engine/validation.py model_refusals). No module under models/ imports a request error."""
+    request_errors = {"InvalidArgument", "Overloaded", "MemoryLimitExceeded", "NotServing"}
+    models = ROOT / "server" / "embedding_server" / "models"
+    imported = {
+        f"{path.name}: {alias.name}"
+        for path in sorted(models.rglob("*.py"))
+        for node in _runtime_imports(ast.parse(path.read_text(), str(path)))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").endswith("errors")
+        for alias in node.names
+        if alias.name in request_errors
+    }
+    assert imported == set()
+    assert (models / "refusals.py").exists()

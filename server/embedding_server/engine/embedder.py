@@ -31,7 +31,14 @@ from .batcher import Admission, EngineObserver, ModelBatcher, lower_thread_prior
 from .finish import finish_document
 from .jobs import EmbedJob, EmbedResult, TokenizedResult
 from .tuning import BatchSettings, EngineSettings
-from .validation import check_dimensions, check_inputs, check_late_chunking, parse_outputs, parse_task
+from .validation import (
+    check_dimensions,
+    check_inputs,
+    check_late_chunking,
+    model_refusals,
+    parse_outputs,
+    parse_task,
+)
 
 WARMUP_TEXT = "warm up"
 #: Batch requests being tokenized or waiting for a tokenizer thread, per thread.
@@ -218,24 +225,27 @@ class Embedder:
             await self._tokenizer_backlog.acquire()
         try:
             admission.reserve(_token_bound(job, model, task))
-            if job.late_chunking:
-                document = await loop.run_in_executor(
-                    threads,
-                    model.tokenize_document,
-                    job.inputs,
-                    task,
-                    self._descriptions[model.name].max_document_tokens,
-                    self.settings.late_chunking_overlap,
-                )
-                windows = [
-                    (window.ids, replace(row, length=len(window.ids), token_states=window.keep))
-                    for window in document.windows
-                ]
-                return Tokenized(windows, document.tokens, document)
-            if priority == Priority.INTERACTIVE and sum(map(len, job.inputs)) <= INLINE_TOKENIZE_CHARS:
-                encoded = model.tokenize(job.inputs, task, job.truncate)
-            else:
-                encoded = await loop.run_in_executor(threads, model.tokenize, job.inputs, task, job.truncate)
+            with model_refusals(model.name):
+                if job.late_chunking:
+                    document = await loop.run_in_executor(
+                        threads,
+                        model.tokenize_document,
+                        job.inputs,
+                        task,
+                        self._descriptions[model.name].max_document_tokens,
+                        self.settings.late_chunking_overlap,
+                    )
+                    windows = [
+                        (window.ids, replace(row, length=len(window.ids), token_states=window.keep))
+                        for window in document.windows
+                    ]
+                    return Tokenized(windows, document.tokens, document)
+                if priority == Priority.INTERACTIVE and sum(map(len, job.inputs)) <= INLINE_TOKENIZE_CHARS:
+                    encoded = model.tokenize(job.inputs, task, job.truncate)
+                else:
+                    encoded = await loop.run_in_executor(
+                        threads, model.tokenize, job.inputs, task, job.truncate
+                    )
             sequences = [(text.ids, replace(row, length=len(text.ids))) for text in encoded]
             return Tokenized(sequences, sum(len(ids) for ids, _ in sequences))
         finally:

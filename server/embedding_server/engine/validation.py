@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from ..errors import InvalidArgument
 from ..models.base import EmbeddingModel
+from ..models.refusals import DocumentTooLong, EmptyChunk, InputTooLong, UnsupportedTask
 from ..models.types import ModelDescription, Output, Task
 from .jobs import EmbedJob
 
@@ -38,8 +42,44 @@ def parse_task(value: int, model: EmbeddingModel) -> Task:
         task = Task(value)
     except ValueError:
         raise InvalidArgument(f"task: unknown value {value}", field="task", reason="UNKNOWN_TASK") from None
-    model.check_task(task)
+    with model_refusals(model.name):
+        model.check_task(task)
     return task
+
+
+@contextmanager
+def model_refusals(model: str) -> Iterator[None]:
+    """What the model layer refuses (models/refusals.py), as the request field it comes from."""
+    try:
+        yield
+    except UnsupportedTask as exc:
+        raise InvalidArgument(
+            f"task: {exc.task_name} is not one of this model's adapters {list(exc.adapters)}",
+            field="task",
+            reason="UNSUPPORTED_TASK",
+        ) from None
+    except InputTooLong as exc:
+        raise InvalidArgument(
+            f"inputs[{exc.index}]: {exc.tokens} tokens exceeds the model's maximum of "
+            f"{exc.max_tokens}; shorten it or set truncate",
+            field="inputs",
+            index=exc.index,
+            reason="INPUT_TOO_LONG",
+        ) from None
+    except DocumentTooLong as exc:
+        raise InvalidArgument(
+            f"inputs: late chunking: the document has {exc.tokens} tokens, over model "
+            f"{model}'s limit of {exc.limit} (--max-document-tokens)",
+            field="inputs",
+            reason="DOCUMENT_TOO_LONG",
+        ) from None
+    except EmptyChunk as exc:
+        raise InvalidArgument(
+            f"inputs[{exc.index}]: chunk has no tokens of its own",
+            field="inputs",
+            index=exc.index,
+            reason="EMPTY_CHUNK",
+        ) from None
 
 
 def parse_outputs(values: list[int], description: ModelDescription) -> tuple[Output, ...]:

@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidArgument
 from .files import ModelFiles
 from .late_chunking import LateChunkedDocument, chunk_spans, join_chunks, plan_document
+from .refusals import DocumentTooLong
 from .tokenization import TextTokenizer, TokenizedText
 from .types import ModelDescription, Output, SequenceVectors, Task
 
@@ -130,12 +130,7 @@ class EmbeddingModel(ABC):
         text, ends = join_chunks(self.prefix(task), chunks)
         document = self.tokenizer.encode_document(text)
         if len(document.ids) > max_document_tokens:
-            raise InvalidArgument(
-                f"inputs: late chunking: the document has {len(document.ids)} tokens, over model "
-                f"{self.name}'s limit of {max_document_tokens} (--max-document-tokens)",
-                field="inputs",
-                reason="DOCUMENT_TOO_LONG",
-            )
+            raise DocumentTooLong(len(document.ids), max_document_tokens)
         spans = chunk_spans(document, ends)
         return plan_document(document, spans, self.tokenizer.max_tokens, overlap)
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import InvalidArgument, ModelLoadError
+from ..errors import ModelLoadError
 from .base import RowRequest, TokenStatesModel, pooled_or_states
 from .family import JINA_V3
 from .limits import xlm_roberta_max_tokens
 from .pooling import mean_pool
+from .refusals import UnsupportedTask
 from .tokenization import TextTokenizer
 from .types import TASK_NAMES, ModelDescription, Output, SequenceVectors, Task
 
@@ -71,11 +72,7 @@ class JinaV3Model(TokenStatesModel):
 
     def check_task(self, task: Task) -> None:
         if self.resolve(task) not in self._task_ids:
-            raise InvalidArgument(
-                f"task: {task.name} is not one of this model's adapters {self._adapters}",
-                field="task",
-                reason="UNSUPPORTED_TASK",
-            )
+            raise UnsupportedTask(task.name, tuple(self._adapters))
 
     def prefix(self, task: Task) -> str:
         return self._instructions.get(TASK_NAMES[self.resolve(task)], "")

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import InvalidArgument
+from .refusals import EmptyChunk
 from .tokenization import TokenizedText
 
 SEPARATOR = " "
@@ -58,12 +58,7 @@ def chunk_spans(document: TokenizedText, chunk_ends: list[int]) -> list[tuple[in
             counts[owner] += 1
     for index, count in enumerate(counts):
         if count == 0:
-            raise InvalidArgument(
-                f"inputs[{index}]: chunk has no tokens of its own",
-                field="inputs",
-                index=index,
-                reason="EMPTY_CHUNK",
-            )
+            raise EmptyChunk(index)
     return _contiguous_spans(owners)
 
 

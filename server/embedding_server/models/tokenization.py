@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from ..errors import InvalidArgument, ModelLoadError
+from ..errors import ModelLoadError
+from .refusals import InputTooLong
 
 #: Pad-token spellings to look for when no config names the pad token.
 PAD_TOKENS = ("<pad>", "[PAD]", "<|pad|>", "<|endoftext|>")
@@ -73,13 +74,7 @@ class TextTokenizer:
         if not truncate:
             for index, encoding in enumerate(encodings):
                 if len(encoding.ids) > self.max_tokens:
-                    raise InvalidArgument(
-                        f"inputs[{index}]: {len(encoding.ids)} tokens exceeds the model's maximum of "
-                        f"{self.max_tokens}; shorten it or set truncate",
-                        field="inputs",
-                        index=index,
-                        reason="INPUT_TOO_LONG",
-                    )
+                    raise InputTooLong(index, len(encoding.ids), self.max_tokens)
         return [_to_tokenized(e) for e in encodings]
 
     def encode_document(self, text: str) -> TokenizedText:
