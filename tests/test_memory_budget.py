@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from embedding_server.compose import batch_settings
+from embedding_server import compose
+from embedding_server.compose import batch_settings, memory_limit
 from embedding_server.engine.memory import (
     MIB,
     MemoryBudget,
     ModelShape,
+    DEFAULT_MEMORY_LIMIT,
     cgroup_memory_limit,
     model_shares,
     parse_size,
@@ -76,11 +78,23 @@ def test_long_sequences_get_fewer_rows_than_short_ones():
     assert budget.queue_tokens > 0
 
 
+def test_the_engines_limit_leaves_out_what_its_host_holds(monkeypatch: pytest.MonkeyPatch):
+    """In-process (a Ray worker), the host's own memory is not the engine's: a container limit is
+    shared with it, an explicit --memory-limit is the engine's alone."""
+    monkeypatch.setattr(compose, "cgroup_memory_limit", lambda: None)
+    assert memory_limit(Settings(), host_bytes=5 << 30) == DEFAULT_MEMORY_LIMIT
+    monkeypatch.setattr(compose, "cgroup_memory_limit", lambda: 8 << 30)
+    assert memory_limit(Settings()) == 8 << 30
+    assert memory_limit(Settings(), host_bytes=5 << 30) == 3 << 30
+    assert memory_limit(Settings(), host_bytes=9 << 30) == 0  # then too little to run: a StartupError
+    assert memory_limit(Settings(memory_limit=512 << 20), host_bytes=5 << 30) == 512 << 20
+
+
 def test_a_limit_the_models_alone_exceed_is_a_startup_error():
     loaded = [load(ModelSpec(BUILTIN_MODEL, None))]
     with pytest.raises(StartupError, match="--memory-limit 512MiB: the models alone take 600MiB"):
-        batch_settings(Settings(memory_limit=512 << 20), loaded, baseline=600 * MIB)
-    planned = batch_settings(Settings(memory_limit=1 << 30), loaded, baseline=300 * MIB)[BUILTIN_MODEL]
+        batch_settings(Settings(memory_limit=512 << 20), loaded, baseline=600 * MIB, limit=512 << 20)
+    planned = batch_settings(Settings(), loaded, baseline=300 * MIB, limit=1 << 30)[BUILTIN_MODEL]
     assert planned.memory is not None and planned.memory.longest_single() >= 256
     assert planned.max_queue_tokens <= planned.memory.queue_tokens
 

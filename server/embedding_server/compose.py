@@ -47,11 +47,15 @@ def build_embedder(
     served: ServedModels | None = None,
     threads: ThreadBudget | None = None,
     on_failure: Callable[[BaseException], None] | None = None,
+    host_bytes: int = 0,
 ) -> Embedder:
     """Load every model, plan memory and batches, log the plan: the engine, not yet started.
 
     Blocking (loading takes seconds); raises StartupError with a one-line reason. ``served`` and
-    ``threads``: already parsed / planned by the caller (None: from ``settings``).
+    ``threads``: already parsed / planned by the caller (None: from ``settings``). ``host_bytes``:
+    resident memory that is not the engine's (in-process: what the host held before building it;
+    a Ray worker's data is not the models'), left out of the budget's baseline and, under a cgroup
+    limit, out of what the engine may use.
     """
     served = served or check_models(settings)
     threads = threads or thread_budget(settings)
@@ -65,8 +69,9 @@ def build_embedder(
         log.debug("model load failed", exc_info=True)
         raise StartupError(load_failure(exc)) from None
     release_freed_memory()  # what building or quantizing at load freed is not the models' size
-    planned = batch_settings(settings, models, current_rss())
-    log_plan(threads, memory_limit(settings), models, planned)
+    limit = memory_limit(settings, host_bytes)
+    planned = batch_settings(settings, models, max(0, current_rss() - host_bytes), limit)
+    log_plan(threads, limit, models, planned)
     embedder = Embedder(
         models,
         engine_settings(settings, threads),
@@ -93,14 +98,22 @@ def engine_settings(settings: Settings, threads: ThreadBudget | None = None) -> 
 WARM_ALLOWANCE = 64 * MIB
 
 
-def memory_limit(settings: Settings) -> int:
-    """--memory-limit, else the container's limit, else DEFAULT_MEMORY_LIMIT."""
-    return settings.memory_limit or cgroup_memory_limit() or DEFAULT_MEMORY_LIMIT
+def memory_limit(settings: Settings, host_bytes: int = 0) -> int:
+    """The engine's own memory: --memory-limit, else the container's limit less ``host_bytes``
+    (what a host process holds besides the engine), else DEFAULT_MEMORY_LIMIT."""
+    if settings.memory_limit:
+        return settings.memory_limit
+    container = cgroup_memory_limit()
+    if container is not None:
+        return max(0, container - host_bytes)
+    return DEFAULT_MEMORY_LIMIT
 
 
-def batch_settings(settings: Settings, models: list[LoadedModel], baseline: int) -> dict[str, BatchSettings]:
-    """Each model's batch limits from the memory budget; StartupError when the models alone exceed it."""
-    limit = memory_limit(settings)
+def batch_settings(
+    settings: Settings, models: list[LoadedModel], baseline: int, limit: int
+) -> dict[str, BatchSettings]:
+    """Each model's batch limits from the memory budget ``limit``, of which the loaded models and
+    what came with them take ``baseline``; StartupError when that leaves too little to run."""
     base = settings.tuning.batch
     planned = {}
     sized: dict[str, tuple[ModelShape, int]] = {}  # shape, concurrent runs (bulk + query slots)

@@ -4,7 +4,8 @@
 entry point this distribution declares, so the client never imports the
 server. The engine is built by :func:`compose.build_embedder`, as the server's
 is: the same models, aliases, thread plan, memory budget and batch limits from
-the same flags. A request runs the server's path minus the wire: ``to_job`` →
+the same flags; the budget counts what the engine adds to the host process, not
+what the host held before. A request runs the server's path minus the wire: ``to_job`` →
 ``Embedder`` → ``to_response`` → the client's decoder. A refused request
 raises the client's typed error (``EmbeddingError``, with its ``reason`` and
 ``field``), the same one a service call raises.
@@ -21,6 +22,7 @@ from embedding_client.requests import EmbedOptions, batches
 from embedding_client.results import Embeddings, decode_embeddings
 
 from .compose import build_embedder
+from .engine.memory import current_rss
 from .errors import ServiceError
 from .grpc_api.convert import to_job, to_response
 from .grpc_api.status import to_rpc_status
@@ -43,7 +45,9 @@ class InProcessEngine:
         the user's); a bad flag exits like the server does, a model that cannot load raises StartupError."""
         settings = parse_settings(list(engine_args), environ={})
         self.loop = asyncio.new_event_loop()
-        self.embedder = build_embedder(settings)
+        # The host's own memory (a Ray worker's data, its libraries) is not the engine's to budget:
+        # --memory-limit bounds what loading the models and running them adds.
+        self.embedder = build_embedder(settings, host_bytes=current_rss())
         self.loop.run_until_complete(self.embedder.start())
 
     def run(self, options: EmbedOptions, items: list[Any], batch_size: int) -> Iterator[Embeddings]:
