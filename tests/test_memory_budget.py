@@ -8,10 +8,10 @@ import pytest
 from embedding_server import compose
 from embedding_server.compose import batch_settings, memory_limit
 from embedding_server.engine.memory import (
+    DEFAULT_MEMORY_LIMIT,
     MIB,
     MemoryBudget,
     ModelShape,
-    DEFAULT_MEMORY_LIMIT,
     cgroup_memory_limit,
     model_shares,
     parse_size,
