@@ -16,9 +16,11 @@ from embedding_server.engine.embedder import Embedder
 from embedding_server.engine.jobs import EmbedJob
 from embedding_server.errors import DeadlineExpired, Overloaded
 from embedding_server.models.loader import BUILTIN_MODEL
+from embedding_server.models.types import Priority
 
 from tests.support.engine import make_embedder, sentence, started
 from tests.support.instrumented import CountingSessions
+from tests.support.observer import RecordingObserver
 from tests.support.polling import until
 
 
@@ -37,7 +39,7 @@ async def run_queued_behind_a_blocked_run(
     blocker = await blocked_run(embedder, sessions, first)
     jobs = [asyncio.create_task(embedder.embed(EmbedJob(inputs=[t]))) for t in texts]
     batcher = embedder.batchers[BUILTIN_MODEL]
-    await until(lambda: batcher.queue_depth == len(texts), "every request queued")
+    await until(lambda: batcher.queue.total == len(texts), "every request queued")
     sessions.release()
     results = await asyncio.gather(blocker, *jobs)
     await embedder.close()
@@ -109,7 +111,8 @@ async def test_length_sorted_batches_pad_little(builtin):
 
 
 async def test_deadline_passed_in_queue_never_reaches_the_model(builtin):
-    embedder, sessions = make_embedder(builtin)
+    observed = RecordingObserver()
+    embedder, sessions = make_embedder(builtin, observer=observed)
     await started(embedder, sessions)
     blocker = await blocked_run(embedder, sessions, "blocker")
     deadline = time.monotonic() + 0.1
@@ -123,7 +126,7 @@ async def test_deadline_passed_in_queue_never_reaches_the_model(builtin):
     ran = [row for run in sessions.runs for row in run.rows]
     doomed_ids = tuple(builtin.model.tokenize(["too late to matter"], 0, False)[0].ids.tolist())
     assert doomed_ids not in ran
-    assert embedder.batchers[BUILTIN_MODEL].stats.dropped_deadline == 1
+    assert observed.dropped == {(BUILTIN_MODEL, Priority.INTERACTIVE, "deadline"): 1}
 
 
 async def test_cancelled_caller_work_is_dropped(builtin):
@@ -132,10 +135,10 @@ async def test_cancelled_caller_work_is_dropped(builtin):
     blocker = await blocked_run(embedder, sessions, "blocker")
     abandoned = asyncio.create_task(embedder.embed(EmbedJob(inputs=[sentence(i) for i in range(10)])))
     batcher = embedder.batchers[BUILTIN_MODEL]
-    await until(lambda: batcher.queue_depth == 10, "the abandoned request queued")
+    await until(lambda: batcher.queue.total == 10, "the abandoned request queued")
     abandoned.cancel()
     await asyncio.gather(abandoned, return_exceptions=True)
-    assert batcher.queue_depth == 0  # removed at once, not when the model gets to it
+    assert batcher.queue.total == 0  # removed at once, not when the model gets to it
     sessions.release()
     await blocker
     await embedder.close()
@@ -161,7 +164,7 @@ async def test_token_bound_refuses_a_flood(builtin):
     blocker = await blocked_run(embedder, sessions, sentence(5))
     queued = asyncio.create_task(embedder.embed(EmbedJob(inputs=[sentence(i) for i in range(3)])))
     batcher = embedder.batchers[BUILTIN_MODEL]
-    await until(lambda: batcher.queue_depth == 3, "the first request queued")
+    await until(lambda: batcher.queue.total == 3, "the first request queued")
     with pytest.raises(Overloaded, match="tokens queued"):
         await embedder.embed(EmbedJob(inputs=[sentence(i) for i in range(10, 20)]))
     sessions.release()

@@ -61,7 +61,7 @@ def test_thread_budget(cpus, sessions, per_session, expected):
         budget.wide_threads,
     )
     assert got == expected
-    assert budget.pool_threads == 1
+    assert budget.finish_threads == 1
     assert budget.as_dict()["sessions"] == expected[0]
 
 

@@ -196,7 +196,7 @@ def test_deadline_in_queue_maps_to_details():
 class FailingSessions(CountingSessions):
     """A real pool whose runs raise: a bug the servicer did not expect."""
 
-    def run(self, slot, output_names, feeds):
+    def run(self, slot, output_names, feeds, wide=False):
         self.runs.append(None)  # type: ignore[arg-type]  # proves the failing path ran
         raise RuntimeError("injected failure")
 

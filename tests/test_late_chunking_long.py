@@ -346,10 +346,10 @@ async def test_windows_are_sequences_that_batch_with_other_work(models, refs):
         )
         other = asyncio.create_task(embedder.embed(EmbedJob(inputs=["the dog"], task=SEPARATION)))
         for _ in range(6000):  # poll (up to 60 s) until 3 windows + 1 input wait
-            if embedder.batcher("small").queue_depth == 4:
+            if embedder.batcher("small").queue.total == 4:
                 break
             await asyncio.sleep(0.01)
-        assert embedder.batcher("small").queue_depth == 4
+        assert embedder.batcher("small").queue.total == 4
         sessions.release()
         result, _, plain = await asyncio.gather(long_job, blocker, other)
     finally:

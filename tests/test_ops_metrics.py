@@ -101,6 +101,46 @@ def test_batches_tokens_and_latencies(observed):
     assert delta(before, after, "embedding_batch_size_bucket", le="2.0", **m) == batches
 
 
+def wide_threads_of(server: RunningServer) -> int:
+    """The wide session the server planned for the model (0: none), from its start-up plan line."""
+    (line,) = [json.loads(t) for t in server.log().splitlines() if '"message": "start-up plan:' in t]
+    return int(line["plan"]["models"][MODEL]["wide_threads"])
+
+
+def test_drops_and_wide_runs_are_series(observed):
+    """Work dropped before it ran (its caller's deadline passed) and runs on the all-cores session
+    are counted where they happen: the work queue and the dispatcher."""
+    stub = observed.stub()
+    before = scrape(observed)
+    stub.Embed(pb.EmbedRequest(inputs=["a lone query on an idle server"]), timeout=30)
+    after = scrape(observed)
+    lone = delta(before, after, "embedding_batch_size_count", model=MODEL)
+    assert lone == 1
+    expected_wide = 1 if wide_threads_of(observed) else 0
+    assert delta(before, after, "embedding_wide_runs_total", model=MODEL) == expected_wide
+
+    # 128 long inputs at --max-batch-size 2 are 64 runs, far more than the call's 0.2 s allow.
+    texts = [" ".join(f"word{i}-{j}" for j in range(40)) for i in range(128)]  # ~200 tokens each
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Embed(pb.EmbedRequest(inputs=texts), timeout=0.2)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+
+    def accounted() -> tuple[float, float]:
+        """(inputs run, inputs dropped) since ``before``, the lone query left out."""
+        now = scrape(observed)
+        ran = delta(before, now, "embedding_batch_size_sum", model=MODEL) - 1
+        i = {"model": MODEL, "priority": "interactive"}
+        gone = sum(
+            delta(before, now, "embedding_dropped_total", **i, reason=r) for r in ("cancelled", "deadline")
+        )
+        return ran, gone
+
+    # Every input either ran or was dropped, none twice (runs in progress finish, then count).
+    until_sync(lambda: sum(accounted()) == len(texts), "every abandoned input accounted for")
+    ran, gone = accounted()
+    assert gone > 0 and ran < len(texts)
+
+
 def test_gauges_at_rest(observed):
     samples = scrape(observed)
     assert value(samples, "embedding_model_load_seconds", model=MODEL) > 0
@@ -210,7 +250,7 @@ def test_start_up_logs_the_threads_and_limits_it_chose(observed):
         "wide_threads": cpus,
         "interactive_run_threads": sessions + 1,
         "bulk_run_threads": sessions,
-        "pool_threads": 1,
+        "finish_threads": 1,
         "tokenizer_threads": min(cpus, 4),
     }
     model = plan["models"][MODEL]

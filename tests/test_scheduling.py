@@ -29,6 +29,7 @@ from embedding_server.rest.upstream import Upstream
 
 from tests.support.engine import make_embedder, sentence, started
 from tests.support.inprocess import serve_in_process
+from tests.support.observer import RecordingObserver
 from tests.support.polling import until
 
 BATCH = Priority.BATCH
@@ -57,9 +58,9 @@ async def test_interactive_queued_behind_batch_work_runs_first(builtin):
     batcher = embedder.batchers[BUILTIN_MODEL]
     blocker = await hold_one_run(embedder, sessions, "a bulk run holds the only slot", BATCH)
     bulk = [asyncio.create_task(embedder.embed(job([sentence(i)], BATCH, "corpus"))) for i in range(8)]
-    await until(lambda: batcher.depth(BATCH) == 8, "the bulk work queued")
+    await until(lambda: batcher.queue.depth(BATCH) == 8, "the bulk work queued")
     query = asyncio.create_task(embedder.embed(job(["where is my query"], INTERACTIVE)))
-    await until(lambda: batcher.depth(INTERACTIVE) == 1, "the query queued after the bulk work")
+    await until(lambda: batcher.queue.depth(INTERACTIVE) == 1, "the query queued after the bulk work")
     sessions.release()
     await asyncio.gather(blocker, query, *bulk)
     await embedder.close()
@@ -88,7 +89,9 @@ async def test_batch_work_is_not_starved_by_endless_queries(builtin):
     blocker = await hold_one_run(embedder, sessions, "held", INTERACTIVE)
     bulk = asyncio.create_task(embedder.embed(job(["bulk text that must not starve"], BATCH)))
     queries = [asyncio.create_task(embedder.embed(job([f"query {i}"], INTERACTIVE))) for i in range(20)]
-    await until(lambda: batcher.depth(INTERACTIVE) == 20 and batcher.depth(BATCH) == 1, "all queued")
+    await until(
+        lambda: batcher.queue.depth(INTERACTIVE) == 20 and batcher.queue.depth(BATCH) == 1, "all queued"
+    )
     sessions.release()
     await asyncio.gather(blocker, bulk, *queries)
     await embedder.close()
@@ -107,7 +110,7 @@ async def test_two_flows_share_runs_fairly_whatever_their_request_sizes(builtin)
     long = [" ".join(["beta"] * 20) + f" {i}" for i in range(40)]
     a = asyncio.create_task(embedder.embed(job(short, BATCH, "a")))
     b = asyncio.create_task(embedder.embed(job(long, BATCH, "b")))
-    await until(lambda: batcher.depth(BATCH) == 160, "both flows queued")
+    await until(lambda: batcher.queue.depth(BATCH) == 160, "both flows queued")
     sessions.release()
     await asyncio.gather(blocker, a, b)
     await embedder.close()
@@ -139,8 +142,8 @@ async def test_streams_of_one_connection_are_one_flow(builtin):
                 iter([pb.EmbedRequest(inputs=["two"])])
             )
         )
-        await until(lambda: batcher.depth(BATCH) == 5, "five streamed requests queued")
-        assert len(batcher._flows) == 2  # four streams of one channel, one of another
+        await until(lambda: batcher.queue.depth(BATCH) == 5, "five streamed requests queued")
+        assert batcher.queue.flows == 2  # four streams of one channel, one of another
         sessions.release()
         for call in calls:
             assert [len(r.embeddings) async for r in call] == [1]
@@ -172,8 +175,8 @@ async def test_a_sequence_over_the_memory_budget_is_sent_once_by_retrying_client
     Now it carries no RetryInfo, a trailer that stops gRPC's retries, and is 413 over REST."""
     shape = ModelShape(hidden=384, heads=12)
     budget = MemoryBudget(shape, run_bytes=shape.run_bytes(1, 64), queue_tokens=10_000)
-    embedder, sessions = make_embedder(builtin, memory=budget)
-    batcher = embedder.batchers[BUILTIN_MODEL]
+    observed = RecordingObserver()
+    embedder, sessions = make_embedder(builtin, observer=observed, memory=budget)
     long_text = " ".join(["memory"] * 150)
     socket = tmp_path / "grpc.sock"
     async with serve_in_process(embedder, unix_socket=socket) as server:
@@ -182,7 +185,7 @@ async def test_a_sequence_over_the_memory_budget_is_sent_once_by_retrying_client
                 await client.embed(["short", long_text])
         assert (info.value.reason, info.value.field, info.value.index) == ("MEMORY_LIMIT", "inputs", 1)
         assert info.value.retry_after is None
-        assert batcher.stats.rejected == 1  # sent once
+        assert observed.refused == {(BUILTIN_MODEL, Priority.INTERACTIVE, "MEMORY_LIMIT"): 1}  # sent once
 
         upstream = Upstream(f"unix:{socket}")
         http = httpx.AsyncClient(
@@ -199,7 +202,7 @@ async def test_a_sequence_over_the_memory_budget_is_sent_once_by_retrying_client
             "param": "input",
             "code": "memory_limit",
         }
-        assert batcher.stats.rejected == 2  # sent once more, by the REST client
+        assert observed.total(observed.refused, "MEMORY_LIMIT") == 2  # sent once more, by the REST client
     assert sessions.runs == []
 
 
@@ -244,11 +247,11 @@ async def test_batch_work_cannot_fill_the_admission_queries_need(builtin):
     blocker = await hold_one_run(embedder, sessions, "held", BATCH)
     bulk = [asyncio.create_task(embedder.embed(job([sentence(i)], BATCH))) for i in range(2)]
     batcher = embedder.batchers[BUILTIN_MODEL]
-    await until(lambda: batcher.admitted == 3, "bulk work admitted")
+    await until(lambda: batcher.admission.admitted == 3, "bulk work admitted")
     with pytest.raises(Overloaded):  # batch work may hold 3 of the 4 places
         await embedder.embed(job(["one bulk request too many"], BATCH))
     query = asyncio.create_task(embedder.embed(job(["a query still gets in"], INTERACTIVE)))
-    await until(lambda: batcher.admitted == 4, "the query admitted")
+    await until(lambda: batcher.admission.admitted == 4, "the query admitted")
     sessions.release()
     await asyncio.gather(blocker, query, *bulk)
     await embedder.close()
@@ -260,7 +263,7 @@ async def test_close_fails_waiting_work_instead_of_leaving_it_hanging(builtin):
     blocker = await hold_one_run(embedder, sessions, "running", INTERACTIVE)
     waiting = asyncio.create_task(embedder.embed(job(["waiting"], INTERACTIVE)))
     batcher = embedder.batchers[BUILTIN_MODEL]
-    await until(lambda: batcher.queue_depth == 1, "the second request queued")
+    await until(lambda: batcher.queue.total == 1, "the second request queued")
     closing = asyncio.create_task(embedder.close())
     await until(waiting.done, "the waiting request answered")
     assert isinstance(waiting.exception(), NotServing)
@@ -270,9 +273,8 @@ async def test_close_fails_waiting_work_instead_of_leaving_it_hanging(builtin):
 
 
 async def test_a_failed_dispatcher_fails_waiting_work_and_refuses_new_work(builtin):
-    embedder, sessions = make_embedder(builtin, interactive_slot=False)
     failures: list[BaseException] = []
-    embedder.on_failure(failures.append)
+    embedder, sessions = make_embedder(builtin, on_failure=failures.append, interactive_slot=False)
     await started(embedder, sessions)
     batcher = embedder.batchers[BUILTIN_MODEL]
     blocker = await hold_one_run(embedder, sessions, "running", INTERACTIVE)
@@ -280,7 +282,7 @@ async def test_a_failed_dispatcher_fails_waiting_work_and_refuses_new_work(built
     def broken(priority: Priority) -> list:
         raise RuntimeError("injected fault in batch selection")
 
-    batcher._take = broken  # type: ignore[method-assign]  # fault injection: the next dispatch raises
+    batcher.queue.take = broken  # type: ignore[method-assign]  # fault injection: the next dispatch raises
     waiting = asyncio.create_task(embedder.embed(job(["waiting"], INTERACTIVE)))
     sessions.release()  # the held run ends; the dispatcher takes the next batch and fails
     with pytest.raises(NotServing) as info:
@@ -302,10 +304,10 @@ async def test_list_models_and_tokenize_never_wait_behind_embedding_work(builtin
             for i in range(4)
         ]
         batcher = embedder.batchers[BUILTIN_MODEL]
-        await until(lambda: batcher.queue_depth == 32, "embedding work queued behind the held run")
+        await until(lambda: batcher.queue.total == 32, "embedding work queued behind the held run")
         models = await server.stub.ListModels(pb.ListModelsRequest(), timeout=30)
         tokens = await server.stub.Tokenize(pb.TokenizeRequest(inputs=["count me"]), timeout=30)
-        assert not blocker.done() and batcher.queue_depth == 32  # answered while the work still waits
+        assert not blocker.done() and batcher.queue.total == 32  # answered while the work still waits
         assert models.models[0].name == BUILTIN_MODEL and tokens.results[0].tokens
         sessions.release()
         await asyncio.gather(blocker, *queued)
@@ -328,7 +330,7 @@ async def test_a_failed_engine_turns_the_server_not_serving():
         def broken(priority: Priority) -> list:
             raise RuntimeError("injected fault in batch selection")
 
-        batcher._take = broken  # type: ignore[method-assign]
+        batcher.queue.take = broken  # type: ignore[method-assign]
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.bound_port}") as channel:
             stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as info:
@@ -373,8 +375,8 @@ async def test_a_short_query_tokenizes_on_the_loop_longer_work_on_tokenizer_thre
     assert threads[2].startswith("tokenize_")
 
 
-async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_pooling_thread(builtin, monkeypatch):
-    """One thread hop per query; bulk runs hand their finish step to the niced pooling thread."""
+async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_finish_thread(builtin, monkeypatch):
+    """One thread hop per query; bulk runs hand their finish step to the niced finish thread."""
     embedder, sessions = make_embedder(builtin)
     await started(embedder, sessions)
     threads: list[str] = []
@@ -385,7 +387,7 @@ async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_pooling_th
         return real_finish(*args, **kwargs)
 
     monkeypatch.setattr(batcher_module, "finish_batch", recording)
-    run_threads = embedder.batchers[BUILTIN_MODEL]._interactive_threads
+    run_threads = embedder.batchers[BUILTIN_MODEL]._lanes[INTERACTIVE].run
     hops: list[object] = []
     real_submit = run_threads.submit
 
@@ -399,7 +401,7 @@ async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_pooling_th
     await embedder.embed(job(["a passage"], BATCH))
     await embedder.close()
     assert threads[0].startswith(f"run-{BUILTIN_MODEL}_")
-    assert threads[1].startswith(f"pool-{BUILTIN_MODEL}_")
+    assert threads[1].startswith(f"finish-{BUILTIN_MODEL}_")
     assert sessions.runs[0].rows and sessions.runs[1].rows  # both went through the session
 
 
@@ -444,9 +446,9 @@ async def test_rest_clients_are_a_flow_each_and_only_the_shim_may_name_one(built
                 return asyncio.create_task(client.post("/v1/embeddings", json=body))
 
             from_a = [post(a, f"from a {i}") for i in range(4)]
-            await until(lambda: batcher.depth(BATCH) == 4, "client a's four requests queued")
+            await until(lambda: batcher.queue.depth(BATCH) == 4, "client a's four requests queued")
             from_b = post(b, "from b")
-            await until(lambda: batcher.depth(BATCH) == 5, "client b's request queued after them")
+            await until(lambda: batcher.queue.depth(BATCH) == 5, "client b's request queued after them")
             sessions.release()
             await blocker
             replies = await asyncio.gather(*from_a, from_b)

@@ -55,13 +55,14 @@ async def test_stream_backpressure_bounds_work_in_flight(builtin):
         call = server.stub.StreamEmbed(requests())
         try:
             await until(
-                lambda: sent == 200 and batcher.admitted == 4, "the client sent all, the window filled"
+                lambda: sent == 200 and batcher.admission.admitted == 4,
+                "the client sent all, the window filled",
             )
             for _ in range(100):  # the server has every chance to read on: it must not
                 await asyncio.sleep(0)
             # Never more than the window admitted, although the client has long sent
             # everything (grpc's client buffers the writes): the server stops reading.
-            assert batcher.admitted == 4
+            assert batcher.admission.admitted == 4
         finally:
             sessions.release()
         ids = [reply.request_id async for reply in call]
@@ -75,10 +76,12 @@ async def test_cancelled_stream_drops_its_queued_work(builtin):
         sessions.hold()
         requests = [pb.EmbedRequest(request_id=str(i), inputs=[sentence(i)]) for i in range(16)]
         call = server.stub.StreamEmbed(iter(requests))
-        await until(lambda: batcher.admitted == 16, "the stream's requests admitted")
+        await until(lambda: batcher.admission.admitted == 16, "the stream's requests admitted")
         runs_before = len(sessions.runs)
         call.cancel()
-        await until(lambda: batcher.queue_depth == 0 and not batcher.busy, "the cancelled work dropped")
+        await until(
+            lambda: batcher.queue.total == 0 and not batcher.admission.busy, "the cancelled work dropped"
+        )
         sessions.release()
         # The server still serves; a request after the cancel runs behind anything still queued.
         reply = await server.stub.Embed(pb.EmbedRequest(inputs=["still here"]), timeout=10)
@@ -111,7 +114,7 @@ async def test_overload_is_resource_exhausted_over_the_wire(builtin):
         ]
         await asyncio.to_thread(sessions.entered.acquire)
         batcher = embedder.batchers[BUILTIN_MODEL]
-        await until(lambda: batcher.admitted == 2, "both requests admitted")
+        await until(lambda: batcher.admission.admitted == 2, "both requests admitted")
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await server.stub.Embed(pb.EmbedRequest(inputs=["excess"]), timeout=30)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

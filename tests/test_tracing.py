@@ -291,11 +291,15 @@ async def test_engine_stamps_are_ordered_for_plain_and_late_chunked_jobs(tmp_pat
     from embedding_server.engine.tuning import BatchSettings, EngineSettings
     from embedding_server.models.loader import ModelSpec, load
 
+    from tests.support.observer import RecordingObserver
     from tests.support.synthetic import WORDS, make_jina_v3
 
     model = make_jina_v3(tmp_path / "jina", seed=21, max_tokens=16)
     one_per_run = EngineSettings(batch=BatchSettings(max_batch_size=1))  # every job split over runs
-    embedder = Embedder([load(ModelSpec("jina", model.path), sessions=1, threads=1)], one_per_run)
+    observed = RecordingObserver()
+    embedder = Embedder(
+        [load(ModelSpec("jina", model.path), sessions=1, threads=1)], one_per_run, observer=observed
+    )
     for batcher in embedder.batchers.values():
         batcher.start()
     try:
@@ -314,8 +318,8 @@ async def test_engine_stamps_are_ordered_for_plain_and_late_chunked_jobs(tmp_pat
                 assert first_end <= second_start  # one session: one run after the other
             if job.late_chunking:
                 assert len(result.vectors) == len(document)
-                assert embedder.batchers["jina"].stats.sequences >= 2 + 2  # 2 queries, 2+ windows
-                assert len(t.runs) == embedder.batchers["jina"].stats.sequences - 2  # a run per window
+                assert observed.sequences("jina") >= 2 + 2  # 2 queries, 2+ windows
+                assert len(t.runs) == observed.sequences("jina") - 2  # a run per window
                 assert t.finished > t.run_end
             else:
                 assert t.inference_seconds == pytest.approx(t.finished - t.run_start, abs=1e-9)

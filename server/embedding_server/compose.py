@@ -78,9 +78,8 @@ def build_embedder(
         observer=metrics,
         batch_settings=planned,
         aliases=served.aliases,
+        on_failure=on_failure,
     )
-    if on_failure is not None:
-        embedder.on_failure(on_failure)
     return embedder
 
 
@@ -256,12 +255,12 @@ def log_plan(
         for name, m in per_model.items()
     )
     log.info(
-        "start-up plan: %d CPUs; per model %d interactive + %d bulk run threads and %d pooling thread; "
+        "start-up plan: %d CPUs; per model %d interactive + %d bulk run threads and %d finish thread; "
         "tokenizer threads %d for queries + %d for batch work; memory limit %d MiB; %s",
         threads.cpus,
         threads.interactive_run_threads,
         threads.bulk_run_threads,
-        threads.pool_threads,
+        threads.finish_threads,
         threads.tokenizer_threads,
         threads.tokenizer_threads,
         limit // MIB,

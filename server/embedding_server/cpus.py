@@ -63,7 +63,7 @@ class ThreadBudget:
     enough to hold twice, a wide session of ``wide_threads`` (every CPU) for a
     lone query on an idle server; ``interactive_run_threads`` run queries (one
     per slot, and one more: a query pools on its run thread while the next one
-    runs), ``bulk_run_threads`` run batch work and ``pool_threads`` pool it,
+    runs), ``bulk_run_threads`` run batch work and ``finish_threads`` finish it,
     both at a lower CPU priority. Per process: two tokenizer pools (queries,
     batch work) of ``tokenizer_threads`` each.
 
@@ -78,7 +78,7 @@ class ThreadBudget:
     sessions: int
     threads_per_session: int
     tokenizer_threads: int
-    pool_threads: int = 1
+    finish_threads: int = 1
 
     @classmethod
     def plan(
@@ -116,6 +116,6 @@ class ThreadBudget:
             "wide_threads": self.wide_threads,
             "interactive_run_threads": self.interactive_run_threads,
             "bulk_run_threads": self.bulk_run_threads,
-            "pool_threads": self.pool_threads,
+            "finish_threads": self.finish_threads,
             "tokenizer_threads": self.tokenizer_threads,
         }

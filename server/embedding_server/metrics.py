@@ -14,6 +14,11 @@ Names (the operators' dashboards and alerts are written against them):
 - ``embedding_inference_seconds{model,priority}``: per batch, one ONNX Runtime run.
 - ``embedding_refused_total{model,priority,reason}``: requests refused with
   RESOURCE_EXHAUSTED (``QUEUE_FULL``, ``MEMORY_LIMIT``), never tokenized or run.
+- ``embedding_dropped_total{model,priority,reason}``: queued sequences dropped
+  before they ran, because their caller went away (``cancelled``) or their
+  deadline passed (``deadline``).
+- ``embedding_wide_runs_total{model}``: runs on the all-cores session (a lone
+  query on an idle server).
 - ``embedding_batch_size{model}``, ``embedding_batch_tokens{model}`` (real
   tokens), ``embedding_batch_padded_tokens{model}`` (what the session computes).
 - ``embedding_tokens_total{model}``, ``embedding_padded_tokens_total{model}``.
@@ -164,6 +169,19 @@ class Metrics(CallMetrics):
             ["model", "priority", "reason"],
             registry=r,
         )
+        self.dropped = Counter(
+            "embedding_dropped",
+            "Queued sequences dropped before they ran: their caller went away (reason cancelled) "
+            "or their deadline passed (reason deadline).",
+            ["model", "priority", "reason"],
+            registry=r,
+        )
+        self.wide_runs = Counter(
+            "embedding_wide_runs",
+            "Session runs on the all-cores session (a lone query on an idle server).",
+            ["model"],
+            registry=r,
+        )
         self.in_flight = Gauge("embedding_in_flight_requests", "Calls being served.", registry=r)
         self.model_load_seconds = Gauge(
             "embedding_model_load_seconds", "Time to load a model at start.", ["model"], registry=r
@@ -191,6 +209,7 @@ class Metrics(CallMetrics):
         padded_tokens: int,
         seconds: float,
         priority: Priority = Priority.INTERACTIVE,
+        wide: bool = False,
     ) -> None:
         self.batch_size.labels(model).observe(size)
         self.batch_tokens.labels(model).observe(real_tokens)
@@ -198,6 +217,8 @@ class Metrics(CallMetrics):
         self.tokens.labels(model).inc(real_tokens)
         self.padded_tokens.labels(model).inc(padded_tokens)
         self.inference_seconds.labels(model, _class(priority)).observe(seconds)
+        if wide:
+            self.wide_runs.labels(model).inc()
 
     def on_request(
         self,
@@ -211,11 +232,16 @@ class Metrics(CallMetrics):
     def on_refused(self, model: str, priority: Priority, reason: str) -> None:
         self.refused.labels(model, _class(priority), reason).inc()
 
+    def on_dropped(self, model: str, priority: Priority, reason: str, count: int) -> None:
+        self.dropped.labels(model, _class(priority), reason).inc(count)
+
     def watch_queues(self, embedder: Embedder) -> None:
         """Queue depth is read from each batcher's per-class counters (plain ints) when Prometheus scrapes."""
         for name, batcher in embedder.batchers.items():
             for priority in (Priority.INTERACTIVE, Priority.BATCH):
-                self.queue_depth.labels(name, _class(priority)).set_function(partial(batcher.depth, priority))
+                self.queue_depth.labels(name, _class(priority)).set_function(
+                    partial(batcher.queue.depth, priority)
+                )
 
     def model_loaded(self, model: str, seconds: float, engine: str, precision: str) -> None:
         self.model_load_seconds.labels(model).set(seconds)

@@ -7,7 +7,10 @@ test_stream_embed, test_error_details); the model itself is the module-scoped
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from embedding_server.engine.embedder import Embedder
+from embedding_server.engine.observer import EngineObserver
 from embedding_server.engine.tuning import BatchSettings, EngineSettings
 from embedding_server.models.loaded import LoadedModel
 
@@ -39,10 +42,18 @@ def sentence(i: int) -> str:
     return " ".join(WORDS[(i + k) % len(WORDS)] for k in range(n)) + f" {i}"
 
 
-def make_embedder(builtin: LoadedModel, **batch: object) -> tuple[Embedder, CountingSessions]:
+def make_embedder(
+    builtin: LoadedModel,
+    *,
+    observer: EngineObserver | None = None,
+    on_failure: Callable[[BaseException], None] | None = None,
+    **batch: object,
+) -> tuple[Embedder, CountingSessions]:
+    """``batch``: BatchSettings fields; ``observer`` (e.g. tests.support.observer.RecordingObserver)."""
     sessions = CountingSessions(builtin.sessions)
     loaded = LoadedModel(model=builtin.model, sessions=sessions)  # type: ignore[arg-type]
-    return Embedder([loaded], EngineSettings(batch=BatchSettings(**batch))), sessions  # type: ignore[arg-type]
+    settings = EngineSettings(batch=BatchSettings(**batch))  # type: ignore[arg-type]
+    return Embedder([loaded], settings, observer=observer, on_failure=on_failure), sessions
 
 
 async def started(embedder: Embedder, sessions: CountingSessions) -> Embedder:

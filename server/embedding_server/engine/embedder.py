@@ -27,9 +27,11 @@ from ..models.base import EmbeddingModel, RowRequest
 from ..models.late_chunking import LateChunkedDocument, document_limit
 from ..models.loaded import LoadedModel
 from ..models.types import ModelDescription, Output, Priority, SequenceVectors, Task
-from .batcher import Admission, EngineObserver, ModelBatcher, lower_thread_priority
+from .admission import Admission
+from .batcher import ModelBatcher, lower_thread_priority
 from .finish import finish_document
 from .jobs import EmbedJob, EmbedResult, TokenizedResult
+from .observer import EngineObserver
 from .tuning import BatchSettings, EngineSettings
 from .validation import (
     check_dimensions,
@@ -75,9 +77,11 @@ class Embedder:
         observer: EngineObserver | None = None,
         batch_settings: dict[str, BatchSettings] | None = None,
         aliases: dict[str, str] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
     ) -> None:
         """``batch_settings``: per model name, overriding ``settings.batch`` (memory budgets differ);
-        ``aliases``: another served name → a loaded model's name."""
+        ``aliases``: another served name → a loaded model's name; ``on_failure(error)``: when a
+        model's dispatcher fails (the server turns NOT_SERVING)."""
         if not models:
             raise ValueError("at least one model is needed")
         self.settings = settings
@@ -106,7 +110,7 @@ class Embedder:
         per_model = batch_settings or {}
         self._batchers = {
             m.model.name: ModelBatcher(
-                m, per_model.get(m.model.name, settings.batch), observer, settings.threads
+                m, per_model.get(m.model.name, settings.batch), observer, settings.threads, on_failure
             )
             for m in models
         }
@@ -118,11 +122,6 @@ class Embedder:
             tokenizer_threads, thread_name_prefix="tokenize-interactive"
         )
         self._tokenizer_backlog = asyncio.Semaphore(TOKENIZER_BACKLOG * tokenizer_threads)
-
-    def on_failure(self, callback: Callable[[BaseException], None]) -> None:
-        """``callback(error)`` when a model's dispatcher fails (the server turns NOT_SERVING)."""
-        for batcher in self._batchers.values():
-            batcher.on_failure = callback
 
     # --- lifecycle ---------------------------------------------------------------
 
@@ -181,13 +180,13 @@ class Embedder:
         priority = Priority.BATCH if job.priority == Priority.BATCH else Priority.INTERACTIVE
 
         batcher = self._batchers[model.name]
-        admission = batcher.admit(priority)
+        admission = batcher.admission.admit(priority)
         try:
             tokenize_start = time.monotonic()
             tokenized = await self._tokenized(job, model, task, row, admission)
             tokenize_end = time.monotonic()
-            vectors, timings = await batcher.embed_timed(
-                tokenized.sequences, task, job.deadline, priority=priority, flow=job.flow, admission=admission
+            vectors, timings = await batcher.embed(
+                tokenized.sequences, task, job.deadline, admission, flow=job.flow
             )
         finally:
             admission.release()
