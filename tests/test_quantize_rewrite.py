@@ -3,7 +3,8 @@
 Opset 21 quantizes each row with one blocked QuantizeLinear; older opsets
 divide first (Div + QuantizeLinear). Both must compute exactly the scheme of
 quantize/rewrite.py's docstring, written out here in numpy: per-row activation
-scale max|x| / 127, uint8 with zero point 128, per-column symmetric int8 weights.
+scale max|x| / 127, uint8 with zero point 128, per-column symmetric int8 weights
+(stored as int8, or as uint8 + 128 where this machine's int8 kernel saturates).
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from embedding_server.quantize.rewrite import name_nodes, quantize_matmuls, weight_matmuls
+from embedding_server.quantize.rewrite import (
+    name_nodes,
+    quantize_matmuls,
+    signed_weights_exact,
+    weight_matmuls,
+)
 from onnx import TensorProto, helper, numpy_helper
 
 K, N = 64, 24
@@ -42,15 +48,37 @@ def numpy_int8(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
     return (x_q @ w_q).astype(np.float64) * w_scale * x_scale
 
 
+def saturating_product(signed_weights: bool) -> float:
+    """The rewrite's worst relative error to the integer scheme on rows at full scale."""
+    rng = np.random.default_rng(5)
+    weight = np.abs(rng.normal(size=(K, N))).astype(np.float32)  # all positive: sums of +127s
+    model = one_matmul(weight, 21)
+    name_nodes(model)
+    quantized = quantize_matmuls(model, weight_matmuls(model), signed_weights=signed_weights)
+    session = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = np.ones((1, 2, K), np.float32)  # every activation at +127: u8 255
+    got = session.run(None, {"x": x})[0]
+    expected = numpy_int8(x.astype(np.float64), weight.astype(np.float64))
+    return float(np.abs(got - expected).max() / np.abs(expected).max())
+
+
+def test_the_weight_form_is_the_one_this_machine_multiplies_exactly():
+    """The probe's verdict against the rewrite itself: signed weights are exact here iff the probe
+    says so, and unsigned weights are exact on every machine."""
+    assert saturating_product(signed_weights=False) < 1e-6
+    assert (saturating_product(signed_weights=True) < 1e-6) == signed_weights_exact()
+
+
 @pytest.mark.parametrize("opset", [17, 21])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_per_row_int8_matmul_is_the_numpy_scheme(opset: int, with_bias: bool):
+@pytest.mark.parametrize("signed_weights", [False, None])  # None: the form this machine gets
+def test_per_row_int8_matmul_is_the_numpy_scheme(opset: int, with_bias: bool, signed_weights: bool | None):
     rng = np.random.default_rng(opset)
     weight = rng.normal(size=(K, N)).astype(np.float32)
     bias = rng.normal(size=N).astype(np.float32) if with_bias else None
     model = one_matmul(weight, opset, bias)
     name_nodes(model)
-    quantized = quantize_matmuls(model, weight_matmuls(model))
+    quantized = quantize_matmuls(model, weight_matmuls(model), signed_weights=signed_weights)
     ops = [node.op_type for node in quantized.graph.node]
     # The form under test: blocked QuantizeLinear (no Div) from opset 21, Div before it earlier;
     # the row scale applied inside MatMulIntegerToFloat (no Mul after it; the bias Add stays).

@@ -1,7 +1,8 @@
 """``--quantize int8``: an int8 copy of a model, made at load and cached on disk.
 
 The cache entry is ``<cache-dir>/int8/<name>-<hash of the source graph and
-weights>/``, a complete model directory with its fidelity report; the next
+weights>-v<format>[-u8]/`` (``-u8``: uint8 weights, on a machine whose int8
+kernel saturates signed ones; see rewrite.py), a complete model directory with its fidelity report; the next
 start finds it and loads in seconds. A model that is int8 already is served
 as it is. A read-only cache directory falls back to a temporary one.
 """
@@ -18,6 +19,7 @@ from ..models.files import ModelFiles, locate
 from .calibration import default_texts
 from .core import QuantizeRefused, quantize_directory, source_digest
 from .report import REPORT_JSON
+from .rewrite import signed_weights_exact
 
 log = logging.getLogger("embedding_server.quantize")
 CACHE_VERSION = "1"
@@ -27,7 +29,9 @@ def int8_files(name: str, files: ModelFiles, cache_dir: Path | None = None) -> M
     """The int8 model for ``files``: from the cache, or quantized now (ModelLoadError below the floor)."""
     if (files.root / REPORT_JSON).is_file():
         return files  # already int8
-    key = f"{name}-{source_digest(files)}-v{CACHE_VERSION}"
+    # A machine whose int8 kernel saturates signed weights gets (and caches) the unsigned form.
+    form = "" if signed_weights_exact() else "-u8"
+    key = f"{name}-{source_digest(files)}-v{CACHE_VERSION}{form}"
     cached = (cache_dir or default_cache_dir()) / "int8" / key
     if (cached / REPORT_JSON).is_file():
         log.info("model %s: int8 from the cache %s", name, cached)

@@ -9,7 +9,16 @@ For X [..., K] and W [K, N] (float32 initializer):
 
 Each row's result depends only on that row, so batching and padding cannot
 change it. Other nodes are untouched. uint8 x int8 (U8S8) is MLAS's fast path
-(VNNI): int8 x int8 measured 35x slower on this CPU. QuantizeLinear and
+(VNNI): int8 x int8 measured 35x slower on this CPU.
+
+A CPU without VNNI (AVX2 only, e.g. AMD EPYC Zen 2/3) runs U8S8 with
+``vpmaddubsw``, which adds two u8 x s8 products into an int16 and saturates:
+255 x 127 x 2 > 32767. Measured on an AMD EPYC (AVX2): the rewrite's output
+was 12.7% off the integer scheme at its worst element. There the weights are
+stored as uint8 with zero point 128 instead (the same integers, shifted), which
+MLAS runs as U8U8 with int16-widened operands: exact. Which form a machine
+needs is measured, not assumed from CPU flags: ``signed_weights_exact`` runs
+one saturating product through ONNX Runtime and checks it. QuantizeLinear and
 MatMulIntegerToFloat do in one pass each what Round/Add/Cast and Cast/Mul
 did in several (measured: fewer passes over the activations is what makes
 int8 pay here, the integer GEMM itself is ~10x faster than fp32).
@@ -26,9 +35,11 @@ sentences: 1.30x fp32 before, 1.60x with both; bench/quantize_results.md).
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cache
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 ACTIVATION_LEVELS = 127.0
@@ -66,11 +77,38 @@ def weight_matmuls(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in weights]
 
 
-def quantize_weight(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric per-output-column int8: (W_q int8 [K,N], s_w float32 [N])."""
+def quantize_weight(weight: np.ndarray, signed: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-output-column int8: (W_q [K,N], s_w float32 [N]); W_q int8, or (``signed``
+    False) the same integers + 128 as uint8, to go with zero point 128."""
     scale = np.maximum(np.abs(weight).max(axis=0), MIN_SCALE) / ACTIVATION_LEVELS
-    quantized = np.clip(np.round(weight / scale), -127, 127).astype(np.int8)
-    return quantized, scale.astype(np.float32)
+    quantized = np.clip(np.round(weight / scale), -127, 127)
+    stored = quantized.astype(np.int8) if signed else (quantized + 128).astype(np.uint8)
+    return stored, scale.astype(np.float32)
+
+
+@cache
+def signed_weights_exact() -> bool:
+    """Whether this machine's ONNX Runtime multiplies uint8 activations by int8 weights exactly.
+
+    One MatMulInteger whose every pair of products (255 x 127, twice) overflows an int16: a
+    kernel that saturates (AVX2 without VNNI) returns less than the true sum.
+    """
+    k, n = 64, 16
+    a = np.full((4, k), 255, np.uint8)
+    b = np.full((k, n), 127, np.int8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", ["a", "b"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("a", TensorProto.UINT8, [4, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, [4, n])],
+        [numpy_helper.from_array(b, "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"a": a})
+    return bool((got == 255 * 127 * k).all())
 
 
 def smoothing_factors(
@@ -92,13 +130,19 @@ def smoothing_factors(
 
 
 def quantize_matmuls(
-    model: onnx.ModelProto, names: Iterable[str], smoothing: dict[str, np.ndarray] | None = None
+    model: onnx.ModelProto,
+    names: Iterable[str],
+    smoothing: dict[str, np.ndarray] | None = None,
+    signed_weights: bool | None = None,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with the named weight MatMuls rewritten to per-row int8 (see module doc).
 
     ``smoothing``: per-MatMul input-channel factors (smoothing_factors); X is divided by them
-    (one more pass over X) and W multiplied, before both are quantized.
+    (one more pass over X) and W multiplied, before both are quantized. ``signed_weights``:
+    int8 weights (None: where ``signed_weights_exact``), else uint8 with zero point 128.
     """
+    if signed_weights is None:
+        signed_weights = signed_weights_exact()
     model = _copy(model)
     chosen = set(names)
     initializers = {init.name: init for init in model.graph.initializer}
@@ -130,7 +174,7 @@ def quantize_matmuls(
                 helper.make_node("Mul", [x, f"{p}/smooth"], [f"{p}/x_smooth"], name=f"{p}/Smooth")
             )
             x = f"{p}/x_smooth"
-        w_q, w_scale = quantize_weight(weight)
+        w_q, w_scale = quantize_weight(weight, signed_weights)
         new_inits += [
             numpy_helper.from_array(w_q, f"{p}/W_q"),
             numpy_helper.from_array(w_scale, f"{p}/w_scale"),
@@ -156,7 +200,8 @@ def quantize_matmuls(
             # bias Add stays a node)
             helper.make_node(
                 "MatMulIntegerToFloat",
-                [f"{p}/x_q", f"{p}/W_q", f"{p}/x_scale", f"{p}/w_scale", "q/zero_point"],
+                [f"{p}/x_q", f"{p}/W_q", f"{p}/x_scale", f"{p}/w_scale", "q/zero_point"]
+                + ([] if signed_weights else ["q/zero_point"]),
                 [out],
                 name=f"{p}/MatMulIntegerToFloat",
                 domain=MS_DOMAIN,
