@@ -113,3 +113,24 @@ def test_a_row_does_not_depend_on_its_batch():
     batch = rng.normal(size=(2, 3, K)).astype(np.float32) * 100
     batch[1, 2] = row[0, 0]
     assert np.array_equal(session.run(None, {"x": batch})[0][1, 2], alone)
+
+
+@pytest.mark.parametrize("saturates", [False, True])
+def test_signed_int8_weights_on_a_saturating_cpu_are_one_warning_line(
+    tmp_path, monkeypatch, caplog, saturates
+):
+    """An int8 directory quantized on a VNNI machine, served on one without: one clear line."""
+    from embedding_server.models.files import QUANTIZATION_REPORT, ModelFiles
+    from embedding_server.quantize import cache
+
+    model = one_matmul(np.ones((K, N), np.float32), 21)
+    name_nodes(model)
+    onnx.save(quantize_matmuls(model, weight_matmuls(model), signed_weights=True), tmp_path / "model.onnx")
+    (tmp_path / QUANTIZATION_REPORT).write_text("{}")
+    monkeypatch.setattr(cache, "signed_weights_exact", lambda: not saturates)  # the CPU's property
+    files = ModelFiles(root=tmp_path, onnx=tmp_path / "model.onnx")
+    with caplog.at_level("WARNING", logger="embedding_server.quantize"):
+        assert cache.int8_files("m", files) == files  # served as it is
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == int(saturates)
+    assert all("int8 weights are signed" in w and "quantize it again" in w for w in warnings)

@@ -13,13 +13,15 @@ import logging
 import time
 from pathlib import Path
 
+import onnx
+
 from ..cache_dir import default_cache_dir, writable_cache
 from ..errors import ModelLoadError
 from ..models.files import ModelFiles, locate
 from .calibration import default_texts
 from .core import QuantizeRefused, quantize_directory, source_digest
 from .report import REPORT_JSON
-from .rewrite import signed_weights_exact
+from .rewrite import has_signed_weights, signed_weights_exact
 
 log = logging.getLogger("embedding_server.quantize")
 CACHE_VERSION = "1"
@@ -27,8 +29,15 @@ CACHE_VERSION = "1"
 
 def int8_files(name: str, files: ModelFiles, cache_dir: Path | None = None) -> ModelFiles:
     """The int8 model for ``files``: from the cache, or quantized now (ModelLoadError below the floor)."""
-    if (files.root / REPORT_JSON).is_file():
-        return files  # already int8
+    if (files.root / REPORT_JSON).is_file():  # already int8
+        graph = onnx.load(str(files.onnx), load_external_data=False)
+        if has_signed_weights(graph) and not signed_weights_exact():
+            log.warning(
+                "model %s: its int8 weights are signed, and this CPU's int8 kernel saturates them "
+                "(no VNNI): vectors are off their fidelity report; quantize it again on this machine",
+                name,
+            )
+        return files
     # A machine whose int8 kernel saturates signed weights gets (and caches) the unsigned form.
     form = "" if signed_weights_exact() else "-u8"
     key = f"{name}-{source_digest(files)}-v{CACHE_VERSION}{form}"

@@ -42,7 +42,8 @@ from .rewrite import (
 
 METHOD = (
     "per-row int8 activations (uint8, zero point 128, one scale per token row: batch-independent), "
-    "per-output-channel symmetric int8 weights, SmoothQuant input-channel factors from calibration, "
+    "per-output-channel symmetric int8 weights (stored uint8 + 128 where the int8 kernel saturates), "
+    "SmoothQuant input-channel factors from calibration, "
     "MatMulIntegerToFloat"
 )
 SENSITIVITY_TEXTS = 32

@@ -111,6 +111,16 @@ def signed_weights_exact() -> bool:
     return bool((got == 255 * 127 * k).all())
 
 
+def has_signed_weights(model: onnx.ModelProto) -> bool:
+    """Whether any int8 MatMul of ``model`` (graph only: external data need not be loaded) has int8
+    weights, the form a saturating kernel gets wrong."""
+    types = {init.name: init.data_type for init in model.graph.initializer}
+    return any(
+        node.op_type == "MatMulIntegerToFloat" and types.get(node.input[1]) == TensorProto.INT8
+        for node in model.graph.node
+    )
+
+
 def smoothing_factors(
     model: onnx.ModelProto, activation_max: dict[str, np.ndarray], alpha: float
 ) -> dict[str, np.ndarray]:
