@@ -82,13 +82,7 @@ class AdmissionControl:
         limit = max(1, int(self.settings.max_queue_requests * share(priority)))
         requests = self.admitted
         if requests >= limit:
-            self.refuse(priority, "QUEUE_FULL")
-            raise Overloaded(
-                f"server overloaded: {requests} requests in flight for model {self.model} "
-                f"(limit {limit} for {priority.name.lower()} work); retry with backoff",
-                reason="QUEUE_FULL",
-                retry_after=0.5,
-            )
+            raise self._full(priority, f"{requests} requests in flight", limit)
         self._requests[priority] += 1
         return Admission(self, priority)
 
@@ -121,14 +115,18 @@ class AdmissionControl:
         limit = max(1, int(self.settings.max_queue_tokens * share(priority)))
         queued = sum(self._tokens.values())
         if queued and queued + tokens > limit:
-            self.refuse(priority, "QUEUE_FULL")
-            raise Overloaded(
-                f"server overloaded: {queued} tokens queued for model {self.model} "
-                f"(limit {limit} for {priority.name.lower()} work); retry with backoff",
-                reason="QUEUE_FULL",
-                retry_after=0.5,
-            )
+            raise self._full(priority, f"{queued} tokens queued", limit)
         self._tokens[priority] += tokens
+
+    def _full(self, priority: Priority, held: str, limit: int) -> Overloaded:
+        """A QUEUE_FULL refusal, reported; ``held``: what is already in (``3 requests in flight``)."""
+        self.refuse(priority, "QUEUE_FULL")
+        return Overloaded(
+            f"server overloaded: {held} for model {self.model} "
+            f"(limit {limit} for {priority.name.lower()} work); retry with backoff",
+            reason="QUEUE_FULL",
+            retry_after=0.5,
+        )
 
     def _move_tokens(self, priority: Priority, change: int) -> None:
         self._tokens[priority] += change
