@@ -14,6 +14,8 @@ reported to the observer where it happens.
 
 from __future__ import annotations
 
+import copy
+
 from ..errors import MemoryLimitExceeded, NotServing, Overloaded
 from ..models.types import Priority
 from .observer import EngineObserver
@@ -78,7 +80,7 @@ class AdmissionControl:
     def admit(self, priority: Priority = Priority.INTERACTIVE) -> Admission:
         """Take one request's place in the count bound, or Overloaded; its tokens come with ``reserve``."""
         if self._closed is not None:
-            raise self._closed
+            raise copy.copy(self._closed)  # a fresh one per caller: a raised exception keeps its traceback
         limit = max(1, int(self.settings.max_queue_requests * share(priority)))
         requests = self.admitted
         if requests >= limit:

@@ -154,8 +154,9 @@ class ModelBatcher:
         long they waited for a session and ran. ``admission``: taken before tokenizing, released by
         the caller; settled here to the real token count."""
         priority = admission.priority
-        admission.settle(sum(int(ids.shape[0]) for ids, _ in sequences))
-        self.admission.check_fits([int(ids.shape[0]) for ids, _ in sequences], priority)
+        lengths = [int(ids.shape[0]) for ids, _ in sequences]
+        admission.settle(sum(lengths))
+        self.admission.check_fits(lengths, priority)
         if self.failure is not None:
             raise _engine_failed(self.failure)
         loop = asyncio.get_running_loop()
@@ -182,8 +183,9 @@ class ModelBatcher:
         assert error is not None
         self.failure = error
         log.error("the batcher of model %s failed; refusing its work", self.model.name, exc_info=error)
-        self.admission.close(_engine_failed(error))
-        self.queue.fail_waiting(_engine_failed(error))
+        refusal = _engine_failed(error)
+        self.admission.close(refusal)
+        self.queue.fail_waiting(refusal)
         if self.on_failure is not None:
             self.on_failure(error)
 
