@@ -9,7 +9,10 @@ For X [..., K] and W [K, N] (float32 initializer):
 
 Each row's result depends only on that row, so batching and padding cannot
 change it. Other nodes are untouched. uint8 x int8 (U8S8) is MLAS's fast path
-(VNNI): int8 x int8 measured 35x slower on this CPU.
+(VNNI): int8 x int8 measured 35x slower on this CPU. QuantizeLinear and
+MatMulIntegerToFloat do in one pass each what Round/Add/Cast and Cast/Mul
+did in several (measured: fewer passes over the activations is what makes
+int8 pay here, the integer GEMM itself is ~10x faster than fp32).
 
 A CPU without VNNI (AVX2 only, e.g. AMD EPYC Zen 2/3) runs U8S8 with
 ``vpmaddubsw``, which adds two u8 x s8 products into an int16 and saturates:
@@ -18,10 +21,7 @@ was 12.7% off the integer scheme at its worst element. There the weights are
 stored as uint8 with zero point 128 instead (the same integers, shifted), which
 MLAS runs as U8U8 with int16-widened operands: exact. Which form a machine
 needs is measured, not assumed from CPU flags: ``signed_weights_exact`` runs
-one saturating product through ONNX Runtime and checks it. QuantizeLinear and
-MatMulIntegerToFloat do in one pass each what Round/Add/Cast and Cast/Mul
-did in several (measured: fewer passes over the activations is what makes
-int8 pay here, the integer GEMM itself is ~10x faster than fp32).
+one saturating product through ONNX Runtime and checks it.
 
 On short sentences these passes are a third of the int8 run (ORT profile, batch
 32 x ~20 tokens: Abs/ReduceMax/Div/QuantizeLinear/Mul 28%, the integer GEMMs
