@@ -78,6 +78,40 @@ def test_long_sequences_get_fewer_rows_than_short_ones():
     assert budget.queue_tokens > 0
 
 
+XLMR_LARGE = {"hidden_size": 1024, "num_attention_heads": 16}
+
+
+def test_an_attention_that_never_holds_all_scores_lets_a_window_run_alone():
+    """jina-v3's 8192-token window: with the scores held at once (plain ops) it needs ~14 GiB a run;
+    with the fused or blocked kernel its cost is linear, and only a padded batch (fused) pays them."""
+    plain, fused, blocked = (
+        ModelShape.from_config(XLMR_LARGE, 1024, kind) for kind in ("plain", "fused", "blocked")
+    )
+    assert plain.run_bytes(1, 8192) > 12 << 30  # 16 heads x 8192^2 x 12 bytes
+    assert fused.run_bytes(1, 8192) == blocked.run_bytes(1, 8192) < 2 << 30
+    assert fused.run_bytes(2, 4096) == plain.run_bytes(2, 4096) > blocked.run_bytes(2, 4096)
+    budgets = {
+        shape.attention: MemoryBudget.plan(shape, limit=8 << 30, baseline=2600 * MIB, runs=2)
+        for shape in (plain, fused, blocked)
+    }
+    assert not budgets["plain"].fits(1, 8192) and budgets["plain"].longest_single() < 4096
+    for kind in ("fused", "blocked"):
+        longest = budgets[kind].longest_single()
+        assert budgets[kind].fits(1, longest) and not budgets[kind].fits(1, longest + 1)
+        assert longest > 8192
+    assert not budgets["fused"].fits(2, 4096) and budgets["blocked"].fits(2, 4096)
+
+
+@pytest.mark.parametrize("kind", ["plain", "fused"])
+def test_the_limit_a_refused_sequence_needs_is_the_plan_inverted(kind: str):
+    shape = ModelShape.from_config(XLMR_LARGE, 1024, kind)
+    budget = MemoryBudget.plan(shape, limit=1 << 30, baseline=600 * MIB, runs=4, share=0.5)
+    length = 3 * budget.longest_single()
+    needed = budget.limit_for(length)
+    assert MemoryBudget.plan(shape, needed, 600 * MIB, runs=4, share=0.5).fits(1, length)
+    assert not MemoryBudget.plan(shape, needed - 16 * MIB, 600 * MIB, runs=4, share=0.5).fits(1, length)
+
+
 def test_the_engines_limit_leaves_out_what_its_host_holds(monkeypatch: pytest.MonkeyPatch):
     """In-process (a Ray worker), the host's own memory is not the engine's: a container limit is
     shared with it, an explicit --memory-limit is the engine's alone."""

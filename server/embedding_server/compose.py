@@ -118,7 +118,9 @@ def batch_settings(
     sized: dict[str, tuple[ModelShape, int]] = {}  # shape, concurrent runs (bulk + query slots)
     for loaded in models:
         model = loaded.model
-        shape = ModelShape.from_config(model.files.config("config.json"), model.description.dimensions)
+        shape = ModelShape.from_config(
+            model.files.config("config.json"), model.description.dimensions, loaded.sessions.attention
+        )
         sized[model.name] = (shape, loaded.sessions.size * (2 if base.interactive_slot else 1))
     share = model_shares(sized)
     for loaded in models:
@@ -241,6 +243,7 @@ def log_plan(
             "layout": loaded.sessions.layout,
             "threads_per_session": loaded.sessions.threads,
             "wide_threads": loaded.sessions.wide_threads,  # 0: no wide session (model too big, or 1 CPU)
+            "attention": loaded.sessions.attention,  # plain, fused or blocked: engine/memory.py
             **knob_values(batch),  # every batching knob, by its flag's name
             "run_memory_mib": memory.run_bytes // MIB if memory else None,
             "longest_input_tokens": memory.longest_single() if memory else None,
@@ -248,7 +251,7 @@ def log_plan(
     plan = {"threads": threads.as_dict(), "memory_limit_mib": limit // MIB, "models": per_model}
     models_text = "; ".join(
         f"model {name}: {m['sessions']} sessions ({m['layout']}) x {m['threads_per_session']} "
-        f"intra-op threads, wide session {m['wide_threads'] or 'none'}, "
+        f"intra-op threads, wide session {m['wide_threads'] or 'none'}, {m['attention']} attention, "
         f"batches <= {m['max_batch_tokens']} tokens / {m['max_batch_size']} sequences, "
         f"{m['run_memory_mib']} MiB a run (inputs <= {m['longest_input_tokens']} tokens), "
         f"queue <= {m['max_queue_requests']} requests / {m['max_queue_tokens']} tokens"

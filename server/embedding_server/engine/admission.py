@@ -18,6 +18,7 @@ import copy
 
 from ..errors import MemoryLimitExceeded, NotServing, Overloaded
 from ..models.types import Priority
+from .memory import MIB
 from .observer import EngineObserver
 from .tuning import BatchSettings
 
@@ -101,6 +102,7 @@ class AdmissionControl:
                 raise MemoryLimitExceeded(
                     f"{field}[{index}]: {length} tokens do not fit this server's memory budget "
                     f"(at most {budget.longest_single()} tokens per sequence for model {self.model}; "
+                    f"it needs a memory limit of about {-(-budget.limit_for(length) // MIB)}MiB: "
                     "raise --memory-limit or send shorter inputs)",
                     field=field,
                     index=index,

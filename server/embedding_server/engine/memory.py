@@ -17,6 +17,12 @@ and its GELU's elementwise copies), 16 x 512 by 1034 MiB (the rest: ~2.8
 float copies of the attention scores); small batches grew it by 20-100 MiB
 more than that, whatever their size (``RUN_FIXED_BYTES_PER_HIDDEN`` covers part of it,
 the 15 % of the limit left unplanned the rest).
+
+The scores term depends on the engine's attention (``ModelShape.attention``):
+``plain`` holds every head's scores at once; ``fused`` (ONNX Runtime's graph
+rewritten by models/attention.py) only in runs with padding, an unpadded run
+taking the flash kernel; ``blocked`` (OpenVINO's own attention) never. A long
+sequence runs alone, so on the last two its cost grows linearly.
 """
 
 from __future__ import annotations
@@ -99,26 +105,35 @@ def current_rss() -> int:
     return int(match.group(1)) * 1024 if match else 0
 
 
+#: How a run holds attention scores (see the module doc), as the run pools report it.
+ATTENTION_KINDS = ("plain", "fused", "blocked")
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What a run's working set scales with."""
 
     hidden: int
     heads: int
+    attention: str = "plain"
 
     @classmethod
-    def from_config(cls, config: Any, dimensions: int) -> ModelShape:
+    def from_config(cls, config: Any, dimensions: int, attention: str = "plain") -> ModelShape:
         """From a Hugging Face ``config.json`` when there is one, else a BERT-like guess (64 per head)."""
         config = config if isinstance(config, dict) else {}
         hidden = int(config.get("hidden_size") or dimensions or 768)
         heads = int(config.get("num_attention_heads") or max(1, hidden // 64))
-        return cls(hidden, heads)
+        return cls(hidden, heads, attention)
+
+    def holds_scores(self, count: int) -> bool:
+        """Whether a run of ``count`` sequences holds all heads' scores at once."""
+        return self.attention == "plain" or (self.attention == "fused" and count > 1)
 
     def run_bytes(self, count: int, longest: int) -> int:
         """Estimated peak working memory of one run of ``count`` sequences padded to ``longest``."""
         activations = count * longest * self.hidden * ACTIVATION_BYTES
-        attention = count * self.heads * longest * longest * ATTENTION_BYTES
-        return self.fixed_bytes + activations + attention
+        scores = count * self.heads * longest * longest * ATTENTION_BYTES if self.holds_scores(count) else 0
+        return self.fixed_bytes + activations + scores
 
     @property
     def fixed_bytes(self) -> int:
@@ -132,6 +147,9 @@ class MemoryBudget:
     shape: ModelShape
     run_bytes: int  # per concurrent run
     queue_tokens: int  # tokens admitted and unanswered
+    baseline: int = 0  # what the plan left out of the limit: models, runtime, interpreter
+    runs: int = 1
+    share: float = 1.0
 
     @classmethod
     def plan(
@@ -141,17 +159,25 @@ class MemoryBudget:
         and the queue; ``share``: this model's part of it when several are served (``model_shares``)."""
         working = int(max(0, int(limit * PLANNED_FRACTION) - baseline) * share)
         queue = int(working * QUEUE_FRACTION)
-        return cls(shape, (working - queue) // max(1, runs), queue // QUEUED_TOKEN_BYTES)
+        runs = max(1, runs)
+        return cls(shape, (working - queue) // runs, queue // QUEUED_TOKEN_BYTES, baseline, runs, share)
+
+    def limit_for(self, longest: int) -> int:
+        """The memory limit whose plan lets one sequence of ``longest`` tokens run (``plan`` inverted)."""
+        working = self.shape.run_bytes(1, longest) * self.runs / (1 - QUEUE_FRACTION) / self.share
+        return math.ceil((working + self.baseline) / PLANNED_FRACTION)
 
     def fits(self, count: int, longest: int) -> bool:
         return self.shape.run_bytes(count, longest) <= self.run_bytes
 
     def longest_single(self) -> int:
         """The longest sequence a run may hold alone."""
-        a = self.shape.heads * ATTENTION_BYTES
+        a = self.shape.heads * ATTENTION_BYTES if self.shape.holds_scores(1) else 0
         b = self.shape.hidden * ACTIVATION_BYTES
         room = self.run_bytes - self.shape.fixed_bytes
-        return int((-b + math.sqrt(b * b + 4 * a * room)) / (2 * a)) if room > 0 else 0
+        if room <= 0:
+            return 0
+        return int((-b + math.sqrt(b * b + 4 * a * room)) / (2 * a)) if a else room // b
 
 
 #: The sequence length the working memory is shared at between models served side by side.

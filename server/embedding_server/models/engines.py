@@ -41,6 +41,8 @@ class RunPool(Protocol):
     layout: str
     wide_threads: int
     signature: SessionSignature
+    #: How a run holds attention scores (engine/memory.py ATTENTION_KINDS): plain, fused, blocked.
+    attention: str
 
     @property
     def size(self) -> int: ...

@@ -125,6 +125,8 @@ class OpenVinoPool:
     engine = ENGINE
     wide_threads = 0
     has_wide = False
+    #: Its CPU plugin runs MatMul/Softmax attention in blocks, padded or not (models/attention.py).
+    attention = "blocked"
 
     def __init__(self, path: Path, sessions: int = 1, threads: int = 1, precision: str = "fp32") -> None:
         if not path.is_file():

@@ -25,20 +25,29 @@ smaller batches peaked at 2472 MiB on, 1831 MiB off (with it on, a run's
 arena growth adds to the memory the next run of another shape asks for).
 Speed on 2 busy cores was within the noise (long batches slower off, short
 ones faster); the memory budget (engine/memory.py) assumes it off.
+
+Attention written as plain MatMul/Softmax ops is rewritten at open
+(``attention.py``): runs without padding take ONNX Runtime's flash-attention
+kernel, whose memory does not grow with the square of the sequence length.
+The rewritten graph is checked against itself before it serves; where the
+check fails, or nothing matches, the file is served as it is.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
 from ..errors import ModelLoadError
+from . import attention
 from .base import SessionSignature, signature_of
 from .files import missing_external_data, truncated_external_data
 
 ENGINE = "onnxruntime"
+log = logging.getLogger(__name__)
 
 
 def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
@@ -62,12 +71,22 @@ def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
     return options
 
 
-def open_session(path: Path, threads: int, spinning: bool = False) -> ort.InferenceSession:
-    """One session, or a ModelLoadError naming the file that is missing or broken."""
+def open_session(
+    path: Path, threads: int, spinning: bool = False, graph: bytes | None = None
+) -> ort.InferenceSession:
+    """One session, or a ModelLoadError naming the file that is missing or broken.
+
+    ``graph``: a rewrite of the file's graph to run instead; its external weights are
+    read from beside ``path``."""
     if not path.is_file():
         raise ModelLoadError(f"{path}: missing")
     try:
         options = session_options(threads, spinning)
+        if graph is not None:
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(path.parent)
+            )
+            return ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own untyped errors for any bad file
         missing = missing_external_data(path)  # diagnosed only on failure: it parses the graph
@@ -100,13 +119,39 @@ class SessionPool:
         self.path = path
         self.threads = threads
         self.layout = layout
+        self._graph, self.fused_attention = self._fused()
+        self.attention = "fused" if self.fused_attention else "plain"
+        first = open_session(path, threads, graph=self._graph)
+        self.signature: SessionSignature = signature_of(first)
         if layout == "shared":
-            self._sessions = [open_session(path, threads)] * sessions
+            self._sessions = [first] * sessions
         else:
-            self._sessions = [open_session(path, threads) for _ in range(sessions)]
+            self._sessions = [first] + [
+                open_session(path, threads, graph=self._graph) for _ in range(sessions - 1)
+            ]
         self._wide: ort.InferenceSession | None = None
         self.wide_threads = 0
-        self.signature: SessionSignature = signature_of(self._sessions[0])
+
+    def _fused(self) -> tuple[bytes | None, int]:
+        """The graph with its attention fused and how many cores were, or (None, 0): serve the file.
+
+        The check's session is closed before the pool's open: the weights are never held twice.
+        """
+        fused = attention.fused_graph(self.path)
+        if fused is None:
+            return None, 0
+        graph, count = fused
+        try:
+            check = open_session(self.path, 1, graph=graph)
+        except ModelLoadError as exc:  # a broken file: opening it as it is names what is wrong
+            log.warning("%s: attention left unfused (%s)", self.path, exc)
+            return None, 0
+        problem = attention.disagreement(check, signature_of(check))
+        del check
+        if problem:
+            log.warning("%s: attention left unfused: %s", self.path, problem)
+            return None, 0
+        return graph, count
 
     def add_wide(self, threads: int) -> bool:
         """Open the all-cores session for lone interactive runs; False when not worth it.
@@ -116,7 +161,7 @@ class SessionPool:
         """
         if threads <= self.threads or model_bytes(self.path) > WIDE_MAX_BYTES:
             return False
-        self._wide = open_session(self.path, threads, spinning=True)
+        self._wide = open_session(self.path, threads, spinning=True, graph=self._graph)
         self.wide_threads = threads
         return True
 
