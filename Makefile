@@ -11,7 +11,7 @@ BUF_VERSION := 1.75.0
 STAMP := $(VENV)/.installed
 NODE_CLIENT := clients/node/node_modules/.installed
 
-.PHONY: setup serve test lint generate bench clean
+.PHONY: setup serve test test-full-size lint generate bench clean
 
 setup: $(STAMP) $(BUF) $(NODE_CLIENT)
 
@@ -41,6 +41,10 @@ serve: $(STAMP)
 
 test: setup
 	PATH="$(CURDIR)/$(VENV)/bin:$(CURDIR)/.tools/node_modules/.bin:$$PATH" $(PY) -m pytest $(PYTEST_ARGS)
+
+# A full-size (2.2 GB, synthetic) jina-v3 end to end under deploy/'s memory limit: ~10 minutes on 2 cores.
+test-full-size: setup
+	$(PY) -m pytest -m full_size tests/test_full_size.py -s
 
 lint: setup
 	$(VENV)/bin/ruff check .

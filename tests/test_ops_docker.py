@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import tomllib
 import yaml
-from embedding_server.settings import Settings
+from embedding_server.settings import Settings, build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -233,3 +233,30 @@ def test_model_names_and_directories_agree_everywhere():
     served = {*PRESETS, BUILTIN_MODEL, "text-embedding-3-small"}  # the last: the README's alias example
     readme_models = set(re.findall(r"\bmodel=\"([\w.-]+)\"", (ROOT / "README.md").read_text()))
     assert readme_models and readme_models <= served
+
+
+def test_the_large_model_override_keeps_the_limit_the_full_size_test_runs_under():
+    """docker/compose.large.yaml and deploy/kubernetes/models/*: the limit and flags
+    tests/test_full_size.py measured jina-v3 under (a full window and a 32k late-chunked document)."""
+    from tests.support.xlmr import LARGE_COMPOSE, deployed
+
+    limit_mib, flags = deployed()
+    (service,) = yaml.safe_load(LARGE_COMPOSE.read_text())["services"].values()
+    command = service["command"]
+    assert command[:2] == ["--model", "jina-v3=/models/jina-v3"] and command[2:] == flags
+    parsed = build_parser().parse_args(flags)
+    assert (parsed.engine, parsed.precision, parsed.sessions) == ("onnxruntime", "fp32", 1)
+    assert limit_mib >= 4096
+    for model in ("jina-v3", "bge-m3"):
+        component = yaml.safe_load(
+            (ROOT / "deploy" / "kubernetes" / "models" / model / "kustomization.yaml").read_text()
+        )
+        (patch,) = component["patches"]
+        ops = {
+            op["path"].rsplit("/", 2)[-2] + "/" + op["path"].rsplit("/", 1)[-1]: op["value"]
+            for op in yaml.safe_load(patch["patch"])
+        }
+        assert ops["requests/memory"] == ops["limits/memory"] == f"{limit_mib // 1024}Gi"
+        args = ops["0/args"]
+        assert args[:2] == ["--model", f"{model}=/models/{model}"]
+        assert args[2:] == command[2:]

@@ -371,3 +371,38 @@ def test_external_metrics_hpa_reads_what_the_adapter_serves():
         assert "<<.LabelMatchers>>" in query and " by (" not in query.replace("sum by (le)", ""), name
         assert queried_metrics(query) <= exported, name
     assert rules["embedding_queue_depth"]["metricsQuery"].startswith("sum(embedding_queue_depth{")
+
+
+# --- the full-size model components: JSON patches onto the base Deployment --------------------------
+
+
+def apply_json_patch(doc: dict[str, Any], ops: list[dict[str, Any]]) -> dict[str, Any]:
+    """RFC 6902 ``replace`` ops, as kustomize applies a component's patch (the only op these use)."""
+    import copy
+
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        assert op["op"] == "replace", op
+        *parents, last = [int(p) if p.isdigit() else p for p in op["path"].strip("/").split("/")]
+        target = doc
+        for key in parents:
+            target = target[key]
+        assert last in target if isinstance(target, dict) else last < len(target), op["path"]
+        target[last] = op["value"]
+    return doc
+
+
+@pytest.mark.parametrize("model", ["jina-v3", "bge-m3"])
+def test_the_full_size_model_components_render_valid_deployments(model):
+    component = yaml_documents(ROOT / "models" / model / "kustomization.yaml")[0]
+    assert (component["apiVersion"], component["kind"]) == ("kustomize.config.k8s.io/v1alpha1", "Component")
+    (patch,) = component["patches"]
+    assert patch["target"] == {"kind": "Deployment", "name": one("Deployment")["metadata"]["name"]}
+    rendered = apply_json_patch(one("Deployment"), yaml.safe_load(patch["patch"]))
+    kubernetes_validate.validate(rendered, VERSIONS[-1], strict=True)
+    server = rendered["spec"]["template"]["spec"]["containers"][0]
+    flags = server["args"]
+    assert flags[:2] == ["--model", f"{model}=/models/{model}"]
+    parsed = build_parser().parse_args(flags)
+    assert (parsed.engine, parsed.precision, parsed.sessions) == ("onnxruntime", "fp32", 1)
+    assert server["resources"]["limits"]["memory"] == server["resources"]["requests"]["memory"]

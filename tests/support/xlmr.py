@@ -843,3 +843,20 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# --- what deploy/ gives the full-size models --------------------------------------------------------
+
+LARGE_COMPOSE = Path(__file__).resolve().parents[2] / "docker" / "compose.large.yaml"
+
+
+def deployed() -> tuple[int, list[str]]:
+    """The memory limit (MiB) and the server flags after ``--model`` that docker/compose.large.yaml
+    (and deploy/kubernetes/models/*, checked to agree) give a full-size model: what
+    tests/test_full_size.py and bench/full_size.py run under."""
+    import yaml
+
+    (service,) = yaml.safe_load(LARGE_COMPOSE.read_text())["services"].values()
+    memory = str(service["deploy"]["resources"]["limits"]["memory"])
+    assert memory.endswith("g"), memory
+    return int(memory[:-1]) * 1024, list(service["command"][2:])
