@@ -337,3 +337,19 @@ def test_int8_vectors_do_not_depend_on_the_batch(int8_default_server):
             assert float(alone @ vectors[row]) >= 0.99999, batch
     long_alone = dense(stub.Embed(pb.EmbedRequest(inputs=[LONG_TEXT]), timeout=60))[0]
     assert float(long_alone @ dense(stub.Embed(pb.EmbedRequest(inputs=batches[0]), timeout=60))[0]) >= 0.99999
+
+
+def test_a_graph_past_protobufs_limit_counts_as_too_big_to_hold_inline():
+    """jina-v3 / bge-m3 at full size (2.27 GB fp32) once crashed embedding-quantize: ``ByteSize`` of
+    a model past 2 GiB raises EncodeError (measured on the full-size synthetic jina-v3)."""
+    import onnx
+    from embedding_server.quantize.core import INLINE_LIMIT, inline_bytes
+    from google.protobuf.message import EncodeError
+
+    class PastTheLimit:
+        def ByteSize(self) -> int:
+            raise EncodeError("Failed to serialize proto")
+
+    assert inline_bytes(PastTheLimit()) > INLINE_LIMIT  # type: ignore[arg-type]
+    small = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    assert inline_bytes(small) == small.ByteSize() < INLINE_LIMIT

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+from google.protobuf.message import EncodeError
 
 from ..cache_dir import file_digest
 from ..models.base import EmbeddingModel
@@ -81,9 +82,18 @@ def source_digest(files: ModelFiles) -> str:
     return "-".join(parts)
 
 
+def inline_bytes(model: onnx.ModelProto) -> int:
+    """The model's size as one protobuf; past protobuf's 2 GiB limit (jina-v3 and bge-m3 at full
+    size: 2.27 GB in fp32) ``ByteSize`` raises instead of answering, and this says "too big"."""
+    try:
+        return int(model.ByteSize())
+    except EncodeError:
+        return 1 << 31
+
+
 def save_graph(model: onnx.ModelProto, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    if model.ByteSize() > INLINE_LIMIT:
+    if inline_bytes(model) > INLINE_LIMIT:
         onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}_data")
     else:
         onnx.save_model(model, str(path))
@@ -110,7 +120,7 @@ def activation_maxima(
     inputs = matmul_inputs(fp32, names)
     values = list(dict.fromkeys(inputs.values()))
     probe = with_outputs(fp32, values)
-    if probe.ByteSize() >= INLINE_LIMIT:
+    if inline_bytes(probe) >= INLINE_LIMIT:
         return {}  # too big to probe in memory: no smoothing
     session = ort.InferenceSession(probe.SerializeToString(), session_options(1), providers=PROVIDERS)
     maxima: dict[str, np.ndarray] = {}
@@ -170,7 +180,7 @@ def quantize_directory(
     def build(kept: list[str], sample: list[str], tag: str) -> Candidate:
         graph = quantize_matmuls(fp32, [c for c in candidates if c not in kept], smoothing)
         tables[:] = quantize_tables(graph) if quantize_embeddings else []
-        if graph.ByteSize() < INLINE_LIMIT:  # in memory: no file per trial
+        if inline_bytes(graph) < INLINE_LIMIT:  # in memory: no file per trial
             session = ort.InferenceSession(graph.SerializeToString(), session_options(1), providers=PROVIDERS)
         else:
             save_graph(graph, staging / tag / relative)
