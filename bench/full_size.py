@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,18 @@ DEPLOY_FLAGS = tuple(_without_engine(_FLAGS))
 class Row:
     candidate: str
     numbers: dict[str, float] = field(default_factory=dict)
+    refusals: list[str] = field(default_factory=list)
+
+
+def refused_or(row: Row, call: Callable[[], float]) -> float:
+    """The call's seconds, or NaN when the server's memory budget refuses it (the reason is kept)."""
+    try:
+        return call()
+    except grpc.RpcError as error:
+        if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+            raise
+        row.refusals.append(str(error.details()))
+        return float("nan")
 
 
 def candidates() -> list[str]:
@@ -134,7 +147,7 @@ def measure(family: str, candidate: str, args: argparse.Namespace) -> Row:
         row.numbers["q ms"] = statistics.median(embed(stub, [query]) for _ in range(5)) * 1000
         row.numbers["p/s"] = throughput(stub, [[passage, passage]] * 4, 2)
         window = text_of(stub, 8192, seed=2)
-        row.numbers["8192 s"] = embed(stub, [window])
+        row.numbers["8192 s"] = refused_or(row, lambda: embed(stub, [window]))
         latencies: list[float] = []
         done = threading.Event()
 
@@ -154,7 +167,7 @@ def measure(family: str, candidate: str, args: argparse.Namespace) -> Row:
         if args.late_tokens:
             words = text_of(stub, args.late_tokens, seed=3).split()  # tokens beyond the window: all fine
             chunks = [" ".join(words[i : i + 200]) for i in range(0, len(words), 200)]
-            row.numbers["late s"] = embed(stub, chunks, late_chunking=True)
+            row.numbers["late s"] = refused_or(row, lambda: embed(stub, chunks, late_chunking=True))
         row.numbers["peak MiB"] = server.peak_rss_mb()
         channel.close()
     finally:
@@ -253,8 +266,12 @@ def report(family: str, rows: list[Row]) -> None:
             ratio = ""
             if row is not rows[0] and base:
                 ratio = f" ({value / base if column in FASTER_HIGHER else base / value:.2f}x)"
-            cells.append(f"{value:.1f}{ratio}" if value < 1000 else f"{value:.0f}{ratio}")
+            digits = 2 if value < 10 else 1 if value < 1000 else 0
+            cells.append(f"{value:.{digits}f}{ratio}")
         print(f"| {row.candidate} | " + " | ".join(cells) + " |", flush=True)
+    for row in rows:
+        for refusal in row.refusals:
+            print(f"{row.candidate}: refused: {refusal}")
 
 
 def main() -> None:

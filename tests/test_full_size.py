@@ -20,7 +20,7 @@ from tests.support.error_details import call_status, check_error_info
 from tests.support.server import RunningServer, start_server
 from tests.support.xlmr import JINA_V3, deployed, full_size_dir
 
-pytestmark = pytest.mark.full_size
+pytestmark = [pytest.mark.full_size, pytest.mark.timeout(3600)]  # minutes per test, not the suite's 300 s
 
 #: docker/compose.large.yaml's (and deploy/kubernetes/models/jina-v3's) limit and flags.
 LIMIT_MIB, DEPLOYED_FLAGS = deployed()
@@ -71,7 +71,7 @@ def test_a_full_window_and_a_32k_late_chunked_document_run_under_the_limit(serve
     stub = server.stub()
     window = fitted(stub, WINDOW, seed=1)
     assert token_count(stub, window) >= WINDOW - 2
-    reply = stub.Embed(pb.EmbedRequest(inputs=[window], task=pb.TASK_RETRIEVAL_PASSAGE), timeout=1800)
+    reply = stub.Embed(pb.EmbedRequest(inputs=[window]), timeout=1800)  # the task Tokenize counted with
     assert len(reply.embeddings) == 1 and len(reply.embeddings[0].dense.values) == 1024
     assert reply.usage.prompt_tokens >= WINDOW - 2
 
@@ -79,7 +79,7 @@ def test_a_full_window_and_a_32k_late_chunked_document_run_under_the_limit(serve
     chunks = [" ".join(document[i : i + 256]) for i in range(0, len(document), 256)]
     late = stub.Embed(pb.EmbedRequest(inputs=chunks, late_chunking=True), timeout=3600)
     assert [e.index for e in late.embeddings] == list(range(len(chunks)))
-    assert late.usage.prompt_tokens > 32768  # every chunk's tokens, across ~4 windows
+    assert late.usage.prompt_tokens >= 32768  # the document's tokens (5 overlapping windows ran)
     peak = peak_rss_mib(server)
     assert peak < LIMIT_MIB, f"peak RSS {peak:.0f} MiB over the {LIMIT_MIB} MiB limit"
     print(f"full-size jina-v3: peak RSS {peak:.0f} MiB under --memory-limit {LIMIT_MIB} MiB")
