@@ -176,9 +176,14 @@ def fuse_attention(model: onnx.ModelProto, mask_input: str = MASK_INPUT) -> int:
     if not cores:
         return 0
     unpadded = "attention/unpadded"
+    graph.node.append(  # int64 whatever the export's mask type: the comparison below is int64
+        helper.make_node(
+            "Cast", [mask_input], ["attention/mask"], name="attention/mask", to=TensorProto.INT64
+        )
+    )
     graph.node.append(
         helper.make_node(
-            "ReduceMin", [mask_input], ["attention/mask_min"], name="attention/mask_min", keepdims=0
+            "ReduceMin", ["attention/mask"], ["attention/mask_min"], name="attention/mask_min", keepdims=0
         )
     )
     graph.node.append(
