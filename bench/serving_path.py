@@ -1,0 +1,290 @@
+"""The server's own path against a bare grpc.aio service of the same contract, side by side.
+
+    python bench/serving_path.py
+    python bench/serving_path.py --seconds 5 --rounds 3 --server-args "--sessions 2"
+    python bench/serving_path.py --profile /tmp/profiles   # py-spy each load on our server
+
+Two servers, each its own process on a loopback port:
+
+- **ours**: ``embedding-server`` on a tiny synthetic bge-m3 (the aapot export
+  of tests/support/synthetic.py, hidden 24): a model run costs ~0.1 ms, so what
+  is measured is everything else (gRPC, protobuf, validation, tokenizing,
+  admission, batching, the finish step, Python);
+- **bare**: ``grpc.aio`` in one process, the same ``EmbeddingService`` stubs,
+  answering every input with a constant dense vector of the same size (the
+  floor a Python gRPC service of this contract cannot go below).
+
+Each load runs in alternating rounds on both servers (which goes first
+alternates too) from one client process (grpc.aio, like a service's stubs),
+over 3,000 short sentences; the clients decode every reply to float32 arrays.
+It prints texts/s (calls/s for single-input calls) of each, ours / bare, the
+server's CPU time per text (user + system, every thread, from /proc: the
+figure that matters when the client shares the cores), and each server's peak
+RSS. The client shares the machine: both servers pay that
+equally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+sys.path.insert(0, str(ROOT))
+from common import free_port, start_server  # noqa: E402
+from embedding_client.proto import embedding_pb2 as pb  # noqa: E402
+from embedding_client.proto import embedding_pb2_grpc  # noqa: E402
+
+TEXTS = 3000
+
+
+def short_texts(count: int = TEXTS, seed: int = 3) -> list[str]:
+    """Short sentences (3-12 words) from the synthetic tokenizer's vocabulary (one word, one token)."""
+    import random
+
+    from tests.support.synthetic import WORDS
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12))) for _ in range(count)]
+
+
+# --- the bare service ------------------------------------------------------------------------------
+
+
+class BareService(embedding_pb2_grpc.EmbeddingServiceServicer):
+    """Every input answered with one constant dense vector; nothing else."""
+
+    def __init__(self, dimensions: int) -> None:
+        self.values = [0.125] * dimensions
+
+    def _reply(self, request: pb.EmbedRequest) -> pb.EmbedResponse:
+        reply = pb.EmbedResponse(request_id=request.request_id, model="bare")
+        for index in range(len(request.inputs)):
+            reply.embeddings.add(index=index).dense.values.extend(self.values)
+        return reply
+
+    async def Embed(self, request: pb.EmbedRequest, context: object) -> pb.EmbedResponse:  # type: ignore[override]
+        return self._reply(request)
+
+    async def StreamEmbed(self, requests, context):  # type: ignore[no-untyped-def,override]
+        async for request in requests:
+            yield self._reply(request)
+
+
+async def serve_bare(port: int, dimensions: int) -> None:
+    server = grpc.aio.server()
+    embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(BareService(dimensions), server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+class BareProcess:
+    def __init__(self, dimensions: int) -> None:
+        self.port = free_port()
+        self.process = subprocess.Popen([sys.executable, __file__, "--bare", str(self.port), str(dimensions)])
+        channel = grpc.insecure_channel(self.target)
+        grpc.channel_ready_future(channel).result(timeout=60)
+        channel.close()
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def peak_rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(30)
+
+
+# --- the loads -----------------------------------------------------------------------------------
+
+Load = Callable[[embedding_pb2_grpc.EmbeddingServiceStub, list[str], float], Awaitable[int]]
+
+
+def _decoded(reply: pb.EmbedResponse) -> int:
+    if reply.HasField("error"):
+        raise RuntimeError(f"stream reply failed: {reply.error.message}")
+    for embedding in reply.embeddings:
+        np.asarray(embedding.dense.values, dtype=np.float32)
+    return len(reply.embeddings)
+
+
+def unary(clients: int, per_call: int) -> Load:
+    async def run(stub: embedding_pb2_grpc.EmbeddingServiceStub, texts: list[str], seconds: float) -> int:
+        stop = time.monotonic() + seconds
+        done = 0
+
+        async def client(offset: int) -> None:
+            nonlocal done
+            at = offset
+            while time.monotonic() < stop:
+                batch = [texts[(at + i) % len(texts)] for i in range(per_call)]
+                at += per_call * clients
+                reply = await stub.Embed(pb.EmbedRequest(inputs=batch))
+                done += _decoded(reply)  # not `done += f(await ...)`: that reads `done` before the await
+
+        await asyncio.gather(*(client(c * per_call) for c in range(clients)))
+        return done
+
+    return run
+
+
+def stream(per_request: int, in_flight: int) -> Load:
+    async def run(stub: embedding_pb2_grpc.EmbeddingServiceStub, texts: list[str], seconds: float) -> int:
+        stop = time.monotonic() + seconds
+        window = asyncio.Semaphore(in_flight)
+
+        async def requests():  # type: ignore[no-untyped-def]
+            at = 0
+            while time.monotonic() < stop:
+                await window.acquire()
+                yield pb.EmbedRequest(
+                    request_id=str(at), inputs=[texts[(at + i) % len(texts)] for i in range(per_request)]
+                )
+                at += per_request
+
+        done = 0
+        async for reply in stub.StreamEmbed(requests()):
+            done += _decoded(reply)
+            window.release()
+        return done
+
+    return run
+
+
+LOADS: list[tuple[str, str, Load]] = [
+    ("16 concurrent Embed calls of 8 inputs", "texts/s", unary(16, 8)),
+    ("16 concurrent Embed calls of 1 input", "calls/s", unary(16, 1)),
+    ("one StreamEmbed, 8 inputs a request, 32 in flight", "texts/s", stream(8, 32)),
+]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(target: str, pid: int, load: Load, texts: list[str], seconds: float) -> tuple[float, float]:
+    """Texts (or calls) per second, and the server's CPU microseconds per text."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
+        await load(stub, texts, min(1.0, seconds / 4))  # warm: connections, caches, the batcher
+        started, cpu = time.monotonic(), cpu_seconds(pid)
+        done = await load(stub, texts, seconds)
+        elapsed, cpu = time.monotonic() - started, cpu_seconds(pid) - cpu
+        return done / elapsed, cpu / done * 1e6
+
+
+def profile(pid: int, path: Path, seconds: float) -> subprocess.Popen[bytes]:
+    """py-spy on ``pid`` for ``seconds``, sampling the thread that holds the GIL (``--gil``): collapsed
+    stacks (``--format raw``), one file per load, for bench/profile_top.py."""
+    return subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(seconds)),
+            "--rate",
+            "200",
+            "--format",
+            "raw",
+            "--output",
+            str(path),
+            "--nonblocking",
+            "--threads",
+            "--gil",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seconds", type=float, default=4.0, help="per round, per server")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--server-args", default="", help="extra flags for our server")
+    parser.add_argument("--loads", default="1,2,3", help="which loads, by number (1-3)")
+    parser.add_argument("--profile", type=Path, help="py-spy our server under each load into this folder")
+    parser.add_argument("--bare", nargs=2, type=int, metavar=("PORT", "DIMENSIONS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.bare:
+        asyncio.run(serve_bare(*args.bare))
+        return
+
+    from tests.support.synthetic import BGE_M3_HIDDEN, make_bge_m3_aapot
+
+    texts = short_texts()
+    with tempfile.TemporaryDirectory(prefix="serving-path-") as work:
+        model = make_bge_m3_aapot(Path(work) / "bge-m3").path
+        ours = start_server("--model", f"bge-m3={model}", *shlex.split(args.server_args), rest=False)
+        bare = BareProcess(BGE_M3_HIDDEN)
+        try:
+            print(
+                f"ours: embedding-server {args.server_args}; bare: grpc.aio; {args.rounds} rounds of "
+                f"{args.seconds:g} s per load and server; {len(texts)} sentences of 3-12 words",
+                flush=True,
+            )
+            print()
+            print("| load | ours | bare grpc.aio | ours / bare | server CPU per text, ours / bare |")
+            print("|---|---|---|---|---|")
+            for number, (name, unit, load) in enumerate(LOADS):
+                if str(number + 1) not in args.loads.split(","):
+                    continue
+                rates: dict[str, list[float]] = {"ours": [], "bare": []}
+                cpu: dict[str, list[float]] = {"ours": [], "bare": []}
+                for round_ in range(args.rounds):
+                    order = [("ours", ours.target, ours.process.pid), ("bare", bare.target, bare.process.pid)]
+                    for who, target, pid in order if round_ % 2 == 0 else order[::-1]:
+                        spy = None
+                        if args.profile and who == "ours" and round_ == 0:
+                            args.profile.mkdir(parents=True, exist_ok=True)
+                            spy = profile(
+                                ours.process.pid, args.profile / f"load{number + 1}.txt", args.seconds
+                            )
+                        rate, cost = asyncio.run(measure(target, pid, load, texts, args.seconds))
+                        rates[who].append(rate)
+                        cpu[who].append(cost)
+                        if spy is not None:
+                            spy.wait(30)
+                ratios = [o / b for o, b in zip(rates["ours"], rates["bare"], strict=True)]
+                span = lambda values: f"{min(values):,.0f}-{max(values):,.0f}"  # noqa: E731
+                print(
+                    f"| {name} | {span(rates['ours'])} {unit} | {span(rates['bare'])} | "
+                    f"{min(ratios):.2f}-{max(ratios):.2f} (median {statistics.median(ratios):.2f}) | "
+                    f"{statistics.median(cpu['ours']):.0f} / {statistics.median(cpu['bare']):.0f} us |",
+                    flush=True,
+                )
+            print()
+            print(f"peak RSS: ours {ours.peak_rss_mb():.0f} MiB, bare {bare.peak_rss_mb():.0f} MiB")
+        finally:
+            ours.stop()
+            bare.stop()
+
+
+if __name__ == "__main__":
+    main()
