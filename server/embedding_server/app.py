@@ -152,9 +152,10 @@ class EmbeddingApp:
         self.metrics.serving.set(1)
         await set_health(self.health, SERVING)
         log.info(
-            "serving %s (default %s)",
+            "serving %s (default %s; event loop %s)",
             ", ".join(d.name for d in embedder.descriptions()),
             embedder.default_model,
+            type(asyncio.get_running_loop()).__module__.split(".")[0],
         )
 
     def _engine_failed(self, error: BaseException) -> None:
