@@ -6,9 +6,11 @@ every loaded model and its batcher.
 A request is admitted (its count, and its tokens bounded from its length in
 characters) before it is tokenized, so an overloaded server refuses work
 without tokenizing it; the bound is settled to the real count after.
-Interactive requests tokenize on their own threads (a short one on the
-event loop), so a corpus job's tokenizing never delays a query; batch
-requests tokenize at most ``TOKENIZER_BACKLOG`` per thread at a time.
+A small request (``INLINE_TOKENIZE_CHARS``) is tokenized on the event loop:
+a thread hop costs more CPU than the work. Larger interactive requests
+tokenize on their own threads, so a corpus job's tokenizing never delays a
+query; larger batch requests tokenize on niced threads, at most
+``TOKENIZER_BACKLOG`` per thread at a time.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ from .validation import (
 WARMUP_TEXT = "warm up"
 #: Batch requests being tokenized or waiting for a tokenizer thread, per thread.
 TOKENIZER_BACKLOG = 2
-#: An interactive request of at most this many characters is tokenized on the event loop: a thread
-#: hop (two wake-ups) costs more than tokenizing it (~30 us for a 26-character query, ~100 us at 256).
-INLINE_TOKENIZE_CHARS = 256
+#: A request of at most this many characters (either class) is tokenized on the event loop: a thread
+#: hop costs 100-135 us of CPU even on an idle loop, more than the built-in WordPiece tokenizer takes
+#: for 256 characters (~96 us; ~370 us at 1024), so inline is always the cheaper in CPU, and a
+#: request of this size holds the loop for well under a millisecond.
+INLINE_TOKENIZE_CHARS = 1024
 #: Tokens an input may have beyond its characters: special tokens ([CLS], [SEP]) and their like.
 SPECIAL_TOKENS = 4
 
@@ -210,17 +214,16 @@ class Embedder:
     ) -> Tokenized:
         """The request's sequences (a late-chunked document's windows are independent ones).
 
-        Batch work waits for a place in the bounded tokenizer backlog.
+        Batch work tokenized on a thread waits for a place in the bounded tokenizer backlog.
 
         Its tokens are reserved (bounded from its characters) only once it may
         be tokenized, so requests waiting for the tokenizer hold no estimate.
         """
         loop = asyncio.get_running_loop()
-        priority = admission.priority
-        if priority == Priority.INTERACTIVE:
-            threads = self._interactive_tokenize_threads
-        else:
-            threads = self._tokenize_threads
+        inline = not job.late_chunking and sum(map(len, job.inputs)) <= INLINE_TOKENIZE_CHARS
+        backlog = admission.priority != Priority.INTERACTIVE and not inline
+        threads = self._tokenize_threads if backlog else self._interactive_tokenize_threads
+        if backlog:
             await self._tokenizer_backlog.acquire()
         try:
             admission.reserve(_token_bound(job, model, task))
@@ -239,16 +242,17 @@ class Embedder:
                         for window in document.windows
                     ]
                     return Tokenized(windows, document.tokens, document)
-                if priority == Priority.INTERACTIVE and sum(map(len, job.inputs)) <= INLINE_TOKENIZE_CHARS:
-                    encoded = model.tokenize(job.inputs, task, job.truncate)
+                if inline:
+                    encoded = model.tokenize(job.inputs, task, job.truncate, inline=True)
                 else:
                     encoded = await loop.run_in_executor(
                         threads, model.tokenize, job.inputs, task, job.truncate
                     )
-            sequences = [(text.ids, replace(row, length=len(text.ids))) for text in encoded]
+            outputs, dimensions = row.outputs, row.dimensions
+            sequences = [(text.ids, RowRequest(len(text.ids), outputs, dimensions)) for text in encoded]
             return Tokenized(sequences, sum(len(ids) for ids, _ in sequences))
         finally:
-            if priority != Priority.INTERACTIVE:
+            if backlog:
                 self._tokenizer_backlog.release()
 
     async def _finish_document(

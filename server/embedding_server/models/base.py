@@ -114,10 +114,14 @@ class EmbeddingModel(ABC):
         """Models without tasks accept any task; families with tasks refuse unknown ones."""
         return None
 
-    def tokenize(self, texts: list[str], task: Task, truncate: bool) -> list[TokenizedText]:
-        """Each input as the model sees it: task prefix and special tokens included."""
+    def tokenize(
+        self, texts: list[str], task: Task, truncate: bool, inline: bool = False
+    ) -> list[TokenizedText]:
+        """Each input as the model sees it: task prefix and special tokens included (``inline``:
+        a small request on the event loop, tokenization.TextTokenizer.encode)."""
         prefix = self.prefix(task)
-        return self.tokenizer.encode([prefix + text for text in texts], truncate=truncate)
+        texts = [prefix + text for text in texts] if prefix else texts
+        return self.tokenizer.encode(texts, truncate=truncate, inline=inline)
 
     def tokenize_document(
         self, chunks: list[str], task: Task, max_document_tokens: int, overlap: int

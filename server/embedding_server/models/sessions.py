@@ -67,6 +67,10 @@ def session_options(threads: int, spinning: bool = False) -> ort.SessionOptions:
     # else does, and there a lone query's threads that sleep between ops (a futex
     # wake-up per op) made it ~1.3x slower than threads that spin (bench/mixed.py).
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+    # ... but only within a run: by default they go on spinning after it returns, and under a load of
+    # many small runs the wide session's second thread burned 21-27% of the server's CPU doing
+    # nothing (bench/serving_path.py, per-thread CPU from /proc).
+    options.add_session_config_entry("session.force_spinning_stop", "1")
     options.enable_cpu_mem_arena = False  # see the module docstring: peak memory stays bounded
     return options
 
