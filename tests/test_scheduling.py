@@ -18,10 +18,12 @@ from embedding_client.errors import ResourceExhaustedError
 from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
 from embedding_server.engine import batcher as batcher_module
+from embedding_server.engine.embedder import INLINE_TOKENIZE_CHARS
 from embedding_server.engine.jobs import EmbedJob
 from embedding_server.engine.memory import MemoryBudget, ModelShape
 from embedding_server.errors import NotServing, Overloaded
 from embedding_server.models.loader import BUILTIN_MODEL
+from embedding_server.models.refusals import InputTooLong
 from embedding_server.models.sessions import SessionPool
 from embedding_server.models.types import Priority
 from embedding_server.rest.app import build_app
@@ -224,9 +226,9 @@ async def test_refused_requests_are_never_tokenized(builtin, monkeypatch):
     tokenized: list[list[str]] = []
     real_tokenize = builtin.model.tokenize
 
-    def counting(texts, task, truncate):
+    def counting(texts, task, truncate, inline=False):
         tokenized.append(list(texts))
-        return real_tokenize(texts, task, truncate)
+        return real_tokenize(texts, task, truncate, inline)
 
     monkeypatch.setattr(builtin.model, "tokenize", counting)
     blocker = await hold_one_run(embedder, sessions, "admitted", INTERACTIVE)
@@ -354,25 +356,44 @@ async def until_async_health(stub, status: int) -> None:
     raise AssertionError(f"health never became {status}")
 
 
-async def test_a_short_query_tokenizes_on_the_loop_longer_work_on_tokenizer_threads(builtin, monkeypatch):
-    """A thread hop costs more than tokenizing a query; anything longer, or batch work, leaves the loop."""
+async def test_small_requests_tokenize_on_the_loop_larger_ones_on_tokenizer_threads(builtin, monkeypatch):
+    """A thread hop costs more than tokenizing a small request of either class; a larger query goes
+    to the interactive tokenizer threads, a larger batch request to the niced ones."""
     embedder, sessions = make_embedder(builtin)
     await started(embedder, sessions)
-    threads: list[str] = []
+    calls: list[tuple[str, bool]] = []
     real_tokenize = builtin.model.tokenize
 
-    def recording(texts, task, truncate):
-        threads.append(threading.current_thread().name)
-        return real_tokenize(texts, task, truncate)
+    def recording(texts, task, truncate, inline=False):
+        calls.append((threading.current_thread().name, inline))
+        return real_tokenize(texts, task, truncate, inline)
 
     monkeypatch.setattr(builtin.model, "tokenize", recording)
+    longer = ["a longer question " * 20] * 3  # 1080 characters
+    assert sum(map(len, longer)) > INLINE_TOKENIZE_CHARS
     await embedder.embed(job(["a short query"], INTERACTIVE))
-    await embedder.embed(job(["a longer question " * 20], INTERACTIVE))  # 360 characters
     await embedder.embed(job(["a short passage of a corpus"], BATCH))
+    await embedder.embed(job(longer, INTERACTIVE))
+    await embedder.embed(job(longer, BATCH))
     await embedder.close()
-    assert threads[0] == threading.current_thread().name  # the event loop's own thread
-    assert threads[1].startswith("tokenize-interactive_")
-    assert threads[2].startswith("tokenize_")
+    loop_thread = threading.current_thread().name
+    assert calls[0] == (loop_thread, True) and calls[1] == (loop_thread, True)
+    assert calls[2][0].startswith("tokenize-interactive_") and not calls[2][1]
+    assert calls[3][0].startswith("tokenize_") and not calls[3][1]
+
+
+def test_inline_tokenizing_gives_the_same_tokens_and_refusals(builtin):
+    model = builtin.model
+    texts = ["a short query", "naïve café, 3 émojis 🙂🙂🙂", "word " * 400]
+    for inline in (False, True):
+        with pytest.raises(InputTooLong):
+            model.tokenize(texts, 0, False, inline)
+    cut = [model.tokenize(texts, 0, True, inline) for inline in (False, True)]
+    assert len(cut[0][2].ids) == model.tokenizer.max_tokens
+    for batch, one_by_one in zip(*cut, strict=True):
+        assert batch.ids.tolist() == one_by_one.ids.tolist()
+        assert batch.offsets == one_by_one.offsets
+        assert batch.special.tolist() == one_by_one.special.tolist()
 
 
 async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_finish_thread(builtin, monkeypatch):
@@ -413,6 +434,8 @@ def test_only_the_wide_session_spins(builtin):
     assert pool.first.get_session_options().get_session_config_entry(key) == "0"
     wide = pool._wide
     assert wide is not None and wide.get_session_options().get_session_config_entry(key) == "1"
+    for session in (pool.first, wide):  # within a run only: no thread spins on after it returns
+        assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
 
 
 async def test_rest_clients_are_a_flow_each_and_only_the_shim_may_name_one(builtin, tmp_path, monkeypatch):
