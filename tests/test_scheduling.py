@@ -22,7 +22,7 @@ from embedding_server.engine.embedder import INLINE_TOKENIZE_CHARS
 from embedding_server.engine.jobs import EmbedJob
 from embedding_server.engine.memory import MemoryBudget, ModelShape
 from embedding_server.errors import NotServing, Overloaded
-from embedding_server.models.loader import BUILTIN_MODEL
+from embedding_server.models.loader import BUILTIN_MODEL, ModelSpec, load
 from embedding_server.models.refusals import InputTooLong
 from embedding_server.models.sessions import SessionPool
 from embedding_server.models.types import Priority
@@ -380,6 +380,44 @@ async def test_small_requests_tokenize_on_the_loop_larger_ones_on_tokenizer_thre
     assert calls[0] == (loop_thread, True) and calls[1] == (loop_thread, True)
     assert calls[2][0].startswith("tokenize-interactive_") and not calls[2][1]
     assert calls[3][0].startswith("tokenize_") and not calls[3][1]
+
+
+@pytest.fixture(scope="module")
+def two_sessions():
+    """The built-in model on two one-thread sessions: two runs of one class may run at once."""
+    return load(ModelSpec(BUILTIN_MODEL, None), sessions=2, threads=1)
+
+
+async def test_a_few_queries_wait_for_the_run_in_flight_enough_start_a_second_run(two_sessions):
+    """Under many small requests a run per request pays a run's fixed cost per request: fewer than
+    min_parallel_batch waiting sequences go in the next batch instead of a second run beside it."""
+    embedder, sessions = make_embedder(two_sessions, min_parallel_batch=3)
+    await started(embedder, sessions)
+    batcher = embedder.batchers[BUILTIN_MODEL]
+    blocker = await hold_one_run(embedder, sessions, "the run in flight", INTERACTIVE)
+    waiting = [asyncio.create_task(embedder.embed(job([f"query {i}"], INTERACTIVE))) for i in range(2)]
+    await until(lambda: batcher.queue.depth(INTERACTIVE) == 2, "two queries waiting")
+    for _ in range(5):
+        await asyncio.sleep(0)  # the dispatcher has seen them
+    assert len(sessions.runs) == 1 and batcher.queue.depth(INTERACTIVE) == 2  # a free slot, unused
+    waiting.append(asyncio.create_task(embedder.embed(job(["query 2"], INTERACTIVE))))
+    await asyncio.to_thread(sessions.entered.acquire)  # the third one makes a batch worth a second run
+    assert sorted(sessions.runs[1].rows) == sorted(ids_of(two_sessions, f"query {i}") for i in range(3))
+    sessions.release()
+    await asyncio.gather(blocker, *waiting)
+    await embedder.close()
+
+
+async def test_with_min_parallel_batch_1_a_query_starts_beside_the_run_in_flight(two_sessions):
+    embedder, sessions = make_embedder(two_sessions, min_parallel_batch=1)
+    await started(embedder, sessions)
+    blocker = await hold_one_run(embedder, sessions, "the run in flight", INTERACTIVE)
+    query = asyncio.create_task(embedder.embed(job(["a lone query"], INTERACTIVE)))
+    await asyncio.to_thread(sessions.entered.acquire)
+    assert sessions.runs[1].rows == [ids_of(two_sessions, "a lone query")]
+    sessions.release()
+    await asyncio.gather(blocker, query)
+    await embedder.close()
 
 
 def test_inline_tokenizing_gives_the_same_tokens_and_refusals(builtin):
