@@ -35,38 +35,41 @@ def to_job(
 
 
 def to_response(request_id: str, result: EmbedResult) -> pb.EmbedResponse:
-    embeddings = [
-        _embedding(index, output, vectors)
-        for index, vectors in enumerate(result.vectors)
-        for output in result.outputs
-    ]
-    usage = pb.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
-    return pb.EmbedResponse(request_id=request_id, model=result.model, embeddings=embeddings, usage=usage)
+    """The reply, filled in place: building each Embedding apart and copying it into the reply's list
+    cost 1.6x as much (8 inputs of 384 dimensions: 192 us against 117)."""
+    reply = pb.EmbedResponse(request_id=request_id, model=result.model)
+    embeddings = reply.embeddings
+    for index, vectors in enumerate(result.vectors):
+        for output in result.outputs:
+            _fill(embeddings.add(index=index), output, vectors)
+    reply.usage.prompt_tokens = reply.usage.total_tokens = result.prompt_tokens
+    return reply
 
 
-def _embedding(index: int, output: Output, vectors: SequenceVectors) -> pb.Embedding:
+def _fill(embedding: pb.Embedding, output: Output, vectors: SequenceVectors) -> None:
     # the finish step (engine/finish.py) filled every output the request asked for, final
     if output == Output.DENSE:
         assert vectors.dense is not None
-        return pb.Embedding(index=index, dense=pb.DenseVector(values=vectors.dense[0].tolist()))
-    if output == Output.BINARY:
+        embedding.dense.SetInParent()
+        embedding.dense.values.extend(vectors.dense[0].tolist())
+    elif output == Output.BINARY:
         binary = vectors.binary
         assert binary is not None
-        bits = binary.bits[0].tobytes()
-        return pb.Embedding(index=index, binary=pb.BinaryVector(bits=bits, dimensions=binary.dimensions))
-    if output == Output.SPARSE:
+        embedding.binary.SetInParent()
+        embedding.binary.bits = binary.bits[0].tobytes()
+        embedding.binary.dimensions = binary.dimensions
+    elif output == Output.SPARSE:
         sparse = vectors.sparse
         assert sparse is not None
-        return pb.Embedding(
-            index=index,
-            sparse=pb.SparseVector(indices=sparse.ids.tolist(), values=sparse.weights.tolist()),
-        )
-    colbert = vectors.colbert
-    assert colbert is not None
-    return pb.Embedding(
-        index=index,
-        colbert=pb.MultiVector(dimensions=int(colbert.shape[1]), values=colbert.ravel().tolist()),
-    )
+        embedding.sparse.SetInParent()  # set even with no entries: an all-zero sparse vector is a vector
+        embedding.sparse.indices.extend(sparse.ids.tolist())
+        embedding.sparse.values.extend(sparse.weights.tolist())
+    else:
+        colbert = vectors.colbert
+        assert colbert is not None
+        embedding.colbert.SetInParent()
+        embedding.colbert.dimensions = int(colbert.shape[1])
+        embedding.colbert.values.extend(colbert.ravel().tolist())
 
 
 def model_info(description: ModelDescription, is_default: bool) -> pb.ModelInfo:
