@@ -7,7 +7,9 @@ test_late_chunking_long) check the same rules through a server.
 from __future__ import annotations
 
 import numpy as np
-from embedding_server.engine.finish import finish_document, finish_row
+from embedding_server.engine.finish import finish_batch, finish_document, finish_row
+from embedding_server.engine.work import PaddedBatch
+from embedding_server.models.base import RowRequest
 from embedding_server.models.late_chunking import LateChunkedDocument, Window
 from embedding_server.models.types import Output, SequenceVectors
 
@@ -39,6 +41,57 @@ def test_sign_bits_come_from_the_finished_vector() -> None:
     assert vectors.binary is not None
     assert vectors.binary.dimensions == 9
     assert vectors.binary.bits.tobytes() == np.packbits(raw[0, :9] > 0).tobytes()  # MSB first
+
+
+class PooledRows:
+    """A family's postprocess as the finish step sees it: row b's pooled vector, its ColBERT rows
+    when asked for, or a late-chunking window's kept states."""
+
+    normalizes = True
+
+    def __init__(self, pooled: np.ndarray, colbert: np.ndarray) -> None:
+        self.pooled, self.colbert = pooled, colbert
+
+    def postprocess(self, outputs, input_ids, attention_mask, rows):  # type: ignore[no-untyped-def]
+        results = []
+        for b, row in enumerate(rows):
+            if row.token_states is not None:
+                results.append(SequenceVectors(token_states=self.colbert[b].copy()))
+                continue
+            colbert = self.colbert[b].copy() if Output.COLBERT in row.outputs else None
+            results.append(SequenceVectors(dense=self.pooled[b : b + 1], colbert=colbert))
+        return results
+
+
+def test_a_run_finishes_each_row_by_its_own_request_whatever_else_shares_the_run() -> None:
+    """Rows of one run asking for different sizes, bits and ColBERT: the batched finish step gives
+    each the vectors of its own request, as numpy does row by row."""
+    pooled = RNG.standard_normal((6, 12)).astype(np.float32)
+    colbert = RNG.standard_normal((6, 3, 12)).astype(np.float32)
+    rows = [
+        RowRequest(4, frozenset({Output.DENSE})),
+        RowRequest(4, frozenset({Output.DENSE, Output.BINARY}), dimensions=5),
+        RowRequest(4, frozenset({Output.DENSE}), dimensions=5),
+        RowRequest(4, frozenset({Output.DENSE, Output.COLBERT})),
+        RowRequest(4, frozenset({Output.DENSE}), token_states=(0, 3)),  # a late-chunking window
+        RowRequest(4, frozenset({Output.BINARY})),
+    ]
+    padded = PaddedBatch(np.ones((6, 4), np.int64), np.ones((6, 4), np.int64))
+    results = finish_batch(PooledRows(pooled, colbert), {}, padded, rows)  # type: ignore[arg-type]
+    for b, (result, row) in enumerate(zip(results, rows, strict=True)):
+        if row.token_states is not None:
+            assert result.dense is None
+            np.testing.assert_array_equal(result.token_states, colbert[b])
+            continue
+        expected = unit(pooled[b : b + 1, : row.dimensions or None])
+        np.testing.assert_allclose(result.dense, expected, rtol=1e-6)
+        if Output.BINARY in row.outputs:
+            assert result.binary is not None and result.binary.dimensions == expected.shape[1]
+            assert result.binary.bits.tobytes() == np.packbits(expected[0] > 0).tobytes()
+        else:
+            assert result.binary is None
+        if Output.COLBERT in row.outputs:
+            np.testing.assert_allclose(result.colbert, unit(colbert[b]), rtol=1e-6)
 
 
 def test_colbert_rows_are_normalized() -> None:
