@@ -222,7 +222,7 @@ class ModelBatcher:
         running = interactive_runs + batch_runs
         interactive_waits = self.queue.depth(Priority.INTERACTIVE) > 0
         batch_waits = self.queue.depth(Priority.BATCH) > 0
-        batch_may = batch_waits and running < slots and self._fills(Priority.BATCH)
+        batch_may = batch_waits and running < slots
         # While bulk runs hold slots, queries get slots of their own (up to as many again): a query
         # never waits for a bulk run to end, and the OS time-slices the cores in its favour.
         interactive_may = (
@@ -231,7 +231,7 @@ class ModelBatcher:
                 running < slots
                 or (self.settings.interactive_slot and batch_runs > 0 and interactive_runs < slots)
             )
-            and self._fills(Priority.INTERACTIVE)
+            and self._fills_another_run()
         )
         if interactive_may and not (batch_may and self._interactive_streak >= self.settings.batch_share):
             # All cores only on a quiet machine: a multi-threaded run waits at every op for its
@@ -242,15 +242,18 @@ class ModelBatcher:
             return Priority.BATCH, False
         return None
 
-    def _fills(self, priority: Priority) -> bool:
-        """Whether a run of this class may start now: none of its runs is in flight, or enough of
-        its sequences wait to make a second run worth its fixed cost (``min_parallel_batch``).
+    def _fills_another_run(self) -> bool:
+        """Whether an interactive run may start now: none is in flight, or enough queries wait to
+        make a second run worth its fixed cost (``min_parallel_batch``).
 
         Under many small requests a run per request or two costs a thread hop, a session call and a
         finish step each (~1 ms of CPU for a 0.1 ms model, bench/serving_path.py); those waiting
-        join the next batch when the run in flight ends, a few milliseconds at most.
+        join the next batch when the run in flight ends, a few milliseconds at most. Batch work
+        comes in large requests and fills its runs anyway; its flows' fair shares stay as they were.
         """
-        return self._runs[priority] == 0 or self.queue.depth(priority) >= self.settings.min_parallel_batch
+        if self._runs[Priority.INTERACTIVE] == 0:
+            return True
+        return self.queue.depth(Priority.INTERACTIVE) >= self.settings.min_parallel_batch
 
     async def _run(self, priority: Priority, wide: bool, batch: list[WorkItem]) -> None:
         """One run of either class: the model on the lane's run thread, the finish step on its finish

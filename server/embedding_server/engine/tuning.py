@@ -62,9 +62,9 @@ class BatchSettings:
     max_batch_wait_ms: float = knob(0.0, "extra wait in ms for a batch to fill when a run slot is free")
     min_parallel_batch: int = knob(
         8,
-        "sequences of a class that must wait before a run of it starts beside another of its runs; "
-        "fewer wait for that run to end and go in the next batch (a run's fixed cost is paid once "
-        "for them, not per request); 1: start at once",
+        "interactive sequences that must wait before a run of them starts beside another interactive "
+        "run; fewer wait for that run to end and go in the next batch (a run's fixed cost is paid "
+        "once for them, not per request); 1: start at once",
         at_least=1,
     )
     max_queue_requests: int = knob(
