@@ -3,6 +3,7 @@
     python bench/serving_path.py
     python bench/serving_path.py --seconds 5 --rounds 3 --server-args "--sessions 2"
     python bench/serving_path.py --profile /tmp/profiles   # py-spy each load on our server
+    python bench/serving_path.py --before /tmp/old-checkout  # and that checkout's server, side by side
 
 Two servers, each its own process on a loopback port:
 
@@ -37,6 +38,7 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 import numpy as np
@@ -113,6 +115,17 @@ class BareProcess:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(30)
+
+
+class Server(Protocol):
+    process: subprocess.Popen[bytes]
+
+    @property
+    def target(self) -> str: ...
+
+    def peak_rss_mb(self) -> float: ...
+
+    def stop(self) -> None: ...
 
 
 # --- the loads -----------------------------------------------------------------------------------
@@ -229,6 +242,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--server-args", default="", help="extra flags for our server")
     parser.add_argument("--loads", default="1,2,3", help="which loads, by number (1-3)")
+    parser.add_argument("--before", type=Path, help="another checkout's server beside ours (same flags)")
     parser.add_argument("--profile", type=Path, help="py-spy our server under each load into this folder")
     parser.add_argument("--bare", nargs=2, type=int, metavar=("PORT", "DIMENSIONS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -239,51 +253,64 @@ def main() -> None:
     from tests.support.synthetic import BGE_M3_HIDDEN, make_bge_m3_aapot
 
     texts = short_texts()
+    wanted = [n for n in range(len(LOADS)) if str(n + 1) in args.loads.split(",")]
     with tempfile.TemporaryDirectory(prefix="serving-path-") as work:
         model = make_bge_m3_aapot(Path(work) / "bge-m3").path
-        ours = start_server("--model", f"bge-m3={model}", *shlex.split(args.server_args), rest=False)
-        bare = BareProcess(BGE_M3_HIDDEN)
+        flags = ("--model", f"bge-m3={model}", *shlex.split(args.server_args))
+        servers: dict[str, Server] = {"ours": start_server(*flags, rest=False)}
+        if args.before:  # another checkout's server code, same flags
+            servers["before"] = start_server(*flags, rest=False, checkout=args.before)
+        servers["bare"] = BareProcess(BGE_M3_HIDDEN)
+        names = list(servers)
         try:
             print(
-                f"ours: embedding-server {args.server_args}; bare: grpc.aio; {args.rounds} rounds of "
-                f"{args.seconds:g} s per load and server; {len(texts)} sentences of 3-12 words",
+                f"ours: embedding-server {args.server_args}"
+                + (f"; before: {args.before}" if args.before else "")
+                + f"; bare: grpc.aio; {args.rounds} rounds of {args.seconds:g} s per load and server; "
+                f"{len(texts)} sentences of 3-12 words",
                 flush=True,
             )
             print()
-            print("| load | ours | bare grpc.aio | ours / bare | server CPU per text, ours / bare |")
-            print("|---|---|---|---|---|")
-            for number, (name, unit, load) in enumerate(LOADS):
-                if str(number + 1) not in args.loads.split(","):
-                    continue
-                rates: dict[str, list[float]] = {"ours": [], "bare": []}
-                cpu: dict[str, list[float]] = {"ours": [], "bare": []}
+            header = [*names, *(f"{n} / bare" for n in names if n != "bare")]
+            print(f"| load | {' | '.join(header)} | server CPU per text, {' / '.join(names)} |")
+            print("|---" * (len(header) + 2) + "|")
+            for number in wanted:
+                name, unit, load = LOADS[number]
+                rates: dict[str, list[float]] = {n: [] for n in names}
+                cpu: dict[str, list[float]] = {n: [] for n in names}
                 for round_ in range(args.rounds):
-                    order = [("ours", ours.target, ours.process.pid), ("bare", bare.target, bare.process.pid)]
-                    for who, target, pid in order if round_ % 2 == 0 else order[::-1]:
+                    for who in names if round_ % 2 == 0 else names[::-1]:
+                        server = servers[who]
                         spy = None
                         if args.profile and who == "ours" and round_ == 0:
                             args.profile.mkdir(parents=True, exist_ok=True)
-                            spy = profile(
-                                ours.process.pid, args.profile / f"load{number + 1}.txt", args.seconds
-                            )
-                        rate, cost = asyncio.run(measure(target, pid, load, texts, args.seconds))
+                            path = args.profile / f"load{number + 1}.txt"
+                            spy = profile(server.process.pid, path, args.seconds)
+                        rate, cost = asyncio.run(
+                            measure(server.target, server.process.pid, load, texts, args.seconds)
+                        )
                         rates[who].append(rate)
                         cpu[who].append(cost)
                         if spy is not None:
                             spy.wait(30)
-                ratios = [o / b for o, b in zip(rates["ours"], rates["bare"], strict=True)]
-                span = lambda values: f"{min(values):,.0f}-{max(values):,.0f}"  # noqa: E731
-                print(
-                    f"| {name} | {span(rates['ours'])} {unit} | {span(rates['bare'])} | "
-                    f"{min(ratios):.2f}-{max(ratios):.2f} (median {statistics.median(ratios):.2f}) | "
-                    f"{statistics.median(cpu['ours']):.0f} / {statistics.median(cpu['bare']):.0f} us |",
-                    flush=True,
-                )
+                cells = [f"{span(rates[n])} {unit if n == 'ours' else ''}".rstrip() for n in names]
+                for n in names:
+                    if n != "bare":
+                        ratios = [o / b for o, b in zip(rates[n], rates["bare"], strict=True)]
+                        cells.append(
+                            f"{min(ratios):.2f}-{max(ratios):.2f} (median {statistics.median(ratios):.2f})"
+                        )
+                costs = " / ".join(f"{statistics.median(cpu[n]):.0f}" for n in names)
+                print(f"| {name} | {' | '.join(cells)} | {costs} us |", flush=True)
             print()
-            print(f"peak RSS: ours {ours.peak_rss_mb():.0f} MiB, bare {bare.peak_rss_mb():.0f} MiB")
+            print("peak RSS: " + ", ".join(f"{n} {servers[n].peak_rss_mb():.0f} MiB" for n in names))
         finally:
-            ours.stop()
-            bare.stop()
+            for server in servers.values():
+                server.stop()
+
+
+def span(values: list[float]) -> str:
+    return f"{min(values):,.0f}-{max(values):,.0f}"
 
 
 if __name__ == "__main__":
