@@ -248,8 +248,7 @@ class Embedder:
                     encoded = await loop.run_in_executor(
                         threads, model.tokenize, job.inputs, task, job.truncate
                     )
-            outputs, dimensions = row.outputs, row.dimensions
-            sequences = [(text.ids, RowRequest(len(text.ids), outputs, dimensions)) for text in encoded]
+            sequences = [(text.ids, replace(row, length=len(text.ids))) for text in encoded]
             return Tokenized(sequences, sum(len(ids) for ids, _ in sequences))
         finally:
             if backlog:

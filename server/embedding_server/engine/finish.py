@@ -47,24 +47,24 @@ def finish_batch(
     the rule is ``finish_row``'s, row for row.
     """
     results = model.postprocess(outputs, padded.input_ids, padded.attention_mask, rows)
-    by_size: dict[tuple[int, bool], list[int]] = {}
-    for index, (result, row) in enumerate(zip(results, rows, strict=True)):
+    alike: dict[tuple[int, frozenset[Output]], list[SequenceVectors]] = {}
+    for result, row in zip(results, rows, strict=True):
         if result.token_states is not None:
             continue
-        if result.dense is not None and result.dense.shape[0] == 1:
-            by_size.setdefault((row.dimensions, Output.BINARY in row.outputs), []).append(index)
-            if result.colbert is not None:
-                result.colbert = normalize(result.colbert)
-        else:
+        if result.dense is None or result.dense.shape[0] != 1:
             finish_row(result, row.outputs, row.dimensions, model.normalizes)
-    for (dimensions, binary), members in by_size.items():
-        raw = [vector for i in members if (vector := results[i].dense) is not None]
-        dense = matryoshka(np.concatenate(raw) if len(raw) > 1 else raw[0], dimensions, model.normalizes)
-        bits = sign_bits(dense) if binary else None
-        for k, index in enumerate(members):
-            results[index].dense = dense[k : k + 1]
-            if bits is not None:
-                results[index].binary = PackedBits(bits.bits[k : k + 1], bits.dimensions)
+            continue
+        alike.setdefault((row.dimensions, row.outputs), []).append(result)
+        if result.colbert is not None:  # finish_row's ColBERT rule; the dense rule runs per group below
+            result.colbert = normalize(result.colbert)
+    for (dimensions, wanted), members in alike.items():
+        group = SequenceVectors(dense=np.concatenate([m.dense for m in members if m.dense is not None]))
+        finish_row(group, wanted, dimensions, model.normalizes)
+        assert group.dense is not None
+        for k, member in enumerate(members):
+            member.dense = group.dense[k : k + 1]
+            if group.binary is not None:
+                member.binary = PackedBits(group.binary.bits[k : k + 1], group.binary.dimensions)
     return results
 
 
