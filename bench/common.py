@@ -41,6 +41,12 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def peak_rss_mb(pid: int) -> float:
+    """VmHWM: a process's peak resident set, in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
 @dataclass
 class ServerProcess:
     process: subprocess.Popen[bytes]
@@ -52,9 +58,7 @@ class ServerProcess:
         return f"127.0.0.1:{self.port}"
 
     def peak_rss_mb(self) -> float:
-        """VmHWM: the process's peak resident set, in MiB."""
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return int(re.search(r"VmHWM:\s+(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+        return peak_rss_mb(self.process.pid)
 
     def rss_mb(self) -> float:
         status = Path(f"/proc/{self.process.pid}/status").read_text()

@@ -46,7 +46,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
-from common import free_port, start_server  # noqa: E402
+from common import free_port, peak_rss_mb, start_server  # noqa: E402
 from embedding_client.proto import embedding_pb2 as pb  # noqa: E402
 from embedding_client.proto import embedding_pb2_grpc  # noqa: E402
 
@@ -107,10 +107,7 @@ class BareProcess:
         return f"127.0.0.1:{self.port}"
 
     def peak_rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        return peak_rss_mb(self.process.pid)
 
     def stop(self) -> None:
         self.process.terminate()
@@ -135,7 +132,7 @@ Load = Callable[[embedding_pb2_grpc.EmbeddingServiceStub, list[str], float], Awa
 
 def _decoded(reply: pb.EmbedResponse) -> int:
     if reply.HasField("error"):
-        raise RuntimeError(f"stream reply failed: {reply.error.message}")
+        raise RuntimeError(f"a reply failed: {reply.error.message}")
     for embedding in reply.embeddings:
         np.asarray(embedding.dense.values, dtype=np.float32)
     return len(reply.embeddings)
