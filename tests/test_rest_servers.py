@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Iterator
 
+import grpc
 import httpx
 import numpy as np
 import openai
@@ -88,7 +89,7 @@ def test_openai_client_with_and_without_the_key(auth_server):
 
 @pytest.fixture(scope="module")
 def limits_server() -> Iterator[RunningServer]:
-    # The shim takes 2 MiB bodies but gRPC only 1 MiB messages, so both 413 paths can be reached;
+    # The shim takes 2 MiB bodies but gRPC only 1 MiB messages (each limit for its own protocol);
     # one request at a time, each held >= 300 ms by the batcher's wait, so a second one is refused.
     server = start_server(
         "--rest-max-body-mb",
@@ -118,10 +119,25 @@ def test_body_over_the_shim_limit_is_413(limits_server):
         assert http.post("/v1/embeddings", json={"input": "still serving"}).status_code == 200
 
 
-def test_message_over_the_grpc_limit_is_413(limits_server):
-    texts = ["word " * 1000] * 300  # about 1.5 MB: under the body limit, over gRPC's 1 MiB
-    with httpx.Client(base_url=limits_server.rest_url, timeout=30) as http:
-        assert_error(http.post("/v1/embeddings", json={"input": texts}), 413, "request_too_large")
+def test_grpc_message_limit_binds_grpc_and_the_standalone_shim_not_the_in_process_one(limits_server):
+    """About 1.5 MB: under the shim's 2 MiB body limit, over gRPC's 1 MiB. The in-process shim makes
+    no gRPC call, so only its own body limit applies; embedding-rest in front of the same server
+    makes one, and the target's limit comes back as 413."""
+    texts = ["word " * 1000] * 300
+    body = {"input": texts, "truncate": True}
+    with httpx.Client(base_url=limits_server.rest_url, timeout=120) as http:
+        served = http.post("/v1/embeddings", json=body)
+    assert served.status_code == 200, served.text
+    assert len(served.json()["data"]) == 300
+    with pytest.raises(grpc.RpcError) as info:
+        limits_server.stub().Embed(pb.EmbedRequest(inputs=texts, truncate=True), timeout=30)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    shim = Standalone("--target", limits_server.target, "--max-body-mb", "2")
+    try:
+        with httpx.Client(base_url=shim.url, timeout=30) as http:
+            assert_error(http.post("/v1/embeddings", json=body), 413, "request_too_large")
+    finally:
+        shim.stop()
 
 
 def test_overload_is_429(limits_server):

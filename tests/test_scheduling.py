@@ -22,12 +22,13 @@ from embedding_server.engine.embedder import INLINE_TOKENIZE_CHARS
 from embedding_server.engine.jobs import EmbedJob
 from embedding_server.engine.memory import MemoryBudget, ModelShape
 from embedding_server.errors import NotServing, Overloaded
+from embedding_server.grpc_api.interceptors import InFlight
 from embedding_server.models.loader import BUILTIN_MODEL, ModelSpec, load
 from embedding_server.models.refusals import InputTooLong
 from embedding_server.models.sessions import SessionPool
 from embedding_server.models.types import Priority
 from embedding_server.rest.app import build_app
-from embedding_server.rest.upstream import Upstream
+from embedding_server.rest.local import LocalBackend
 
 from tests.support.engine import make_embedder, sentence, started
 from tests.support.inprocess import serve_in_process
@@ -171,7 +172,7 @@ async def test_a_sequence_over_the_memory_budget_is_refused_and_the_engine_keeps
     assert all(budget.fits(len(run.rows), max(map(len, run.rows))) for run in sessions.runs)
 
 
-async def test_a_sequence_over_the_memory_budget_is_sent_once_by_retrying_clients(builtin, tmp_path):
+async def test_a_sequence_over_the_memory_budget_is_sent_once_by_retrying_clients(builtin):
     """MEMORY_LIMIT fails the same way every time. The client's retry policy retries RESOURCE_EXHAUSTED
     (a full queue) and the openai client retries 429: each sent it again and again (5 and 3 times).
     Now it carries no RetryInfo, a trailer that stops gRPC's retries, and is 413 over REST."""
@@ -180,8 +181,7 @@ async def test_a_sequence_over_the_memory_budget_is_sent_once_by_retrying_client
     observed = RecordingObserver()
     embedder, sessions = make_embedder(builtin, observer=observed, memory=budget)
     long_text = " ".join(["memory"] * 150)
-    socket = tmp_path / "grpc.sock"
-    async with serve_in_process(embedder, unix_socket=socket) as server:
+    async with serve_in_process(embedder) as server:
         async with AsyncEmbeddingClient(server.target) as client:
             with pytest.raises(ResourceExhaustedError) as info:
                 await client.embed(["short", long_text])
@@ -189,14 +189,13 @@ async def test_a_sequence_over_the_memory_budget_is_sent_once_by_retrying_client
         assert info.value.retry_after is None
         assert observed.refused == {(BUILTIN_MODEL, Priority.INTERACTIVE, "MEMORY_LIMIT"): 1}  # sent once
 
-        upstream = Upstream(f"unix:{socket}")
+        backend = LocalBackend(server.servicer, InFlight())
         http = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=build_app(upstream)), base_url="http://shim"
+            transport=httpx.ASGITransport(app=build_app(backend)), base_url="http://shim"
         )
         async with http, openai.AsyncOpenAI(base_url="http://shim/v1", api_key="-", http_client=http) as rest:
             with pytest.raises(openai.APIStatusError) as rest_info:
                 await rest.embeddings.create(model=BUILTIN_MODEL, input=["short", long_text])
-        await upstream.close()
         assert rest_info.value.status_code == 413
         assert rest_info.value.body == {
             "message": info.value.message.replace("inputs[1]", "input[1]"),
@@ -476,10 +475,11 @@ def test_only_the_wide_session_spins(builtin):
         assert session.get_session_options().get_session_config_entry("session.force_spinning_stop") == "1"
 
 
-async def test_rest_clients_are_a_flow_each_and_only_the_shim_may_name_one(builtin, tmp_path, monkeypatch):
+async def test_rest_clients_are_a_flow_each_and_no_header_names_one(builtin, monkeypatch):
     """Batch work through the REST shim: each HTTP client connection is its own fair-share flow (as
     each gRPC connection is), so one client's four requests do not all run before another's one.
-    The shim's flow header counts only over the server's private Unix socket."""
+    The in-process shim hands the engine the HTTP client's address itself; a gRPC caller's flow is
+    its connection, whatever metadata it sends (the header the old Unix-socket hop used)."""
     embedder, sessions = make_embedder(builtin, max_batch_size=1)  # a run per request: order visible
     flows: list[object] = []
     real_embed = embedder.embed
@@ -489,10 +489,8 @@ async def test_rest_clients_are_a_flow_each_and_only_the_shim_may_name_one(built
         return await real_embed(job)
 
     monkeypatch.setattr(embedder, "embed", recording)
-    socket = tmp_path / "grpc.sock"
-    async with serve_in_process(embedder, unix_socket=socket) as served:
-        upstream = Upstream(f"unix:{socket}")
-        app = build_app(upstream)
+    async with serve_in_process(embedder) as served:
+        app = build_app(LocalBackend(served.servicer, InFlight()))
         batcher = embedder.batchers[BUILTIN_MODEL]
 
         def http_client(port: int) -> httpx.AsyncClient:
@@ -513,7 +511,6 @@ async def test_rest_clients_are_a_flow_each_and_only_the_shim_may_name_one(built
             sessions.release()
             await blocker
             replies = await asyncio.gather(*from_a, from_b)
-        await upstream.close()
         claimed = (("x-embedding-flow", "10.0.0.7:1001"),)
         await served.stub.Embed(pb.EmbedRequest(inputs=["over tcp"]), metadata=claimed)
     assert all(reply.status_code == 200 for reply in replies)

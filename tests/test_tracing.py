@@ -198,7 +198,8 @@ async def test_grpc_embed_continues_the_clients_trace(traced: Traced) -> None:
     assert rpc.resource.attributes["service.name"] == "embedding-server"
 
 
-async def test_rest_call_is_one_tree_through_the_grpc_hop(traced: Traced) -> None:
+async def test_in_process_rest_call_is_one_span_with_its_stages(traced: Traced) -> None:
+    """No gRPC hop inside the server: the REST span is the call's only server span."""
     client = ClientService()
     span, carrier = client.span()
     rest_url = f"http://127.0.0.1:{traced.app.settings.rest_port}"
@@ -211,14 +212,14 @@ async def test_rest_call_is_one_tree_through_the_grpc_hop(traced: Traced) -> Non
     span.end()
     assert reply.status_code == 200, reply.text
     trace_id = span.get_span_context().trace_id
-    spans = await traced.of_trace(trace_id, has(REST_SPAN, EMBED_SPAN, *STAGES), "REST → gRPC → stages")
+    spans = await traced.of_trace(trace_id, has(REST_SPAN, *STAGES), "REST → stages")
     rest = only(spans, REST_SPAN)
     assert rest.kind == SpanKind.SERVER
     assert rest.parent is not None and rest.parent.span_id == span.get_span_context().span_id
-    rpc = only(spans, EMBED_SPAN)
-    assert rpc.parent is not None and rest.context is not None
-    assert rpc.parent.span_id == rest.context.span_id  # the shim's gRPC call carried the REST span's context
-    assert_stages_under(spans, rpc)
+    assert_stages_under(spans, rest)
+    assert rest.attributes is not None and rest.attributes["embedding.inputs"] == 1
+    assert reply.headers["x-request-id"] == rest.attributes["embedding.request_id"]
+    assert not [s for s in spans if s.name == EMBED_SPAN]
     assert not [s for s in spans if "/health" in s.name or "/metrics" in s.name]
 
 
@@ -511,17 +512,23 @@ def exported(collector: Collector, trace_id: int, count: int, what: str) -> list
     return [span for _, span in collector.of_trace(trace_id)]
 
 
-def check_rest_tree(collector: Collector, base_url: str, client: ClientService) -> set[str]:
-    """POST /v1/embeddings with a traceparent: client → REST span → Embed span → stages; the services."""
+def check_rest_tree(collector: Collector, base_url: str, client: ClientService, hop: bool) -> set[str]:
+    """POST /v1/embeddings with a traceparent: client → REST span → (over a gRPC ``hop``: Embed span →)
+    stages; the services."""
     span, carrier = client.span()
     reply = httpx.post(f"{base_url}/v1/embeddings", json={"input": "over REST"}, headers=carrier, timeout=30)
     span.end()
     assert reply.status_code == 200, reply.text
     trace_id = span.get_span_context().trace_id
-    spans = exported(collector, trace_id, 6, f"the spans of a REST call to {base_url}")
-    (rest,) = [s for s in spans if s.name == REST_SPAN]
-    assert rest.parent_span_id == span.get_span_context().span_id.to_bytes(8, "big")
-    proto_tree_ok(spans, EMBED_SPAN, rest.span_id)
+    spans = exported(collector, trace_id, 6 if hop else 5, f"the spans of a REST call to {base_url}")
+    client_span = span.get_span_context().span_id.to_bytes(8, "big")
+    if hop:
+        (rest,) = [s for s in spans if s.name == REST_SPAN]
+        assert rest.parent_span_id == client_span
+        proto_tree_ok(spans, EMBED_SPAN, rest.span_id)
+    else:
+        proto_tree_ok(spans, REST_SPAN, client_span)
+        assert EMBED_SPAN not in {s.name for s in spans}
     return {service for service, _ in collector.of_trace(trace_id)}
 
 
@@ -536,11 +543,14 @@ def test_live_server_exports_to_the_otlp_endpoint_flag(collector: Collector, mod
         proto_tree_ok(exported(collector, trace_id, 5, "the gRPC call's spans"), EMBED_SPAN, parent)
         assert {service for service, _ in collector.of_trace(trace_id)} == {"embedding-server"}
 
-        assert check_rest_tree(collector, server.rest_url, client) == {"embedding-server"}
+        assert check_rest_tree(collector, server.rest_url, client, hop=False) == {"embedding-server"}
 
         shim = Standalone(*flag, env={**FAST_EXPORT, "EMBEDDING_REST_TARGET": server.target})
         # the standalone shim's span goes out from its process, the rest from the server's
-        assert check_rest_tree(collector, shim.url, client) == {"embedding-rest", "embedding-server"}
+        assert check_rest_tree(collector, shim.url, client, hop=True) == {
+            "embedding-rest",
+            "embedding-server",
+        }
     finally:
         if shim is not None:
             assert shim.stop() == 0, shim.log.read_text()

@@ -118,11 +118,11 @@ class EmbeddingApp:
                 self.bound_port = self.server.add_insecure_port(address)
         except RuntimeError as exc:
             raise StartupError(f"--port: cannot listen on {address} (in use or not allowed)") from exc
-        if self.settings.rest_port:  # adds the shim's private Unix-socket port: before server.start()
+        if self.settings.rest_port:
             self.rest = InProcessShim(
                 self.settings,
-                self.server,
-                self.state,
+                self.servicer,
+                self.in_flight,
                 self.api_keys,
                 self.tls,
                 routes=[metrics_route(self.metrics, self.api_keys)],

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,6 +30,24 @@ class CallContext:
     def add_engine_time(self, queue_seconds: float, inference_seconds: float) -> None:
         self.queue_seconds += queue_seconds
         self.inference_seconds += inference_seconds
+
+
+#: A call's id and timings, as gRPC trailers and as the REST shim's response headers (TEI's x-* headers).
+REQUEST_ID_KEY = "x-request-id"
+QUEUE_TIME_KEY = "x-queue-time-ms"
+INFERENCE_TIME_KEY = "x-inference-time-ms"
+TOTAL_TIME_KEY = "x-total-time-ms"
+TIMING_KEYS = (REQUEST_ID_KEY, QUEUE_TIME_KEY, INFERENCE_TIME_KEY, TOTAL_TIME_KEY)
+
+
+def timing_headers(call: CallContext, started: float) -> tuple[tuple[str, str], ...]:
+    """``call``'s id and engine time, and the time since ``started`` (``time.perf_counter()``)."""
+    return (
+        (REQUEST_ID_KEY, call.request_id),
+        (QUEUE_TIME_KEY, f"{call.queue_seconds * 1000:.3f}"),
+        (INFERENCE_TIME_KEY, f"{call.inference_seconds * 1000:.3f}"),
+        (TOTAL_TIME_KEY, f"{(time.perf_counter() - started) * 1000:.3f}"),
+    )
 
 
 _current: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("embedding_call", default=None)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from embedding_client.proto import embedding_pb2_grpc
@@ -27,6 +26,7 @@ class InProcessServer:
     embedder: Embedder
     state: ServingState
     channel: grpc.aio.Channel
+    servicer: EmbeddingServicer
     target: str = ""
 
     @property
@@ -39,18 +39,15 @@ async def serve_in_process(
     embedder: Embedder,
     stream_window: int = DEFAULT_STREAM_WINDOW,
     observed: bool = False,
-    unix_socket: Path | None = None,
 ) -> AsyncIterator[InProcessServer]:
-    """``observed``: with the production ObservingInterceptor (request ids, trailers); ``unix_socket``:
-    also listen there, as the server does for its in-process REST shim."""
+    """``observed``: with the production ObservingInterceptor (request ids, trailers). The servicer
+    is there for the in-process REST shim's backend (rest/local.py)."""
     state = ServingState()
     health_servicer = health.aio.HealthServicer()
     interceptors = [ObservingInterceptor(InFlight())] if observed else []
     servicer = EmbeddingServicer(state, stream_window=stream_window)
     server = build_server(servicer, health_servicer, 64 << 20, interceptors)
     port = server.add_insecure_port("127.0.0.1:0")
-    if unix_socket is not None:
-        server.add_insecure_port(f"unix:{unix_socket}")
     await server.start()
     for batcher in embedder.batchers.values():
         batcher.start()
@@ -58,7 +55,7 @@ async def serve_in_process(
     await set_health(health_servicer, SERVING)
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield InProcessServer(embedder, state, channel, f"127.0.0.1:{port}")
+        yield InProcessServer(embedder, state, channel, servicer, f"127.0.0.1:{port}")
     finally:
         await channel.close()
         await server.stop(grace=None)

@@ -31,11 +31,18 @@ from typing import Any, TypeAlias
 import grpc
 
 from ..auth import ApiKeys
-from ..call_context import CallContext, clean_request_id, enter_call, leave_call
+from ..call_context import (
+    REQUEST_ID_KEY,
+    CallContext,
+    clean_request_id,
+    enter_call,
+    leave_call,
+    timing_headers,
+)
 from ..errors import Unauthenticated
 from ..metrics import Metrics
 from .server import SERVICE_NAME
-from .status import REQUEST_ID_KEY, abort
+from .status import abort
 
 log = logging.getLogger("embedding_server.access")
 
@@ -45,10 +52,6 @@ HEALTH_PREFIX = "/grpc.health.v1.Health/"
 OPEN_ENDED_METHODS = frozenset({HEALTH_PREFIX + "Watch"})
 REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
 OWN_PREFIX = f"/{SERVICE_NAME}/"
-
-QUEUE_TIME_KEY = "x-queue-time-ms"
-INFERENCE_TIME_KEY = "x-inference-time-ms"
-TOTAL_TIME_KEY = "x-total-time-ms"
 
 MISSING_KEY_MESSAGE = "missing API key: send metadata 'authorization: Bearer <key>'"
 WRONG_KEY_MESSAGE = "invalid API key"
@@ -312,11 +315,4 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
 
 def _send_trailers(context: Context, call: CallContext, started: float) -> None:
     """Before the last reply leaves: the call's timings go out as trailing metadata."""
-    context.set_trailing_metadata(
-        (
-            (REQUEST_ID_KEY, call.request_id),
-            (QUEUE_TIME_KEY, f"{call.queue_seconds * 1000:.3f}"),
-            (INFERENCE_TIME_KEY, f"{call.inference_seconds * 1000:.3f}"),
-            (TOTAL_TIME_KEY, f"{(time.perf_counter() - started) * 1000:.3f}"),
-        )
-    )
+    context.set_trailing_metadata(timing_headers(call, started))

@@ -20,7 +20,7 @@ from ..streaming import DEFAULT_STREAM_WINDOW
 from ..tracing import Tracing, mark_failed
 from . import convert
 from .state import ServingState
-from .status import FLOW_KEY, abort, as_service_error, to_rpc_status
+from .status import abort, as_service_error, to_rpc_status
 from .wire import bad_utf8_field
 
 
@@ -89,23 +89,35 @@ class EmbeddingServicer:
     ) -> pb.EmbedResponse:
         try:
             _check_parsed(request)
-            embedder = self.state.require()
-            job = convert.to_job(request, _deadline(context), Priority.INTERACTIVE, flow=flow_of(context))
-            result = _recorded(await embedder.embed(job), self.tracing)
-            return convert.to_response(request.request_id, result)
+            return await self.embed_message(request, _deadline(context), Priority.INTERACTIVE, context.peer())
         except Exception as exc:
             await abort(context, exc, "Embed")
+
+    async def embed_message(
+        self, request: pb.EmbedRequest, deadline: float | None, unspecified: Priority, flow: object
+    ) -> pb.EmbedResponse:
+        """One request through the engine: the step Embed, each StreamEmbed request and the
+        in-process REST shim (rest/backend.py) share. Raises what the engine raised.
+
+        ``unspecified``: the class of PRIORITY_UNSPECIFIED; ``flow``: the caller's fair-share flow,
+        its client connection (a gRPC peer, or an HTTP client's address over REST).
+        """
+        embedder = self.state.require()
+        job = convert.to_job(request, deadline, unspecified, flow=flow)
+        result = _recorded(await embedder.embed(job), self.tracing)
+        return convert.to_response(request.request_id, result)
+
+    def models_message(self) -> pb.ListModelsResponse:
+        embedder = self.state.require()
+        return pb.ListModelsResponse(
+            models=[convert.model_info(d, d.name == embedder.default_model) for d in embedder.descriptions()]
+        )
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.ListModelsResponse:
         try:
-            embedder = self.state.require()
-            return pb.ListModelsResponse(
-                models=[
-                    convert.model_info(d, d.name == embedder.default_model) for d in embedder.descriptions()
-                ]
-            )
+            return self.models_message()
         except Exception as exc:
             await abort(context, exc, "ListModels")
 
@@ -134,7 +146,7 @@ class EmbeddingServicer:
         replies: asyncio.Queue[pb.EmbedResponse | None] = asyncio.Queue()
         in_flight: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
-        flow = flow_of(context)  # fair share per client connection, however many streams it opens
+        flow = context.peer()  # fair share per client connection, however many streams it opens
 
         async def answer(request: pb.EmbedRequest | MalformedRequest) -> None:
             await replies.put(await self._stream_reply(request, deadline, flow))
@@ -181,28 +193,8 @@ class EmbeddingServicer:
     ) -> pb.EmbedResponse:
         try:
             _check_parsed(request)
-            embedder = self.state.require()
             # _check_parsed raised for a MalformedRequest: this is an EmbedRequest
-            job = convert.to_job(request, deadline, Priority.BATCH, flow)  # type: ignore[arg-type]
-            result = _recorded(await embedder.embed(job), self.tracing)
-            return convert.to_response(request.request_id, result)
+            return await self.embed_message(request, deadline, Priority.BATCH, flow)  # type: ignore[arg-type]
         except Exception as exc:  # a bug is answered on the stream too (INTERNAL); the stream goes on
             error = as_service_error(exc, f"StreamEmbed request {request.request_id!r}")
             return pb.EmbedResponse(request_id=request.request_id, error=to_rpc_status(error))
-
-
-def flow_of(context: grpc.aio.ServicerContext[Any, Any]) -> object:
-    """The fair-share flow of a call: its client connection.
-
-    Every call of the in-process REST shim comes over the server's private
-    Unix socket (a 0700 directory, rest/inprocess.py), one connection for
-    every HTTP client: there the shim's ``x-embedding-flow`` (the HTTP client's
-    address) is the flow. Anywhere else the header is ignored, so no remote
-    client can split itself into many flows.
-    """
-    peer = context.peer()
-    if peer.startswith("unix:"):
-        for key, value in context.invocation_metadata() or ():
-            if key == FLOW_KEY:
-                return ("rest", value)
-    return peer

@@ -25,16 +25,12 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from ..call_context import current_request_id
+from ..call_context import REQUEST_ID_KEY, current_request_id
 from ..errors import ERROR_DOMAIN, Code, InternalError, ServiceError
 from ..tracing import mark_failed
 
 log = logging.getLogger(__name__)
 
-REQUEST_ID_KEY = "x-request-id"  # metadata in, trailer out (interceptors.py)
-#: Metadata the in-process REST shim sends: the HTTP client's address, its fair-share flow
-#: (honoured only over the server's private Unix socket: servicer.py ``flow_of``).
-FLOW_KEY = "x-embedding-flow"
 #: A trailer that tells gRPC's retry policy not to retry this status (gRFC A6 server pushback).
 NO_RETRY = ("grpc-retry-pushback-ms", "-1")
 

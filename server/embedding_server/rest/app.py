@@ -7,8 +7,11 @@ same asyncio loop as grpc.aio, so the in-process shim needs no thread or
 second loop; orjson is the fastest JSON codec for Python and writes numpy
 float32 arrays directly, which is most of every response.
 
-Each handler is: check auth, read and validate the body, one gRPC call,
-translate back. The shim keeps no state besides the channel.
+Each handler is: check auth, read and validate the body, one call to the
+backend (rest/backend.py: the engine in this process, or a gRPC call to a
+remote server), translate back. Around each call ``_observed`` does what a
+gRPC interceptor does for gRPC, once: the call's request id and
+``CallContext``, the metrics, one access-log line.
 """
 
 from __future__ import annotations
@@ -28,15 +31,17 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from ..auth import ApiKeys
+from ..call_context import REQUEST_ID_KEY, CallContext, clean_request_id, current, enter_call, leave_call
 from ..settings import DEFAULTS
 from ..tracing import Tracing
 from . import openapi, schema, translate
+from .backend import Backend
 from .errors import RestError
-from .upstream import Upstream
 
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("embedding_server.access")  # the gRPC calls' access log too
 
 DEFAULT_MAX_BODY_BYTES = int(DEFAULTS.rest_max_body_mb * 1024 * 1024)
 
@@ -60,19 +65,19 @@ def error_response(error: RestError) -> JSONResponse:
 
 
 class Handlers:
-    """The routes, bound to one upstream, key set and body limit."""
+    """The routes, bound to one backend, key set and body limit."""
 
     def __init__(
-        self, upstream: Upstream, api_keys: ApiKeys, max_body_bytes: int, auto_truncate: bool = False
+        self, backend: Backend, api_keys: ApiKeys, max_body_bytes: int, auto_truncate: bool = False
     ) -> None:
-        self.upstream = upstream
+        self.backend = backend
         self.auto_truncate = auto_truncate
         self.api_keys = api_keys
         self.max_body_bytes = max_body_bytes
         self.openapi = orjson.dumps(openapi.document(auth=api_keys.enabled))
 
     def _authorize(self, request: Request) -> str | None:
-        """The Authorization header to pass on; 401 here, without a gRPC round trip, when it is wrong."""
+        """The Authorization header to pass on; 401 here, before the backend is called, when it is wrong."""
         authorization = request.headers.get("authorization")
         if self.api_keys.enabled and not self.api_keys.accepts(authorization):
             raise RestError(
@@ -106,11 +111,10 @@ class Handlers:
                 raise RestError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from None
             parsed = schema.parse_body(decoded)
             message, output_fields = translate.to_embed_request(parsed, self.auto_truncate)
-            request_id = request.headers.get("x-request-id")
             reply, headers = await cancel_on_disconnect(
                 request,
-                self.upstream.embed(
-                    message, authorization, output_fields, request_id, flow=_client_address(request)
+                self.backend.embed(
+                    message, authorization, output_fields, _call_id(), flow=_client_address(request)
                 ),
             )
             return JSONResponse(translate.to_embeddings_response(reply, parsed), headers=headers)
@@ -121,13 +125,13 @@ class Handlers:
 
     async def models(self, request: Request) -> Response:
         try:
-            reply = await self.upstream.list_models(self._authorize(request))
+            reply = await self.backend.list_models(self._authorize(request))
             return JSONResponse(translate.to_models_response(reply))
         except RestError as error:
             return error_response(error)
 
     async def health(self, request: Request) -> Response:
-        if await self.upstream.serving():
+        if await self.backend.serving():
             return JSONResponse({"status": "serving"})
         return JSONResponse({"status": "not_serving"}, status_code=503)
 
@@ -142,7 +146,7 @@ async def _until_disconnected(request: Request) -> None:
 
 
 async def cancel_on_disconnect(request: Request, call: Awaitable[T]) -> T:
-    """Await ``call``, but cancel it (and so its queued gRPC work) if the HTTP client hangs up.
+    """Await ``call``, but cancel it (and so its queued work) if the HTTP client hangs up.
 
     Without this an abandoned request still takes its turn on the model,
     which under overload is exactly the work nobody wants.
@@ -183,21 +187,36 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 
 def _observed(method: str, endpoint: Endpoint, observe: Observer | None) -> Endpoint:
-    """``endpoint``, reporting (method, HTTP status, seconds) of each call when ``observe`` is set."""
-    if observe is None:
-        return endpoint
+    """``endpoint`` inside its call: a ``CallContext`` with the client's ``x-request-id`` (or a fresh
+    one) that the backend and every log line of the call see, ``observe(method, HTTP status,
+    seconds)`` when set, and the access-log line, as the gRPC interceptor writes for gRPC calls."""
 
     async def run(request: Request) -> Response:
+        call = CallContext(clean_request_id(request.headers.get(REQUEST_ID_KEY)))
+        token = enter_call(call)
         started = time.perf_counter()
-        response = await endpoint(request)
-        observe(method, str(response.status_code), time.perf_counter() - started)
-        return response
+        try:
+            response = await endpoint(request)
+            seconds = time.perf_counter() - started
+            if observe is not None:
+                observe(method, str(response.status_code), seconds)
+            level = logging.WARNING if response.status_code >= 500 else logging.INFO
+            if access_log.isEnabledFor(level):
+                access_log.log(level, "%s %d %.1fms", method, response.status_code, seconds * 1000)
+            return response
+        finally:
+            leave_call(token)
 
     return run
 
 
+def _call_id() -> str | None:
+    call = current()
+    return call.request_id if call is not None else None
+
+
 def build_app(
-    upstream: Upstream,
+    backend: Backend,
     api_keys: ApiKeys | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     routes: Sequence[BaseRoute] = (),
@@ -208,7 +227,7 @@ def build_app(
     """The ASGI app; ``routes`` adds more (e.g. the server's ``/metrics``), ``observe`` counts calls,
     ``auto_truncate`` cuts over-long inputs of bodies without ``truncate``, ``tracing`` opens a span
     per call (continuing the client's ``traceparent`` header)."""
-    handlers = Handlers(upstream, api_keys or ApiKeys(()), max_body_bytes, auto_truncate)
+    handlers = Handlers(backend, api_keys or ApiKeys(()), max_body_bytes, auto_truncate)
     embeddings = _observed("POST /v1/embeddings", handlers.embeddings, observe)
     models = _observed("GET /v1/models", handlers.models, observe)
     app = Starlette(

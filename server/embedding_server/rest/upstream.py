@@ -1,14 +1,11 @@
-"""The shim's side of gRPC: one grpc.aio channel to the embedding server.
+"""``embedding-rest``'s backend: one grpc.aio channel to a remote embedding server.
 
-In the server process the target is a private Unix socket of the same gRPC
-server; standalone it is a remote ``HOST:PORT``. Either way every REST call is
-an ordinary gRPC call, so the server's interceptors (auth, metrics) and
-validation apply to REST exactly as to gRPC.
+Every REST call is an ordinary gRPC call, so the server's interceptors
+(auth, metrics) and validation apply to it exactly as to gRPC. (The shim
+inside ``embedding-server`` calls its engine directly: rest/backend.py.)
 """
 
 from __future__ import annotations
-
-from collections.abc import Awaitable, Callable
 
 import grpc
 from embedding_client.errors import status_of
@@ -16,7 +13,7 @@ from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ..grpc_api.status import FLOW_KEY
+from ..call_context import TIMING_KEYS
 from ..tracing import Tracing
 from .errors import from_grpc
 
@@ -29,16 +26,13 @@ CHANNEL_OPTIONS = [
 ]
 
 
-#: Per-call trailers the shim hands on as HTTP headers, as TEI does with its x-* headers.
-FORWARDED_TRAILERS = ("x-request-id", "x-queue-time-ms", "x-inference-time-ms", "x-total-time-ms")
-
-
 def _is_metadata_safe(value: str) -> bool:
     return value.isascii() and value.isprintable()
 
 
 class Upstream:
-    """Calls Embed, ListModels and health on the target; gRPC errors become RestError."""
+    """A ``Backend`` (rest/backend.py): Embed, ListModels and health on the target; gRPC errors
+    become RestError."""
 
     def __init__(
         self,
@@ -46,7 +40,6 @@ class Upstream:
         *,
         credentials: grpc.ChannelCredentials | None = None,
         target_api_key: str | None = None,
-        serving: Callable[[], Awaitable[bool]] | None = None,
         tracing: Tracing | None = None,
     ) -> None:
         """``tracing``: pass the current trace context on in each call's metadata (``traceparent``)."""
@@ -61,7 +54,6 @@ class Upstream:
         self._fixed_auth: Metadata | None = (
             (("authorization", f"Bearer {target_api_key}"),) if target_api_key else None
         )
-        self._serving = serving or self._grpc_serving
         self.draining = False  # set by the standalone shim on SIGTERM
 
     def metadata(self, authorization: str | None) -> Metadata:
@@ -86,21 +78,19 @@ class Upstream:
     ) -> tuple[pb.EmbedResponse, dict[str, str]]:
         """The reply, and the call's trailers worth passing on as HTTP headers (request id, timings).
 
-        ``flow``: the HTTP client's address, its fair share of batch work (the
-        server honours it only from its in-process shim: grpc_api/servicer.py ``flow_of``).
+        ``flow`` is not sent: the server takes a caller's connection as its fair-share flow and
+        trusts no header for it, so every client of this shim shares the shim's channel's share.
         """
         metadata = self.metadata(authorization)
         if request_id and _is_metadata_safe(request_id):
             metadata = (*metadata, ("x-request-id", request_id))
-        if flow:
-            metadata = (*metadata, (FLOW_KEY, flow))
         call = self.stub.Embed(request, metadata=metadata)
         try:
             reply = await call
         except grpc.aio.AioRpcError as error:
             raise from_grpc(status_of(error), output_fields) from None
         trailers = await call.trailing_metadata() or ()
-        return reply, {key: value for key, value in trailers if key in FORWARDED_TRAILERS}
+        return reply, {key: value for key, value in trailers if key in TIMING_KEYS}
 
     async def list_models(self, authorization: str | None) -> pb.ListModelsResponse:
         try:
@@ -112,10 +102,9 @@ class Upstream:
             raise from_grpc(status_of(error)) from None
 
     async def serving(self) -> bool:
-        return not self.draining and await self._serving()
-
-    async def _grpc_serving(self) -> bool:
-        """Standalone: ask the target's grpc.health.v1 service (no auth needed there)."""
+        """The target's grpc.health.v1 answer (no auth needed there), until the drain starts."""
+        if self.draining:
+            return False
         try:
             # types-grpcio-health-checking declares no methods on HealthStub (its __init__ sets them).
             check = self._health.Check  # type: ignore[attr-defined]
