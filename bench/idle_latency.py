@@ -1,0 +1,79 @@
+"""One query at a time on an idle server: in-process, gRPC ``Embed`` and REST, side by side.
+
+    python bench/idle_latency.py
+    python bench/idle_latency.py --before /tmp/old-checkout --rounds 4
+
+The issue's latency targets, measured in one run: gRPC p50 ≤ in-process +
+0.5 ms and REST p50 ≤ gRPC + 0.5 ms. In-process is the same query tokenized,
+run on every core and pooled with no server (bench/mixed.py's reference).
+Each server (this checkout, and ``--before``'s) runs the default model with
+default flags; the rounds alternate in-process, then each server's gRPC and
+REST, so a VM's slow moments fall on every column alike. Each round is
+``--calls`` queries after 20 warm-up calls; the table gives the median of the
+round p50s and the range. The REST client is ``http.client`` on one
+keep-alive connection (its own cost is a fraction of a millisecond).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import percentile, start_server
+from mixed import idle_latency, in_process_latency, rest_idle_latency
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--before", type=Path, default=None, help="another checkout's server beside this one")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--calls", type=int, default=200)
+    args = parser.parse_args()
+    variants: list[tuple[str, Path | None]] = [("this", None)]
+    if args.before is not None:
+        variants.append((f"before ({args.before})", args.before.resolve()))
+    servers = {name: start_server(rest=True, checkout=checkout) for name, checkout in variants}
+    p50s: dict[str, list[float]] = {"in-process": []}
+    try:
+        for round_ in range(args.rounds):
+            p50s["in-process"].append(percentile(in_process_latency(args.calls), 50))
+            for name, server in servers.items():
+                p50s.setdefault(f"{name} gRPC", []).append(
+                    percentile(idle_latency(server.target, args.calls), 50)
+                )
+                p50s.setdefault(f"{name} REST", []).append(
+                    percentile(rest_idle_latency(server.rest_port, args.calls), 50)
+                )
+            print(
+                f"round {round_ + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in p50s.items()), flush=True
+            )
+        peaks = {name: server.peak_rss_mb() for name, server in servers.items()}
+    finally:
+        for server in servers.values():
+            server.stop()
+    base = statistics.median(p50s["in-process"])
+    print(f"\nidle single-query p50, {args.rounds} rounds of {args.calls} calls (median of rounds, range)")
+    print(f"  {'in-process':28s}{base:6.2f} ms  ({span(p50s['in-process'])})")
+    for name in servers:
+        grpc_p50 = statistics.median(p50s[f"{name} gRPC"])
+        rest_p50 = statistics.median(p50s[f"{name} REST"])
+        print(f"  [{name}] peak RSS {peaks[name]:.0f} MiB")
+        grpc_range, rest_range = span(p50s[f"{name} gRPC"]), span(p50s[f"{name} REST"])
+        print(
+            f"    {'gRPC Embed':26s}{grpc_p50:6.2f} ms  ({grpc_range})  in-process {grpc_p50 - base:+.2f} ms"
+        )
+        over = rest_p50 - grpc_p50
+        print(f"    {'REST /v1/embeddings':26s}{rest_p50:6.2f} ms  ({rest_range})  gRPC {over:+.2f} ms")
+
+
+def span(values: list[float]) -> str:
+    return f"{min(values):.2f}-{max(values):.2f}"
+
+
+if __name__ == "__main__":
+    main()
