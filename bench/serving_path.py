@@ -125,9 +125,29 @@ class Server(Protocol):
     def stop(self) -> None: ...
 
 
+class Group:
+    """Processes of one server that clients are spread over, as SO_REUSEPORT would spread connections
+    (round-robin here: the kernel's hash only approaches that with many connections)."""
+
+    def __init__(self, members: list[Server]) -> None:
+        self.members = members
+        self.process = members[0].process  # the one --profile samples
+        self.targets = [member.target for member in members]
+        self.pids = [member.process.pid for member in members]
+
+    def peak_rss_mb(self) -> float:
+        return sum(member.peak_rss_mb() for member in self.members)
+
+    def stop(self) -> None:
+        for member in self.members:
+            member.stop()
+
+
 # --- the loads -----------------------------------------------------------------------------------
 
-Load = Callable[[embedding_pb2_grpc.EmbeddingServiceStub, list[str], float], Awaitable[int]]
+Stubs = list[embedding_pb2_grpc.EmbeddingServiceStub]
+#: ``load(stubs, texts, seconds)``: unary client ``c`` calls ``stubs[c % len(stubs)]``; a stream, the first.
+Load = Callable[[Stubs, list[str], float], Awaitable[int]]
 
 
 def _decoded(reply: pb.EmbedResponse) -> int:
@@ -139,12 +159,13 @@ def _decoded(reply: pb.EmbedResponse) -> int:
 
 
 def unary(clients: int, per_call: int) -> Load:
-    async def run(stub: embedding_pb2_grpc.EmbeddingServiceStub, texts: list[str], seconds: float) -> int:
+    async def run(stubs: Stubs, texts: list[str], seconds: float) -> int:
         stop = time.monotonic() + seconds
         done = 0
 
         async def client(offset: int) -> None:
             nonlocal done
+            stub = stubs[(offset // per_call) % len(stubs)]
             at = offset
             while time.monotonic() < stop:
                 batch = [texts[(at + i) % len(texts)] for i in range(per_call)]
@@ -159,7 +180,7 @@ def unary(clients: int, per_call: int) -> Load:
 
 
 def stream(per_request: int, in_flight: int) -> Load:
-    async def run(stub: embedding_pb2_grpc.EmbeddingServiceStub, texts: list[str], seconds: float) -> int:
+    async def run(stubs: Stubs, texts: list[str], seconds: float) -> int:
         stop = time.monotonic() + seconds
         window = asyncio.Semaphore(in_flight)
 
@@ -173,7 +194,7 @@ def stream(per_request: int, in_flight: int) -> Load:
                 at += per_request
 
         done = 0
-        async for reply in stub.StreamEmbed(requests()):
+        async for reply in stubs[0].StreamEmbed(requests()):
             done += _decoded(reply)
             window.release()
         return done
@@ -194,15 +215,26 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def measure(target: str, pid: int, load: Load, texts: list[str], seconds: float) -> tuple[float, float]:
-    """Texts (or calls) per second, and the server's CPU microseconds per text."""
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
-        await load(stub, texts, min(1.0, seconds / 4))  # warm: connections, caches, the batcher
-        started, cpu = time.monotonic(), cpu_seconds(pid)
-        done = await load(stub, texts, seconds)
-        elapsed, cpu = time.monotonic() - started, cpu_seconds(pid) - cpu
+async def measure(
+    targets: list[str], pids: list[int], load: Load, texts: list[str], seconds: float, channels: int
+) -> tuple[float, float]:
+    """Texts (or calls) per second, and the servers' CPU microseconds per text (summed over processes).
+
+    ``channels``: how many client connections (each its own channel), spread round-robin over
+    ``targets``; 1 is one shared channel, as one client service has.
+    """
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    opened = [grpc.aio.insecure_channel(targets[i % len(targets)], options=options) for i in range(channels)]
+    try:
+        stubs = [embedding_pb2_grpc.EmbeddingServiceStub(channel) for channel in opened]
+        await load(stubs, texts, min(1.0, seconds / 4))  # warm: connections, caches, the batcher
+        started, cpu = time.monotonic(), sum(map(cpu_seconds, pids))
+        done = await load(stubs, texts, seconds)
+        elapsed, cpu = time.monotonic() - started, sum(map(cpu_seconds, pids)) - cpu
         return done / elapsed, cpu / done * 1e6
+    finally:
+        for channel in opened:
+            await channel.close()
 
 
 def profile(pid: int, path: Path, seconds: float) -> subprocess.Popen[bytes]:
@@ -241,6 +273,20 @@ def main() -> None:
     parser.add_argument("--loads", default="1,2,3", help="which loads, by number (1-3)")
     parser.add_argument("--before", type=Path, help="another checkout's server beside ours (same flags)")
     parser.add_argument("--profile", type=Path, help="py-spy our server under each load into this folder")
+    parser.add_argument(
+        "--default-model",
+        action="store_true",
+        help="serve the built-in MiniLM instead of the tiny bge-m3 (the model's cost, not only the path's)",
+    )
+    parser.add_argument(
+        "--processes", type=int, default=1, help="also N processes of our server, clients spread over them"
+    )
+    parser.add_argument(
+        "--channels",
+        type=int,
+        default=None,
+        help="client connections for the unary loads (default 1, shared; 16 with --processes)",
+    )
     parser.add_argument("--bare", nargs=2, type=int, metavar=("PORT", "DIMENSIONS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.bare:
@@ -252,19 +298,29 @@ def main() -> None:
     texts = short_texts()
     wanted = [n for n in range(len(LOADS)) if str(n + 1) in args.loads.split(",")]
     with tempfile.TemporaryDirectory(prefix="serving-path-") as work:
-        model = make_bge_m3_aapot(Path(work) / "bge-m3").path
-        flags = ("--model", f"bge-m3={model}", *shlex.split(args.server_args))
-        servers: dict[str, Server] = {"ours": start_server(*flags, rest=False)}
+        if args.default_model:
+            model_flags: tuple[str, ...] = ()
+            dimensions = 384  # all-MiniLM-L6-v2
+        else:
+            model_flags = ("--model", f"bge-m3={make_bge_m3_aapot(Path(work) / 'bge-m3').path}")
+            dimensions = BGE_M3_HIDDEN
+        flags = (*model_flags, *shlex.split(args.server_args))
+        channels = args.channels or (16 if args.processes > 1 else 1)
+        servers: dict[str, Group] = {"ours": Group([start_server(*flags, rest=False)])}
+        if args.processes > 1:
+            servers[f"ours x{args.processes}"] = Group(
+                [start_server(*flags, rest=False) for _ in range(args.processes)]
+            )
         if args.before:  # another checkout's server code, same flags
-            servers["before"] = start_server(*flags, rest=False, checkout=args.before)
-        servers["bare"] = BareProcess(BGE_M3_HIDDEN)
+            servers["before"] = Group([start_server(*flags, rest=False, checkout=args.before)])
+        servers["bare"] = Group([BareProcess(dimensions)])
         names = list(servers)
         try:
             print(
                 f"ours: embedding-server {args.server_args}"
                 + (f"; before: {args.before}" if args.before else "")
                 + f"; bare: grpc.aio; {args.rounds} rounds of {args.seconds:g} s per load and server; "
-                f"{len(texts)} sentences of 3-12 words",
+                f"{len(texts)} sentences of 3-12 words; unary clients on {channels} connection(s)",
                 flush=True,
             )
             print()
@@ -284,7 +340,14 @@ def main() -> None:
                             path = args.profile / f"load{number + 1}.txt"
                             spy = profile(server.process.pid, path, args.seconds)
                         rate, cost = asyncio.run(
-                            measure(server.target, server.process.pid, load, texts, args.seconds)
+                            measure(
+                                server.targets,
+                                server.pids,
+                                load,
+                                texts,
+                                args.seconds,
+                                1 if number == 2 else channels,  # a stream is one connection
+                            )
                         )
                         rates[who].append(rate)
                         cpu[who].append(cost)
