@@ -406,7 +406,7 @@ async def test_off_builds_no_interceptor_and_no_provider(model_dir: Path) -> Non
     """Off costs nothing: no OpenTelemetry interceptor, middleware or provider exists."""
     app = EmbeddingApp(Settings(host="127.0.0.1", port=free_port(), rest_port=0, models=[f"st={model_dir}"]))
     assert app.tracing is None and app.servicer.tracing is None
-    assert [type(i).__name__ for i in app.interceptors] == ["ObservingInterceptor", "AuthInterceptor"]
+    assert [type(i).__name__ for i in app.interceptors] == ["ObservingInterceptor"]  # no keys: no auth layer
     assert not isinstance(trace.get_tracer_provider(), TracerProvider)  # nothing set a global one either
 
 

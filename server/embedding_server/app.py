@@ -93,8 +93,11 @@ class EmbeddingApp:
         self.metrics.watch_in_flight(lambda: self.in_flight.count)
         self.interceptors: list[grpc.aio.ServerInterceptor] = [
             ObservingInterceptor(self.in_flight, self.metrics),  # counts refused calls too
-            AuthInterceptor(self.api_keys, protect_reflection=settings.auth_reflection),
         ]
+        if self.api_keys.enabled:  # the keys are fixed at start: without any, no layer to pass through
+            self.interceptors.append(
+                AuthInterceptor(self.api_keys, protect_reflection=settings.auth_reflection)
+            )
         if self.tracing is not None:  # outermost: the call's span covers the others' work
             self.interceptors.insert(0, self.tracing.server_interceptor())
         self.server = build_server(

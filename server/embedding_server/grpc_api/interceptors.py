@@ -114,6 +114,9 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, keys: ApiKeys, protect_reflection: bool = False) -> None:
         self.keys = keys
         self.protect_reflection = protect_reflection
+        # One refusing handler per method and reason, so the handler a call gets is one of a few
+        # fixed objects (ObservingInterceptor wraps each of them once).
+        self._refusals: dict[tuple[str, str], Handler] = {}
 
     def exempt(self, full_method: str) -> bool:
         return is_health(full_method) or (not self.protect_reflection and is_reflection(full_method))
@@ -128,8 +131,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if self.keys.accepts(authorization):
             return handler
         if authorization:
-            return _refusing(handler, Unauthenticated(WRONG_KEY_MESSAGE, reason="INVALID_API_KEY"))
-        return _refusing(handler, Unauthenticated(MISSING_KEY_MESSAGE, reason="MISSING_API_KEY"))
+            error = Unauthenticated(WRONG_KEY_MESSAGE, reason="INVALID_API_KEY")
+        else:
+            error = Unauthenticated(MISSING_KEY_MESSAGE, reason="MISSING_API_KEY")
+        key = (handler_call_details.method, error.reason)
+        refusing = self._refusals.get(key)
+        if refusing is None:
+            refusing = self._refusals[key] = _refusing(handler, error)
+        return refusing
 
 
 def _refusing(handler: Handler, error: Unauthenticated) -> Handler:
@@ -209,27 +218,26 @@ def _code_name(context: Context, error: BaseException | None) -> str:
 class ObservingInterceptor(grpc.aio.ServerInterceptor):
     """Request ids, in-flight count, metrics, access log and timing trailers for every call.
 
-    Written for a small per-call cost (tens of microseconds): method facts are
-    cached, the call context is a plain object, no context manager per call.
+    Written for a small per-call cost (tens of microseconds): each method's
+    wrapped handler is built once (the request id is read from the call's
+    context), the call context is a plain object, no context manager per call.
     """
 
     def __init__(self, in_flight: InFlight, metrics: Metrics | None = None) -> None:
         self.in_flight = in_flight
         self.metrics = metrics
-        self._methods: dict[str, tuple[str, bool, bool]] = {}
+        # (method, id of the inner handler) → (that handler, kept alive so the id stays its own; wrapped)
+        self._wrapped: dict[tuple[str, int], tuple[Handler, Handler]] = {}
 
-    def _method(self, full_method: str) -> tuple[str, bool, bool]:
+    @staticmethod
+    def _method(full_method: str) -> tuple[str, bool, bool]:
         """The metrics label; whether the call is quiet (probes and tooling neither hold up a
         shutdown nor fill the access log); whether it is open-ended (ends when the client leaves)."""
-        known = self._methods.get(full_method)
-        if known is None:
-            known = (
-                method_label(full_method),
-                is_health(full_method) or is_reflection(full_method),
-                full_method in OPEN_ENDED_METHODS,
-            )
-            self._methods[full_method] = known
-        return known
+        return (
+            method_label(full_method),
+            is_health(full_method) or is_reflection(full_method),
+            full_method in OPEN_ENDED_METHODS,
+        )
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -237,12 +245,19 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method, quiet, open_ended = self._method(handler_call_details.method)
-        offered_id = metadata_value(handler_call_details.invocation_metadata, REQUEST_ID_KEY)
+        key = (handler_call_details.method, id(handler))
+        known = self._wrapped.get(key)
+        if known is None:
+            known = self._wrapped[key] = (handler, self._wrap(handler_call_details.method, handler))
+        return known[1]
+
+    def _wrap(self, full_method: str, handler: Handler) -> Handler:
+        method, quiet, open_ended = self._method(full_method)
         inner = _inner_behavior(handler)
         if _streams_responses(handler) and inspect.isasyncgenfunction(inner):
 
             async def stream_behavior(request: Any, context: Context) -> AsyncIterator[Any]:
+                offered_id = metadata_value(context.invocation_metadata(), REQUEST_ID_KEY)
                 call, token, started = self._begin(quiet, clean_request_id(offered_id))
                 error: BaseException | None = None
                 try:
@@ -260,6 +275,7 @@ class ObservingInterceptor(grpc.aio.ServerInterceptor):
             return _with_behavior(handler, stream_behavior)
 
         async def behavior(request: Any, context: Context) -> Any:
+            offered_id = metadata_value(context.invocation_metadata(), REQUEST_ID_KEY)
             call, token, started = self._begin(
                 quiet, clean_request_id(offered_id or getattr(request, "request_id", None))
             )
