@@ -4,26 +4,35 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import urllib.request
 
 from tests.support.polling import until_sync
 
 
-def cancelled_embeds(rest_url: str) -> float:
+def metric_total(rest_url: str, name: str, *labels: str) -> float:
+    """The sum of ``name``'s series whose labels include every one of ``labels`` (``key="value"``)."""
     with urllib.request.urlopen(f"{rest_url}/metrics", timeout=10) as response:
         text = response.read().decode()
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith("embedding_requests_total{")
-        and 'method="Embed"' in line
-        and 'code="CANCELLED"' in line
+        if line.startswith(name + "{") and all(label in line for label in labels)
     )
 
 
-def test_hanging_up_cancels_the_grpc_call(default_server):
-    before = cancelled_embeds(default_server.rest_url)
+def hung_up_calls(rest_url: str) -> float:
+    return metric_total(rest_url, "embedding_requests_total", 'method="POST /v1/embeddings"', 'code="499"')
+
+
+def dropped_sequences(rest_url: str) -> float:
+    return metric_total(rest_url, "embedding_dropped_total", 'reason="cancelled"')
+
+
+def test_hanging_up_cancels_the_queued_work(default_server):
+    """The client goes away mid-call: the call is counted as 499 and its sequences still queued are
+    dropped unrun (the in-process shim cancels the engine call itself)."""
+    url = default_server.rest_url
+    before, dropped_before = hung_up_calls(url), dropped_sequences(url)
     long_text = " ".join(["embedding servers batch tokens"] * 80)
     body = json.dumps({"input": [f"{i} {long_text}" for i in range(256)], "truncate": True}).encode()
     with socket.create_connection(("127.0.0.1", default_server.rest_port)) as sock:
@@ -32,12 +41,10 @@ def test_hanging_up_cancels_the_grpc_call(default_server):
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )
-        # the call reached the server (~65k tokens: seconds of work) before the client hangs up
-        until_sync(lambda: default_server.metric("embedding_in_flight_requests") >= 1, "the call in flight")
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and cancelled_embeds(default_server.rest_url) == before:
-        time.sleep(0.1)
-    assert cancelled_embeds(default_server.rest_url) == before + 1
+        # the call's sequences wait in the queue (~65k tokens: seconds of work) when the client hangs up
+        until_sync(lambda: metric_total(url, "embedding_queue_depth") >= 1, "the call's work queued")
+    until_sync(lambda: hung_up_calls(url) == before + 1, "the call counted as hung up (499)")
+    until_sync(lambda: dropped_sequences(url) > dropped_before, "its queued sequences dropped")
     # and the server still answers
     with urllib.request.urlopen(f"{default_server.rest_url}/health", timeout=10) as response:
         assert response.status == 200
