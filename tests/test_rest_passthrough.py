@@ -68,3 +68,13 @@ def test_request_id_and_timings_come_back_as_headers(default_server):
         assert 0 < inference <= total and 0 <= queue <= total
     with post(default_server.rest_url, {"input": "hello"}) as response:
         assert response.headers["x-request-id"]  # one is made up when the client sends none
+
+
+def test_a_rest_call_is_one_access_line_with_its_request_id(default_server):
+    """Logged once, by the REST layer (no gRPC hop inside the server to log it a second time)."""
+    with post(default_server.rest_url, {"input": "logged once"}, {"x-request-id": "rest-log-1"}):
+        pass
+    assert default_server.logged("[request_id=rest-log-1]")
+    lines = [line for line in default_server.log().splitlines() if "request_id=rest-log-1" in line]
+    assert len(lines) == 1, lines
+    assert "embedding_server.access" in lines[0] and "POST /v1/embeddings 200 " in lines[0]

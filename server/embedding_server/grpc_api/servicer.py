@@ -97,7 +97,7 @@ class EmbeddingServicer:
         self, request: pb.EmbedRequest, deadline: float | None, unspecified: Priority, flow: object
     ) -> pb.EmbedResponse:
         """One request through the engine: the step Embed, each StreamEmbed request and the
-        in-process REST shim (rest/backend.py) share. Raises what the engine raised.
+        in-process REST shim (rest/local.py) share. Raises what the engine raised.
 
         ``unspecified``: the class of PRIORITY_UNSPECIFIED; ``flow``: the caller's fair-share flow,
         its client connection (a gRPC peer, or an HTTP client's address over REST).
