@@ -22,11 +22,8 @@ Two classes of work share the machine:
   both classes wait, every ``batch_share``-th free slot goes to batch work.
 
 Both classes run through one ``_run``; only their ``Lane`` (run threads, and
-finish threads or none) differs. A bulk run's slot is handed back the moment
-the model returns, before its finish step on another thread; a query's run,
-finished on its own thread, hands it back with its vectors in one hop to the
-loop (two hops cost an idle query 0.4 ms: the first woke the loop, which
-then held the GIL the finish step needed; bench/idle_latency.py).
+finish threads or none) differs. A run's slot is handed back the moment the
+model returns, before its finish step.
 
 The dispatcher is supervised: if it fails, waiting work fails with UNAVAILABLE
 (reason ``ENGINE_FAILED``), admission refuses new work, and ``on_failure``
@@ -260,21 +257,16 @@ class ModelBatcher:
 
     async def _run(self, priority: Priority, wide: bool, batch: list[WorkItem]) -> None:
         """One run of either class: the model on the lane's run thread, the finish step on its finish
-        thread (the slot handed back in between) or on the run thread (handed back after it)."""
+        thread (or on the run thread), the slot handed back in between."""
         loop = asyncio.get_running_loop()
         lane = self._lanes[priority]
         started = time.monotonic()
         for item in batch:
             item.started = started
-        finish_here = lane.finish is None
         try:
-            try:
-                padded, outputs, ran, vectors = await loop.run_in_executor(
-                    lane.run, self._forward, loop, priority, wide, batch, finish_here
-                )
-            finally:
-                if finish_here:  # the slot comes back with the vectors (or the failure)
-                    self._run_ended(priority)
+            padded, outputs, ran, vectors = await loop.run_in_executor(
+                lane.run, self._forward, loop, priority, wide, batch, lane.finish is None
+            )
             if vectors is None:
                 vectors = await loop.run_in_executor(lane.finish, self._finish, batch, padded, outputs)
         except BaseException as exc:
@@ -311,16 +303,15 @@ class ModelBatcher:
         batch: list[WorkItem],
         finish_here: bool,
     ) -> tuple[PaddedBatch, dict[str, np.ndarray], float, list[SequenceVectors] | None]:
-        """The model, then, when ``finish_here``, the finish step on this thread; else the slot is
-        handed back (on the loop) the moment the model returns."""
+        """The model; the slot is handed back (on the loop) the moment it returns; then, when
+        ``finish_here``, the finish step on this thread."""
         try:
             padded = pad(batch, self.model.tokenizer.pad_id)
             feeds = self.model.feeds(padded.input_ids, padded.attention_mask, Task(batch[0].task))
             outputs = self.sessions.run(_thread_slot(), self.model.output_names, feeds, wide=wide)
             ran = time.monotonic()  # before the slot is handed back: the next run starts after this
         finally:
-            if not finish_here:
-                loop.call_soon_threadsafe(self._run_ended, priority)
+            loop.call_soon_threadsafe(self._run_ended, priority)
         return padded, outputs, ran, self._finish(batch, padded, outputs) if finish_here else None
 
     def _finish(
