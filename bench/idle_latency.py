@@ -7,8 +7,9 @@ The issue's latency targets, measured in one run: gRPC p50 ≤ in-process +
 0.5 ms and REST p50 ≤ gRPC + 0.5 ms. In-process is the same query tokenized,
 run on every core and pooled with no server (bench/mixed.py's reference).
 Each server (this checkout, and ``--before``'s) runs the default model with
-default flags; the rounds alternate in-process, then each server's gRPC and
-REST, so a VM's slow moments fall on every column alike. Each round is
+default flags; each round runs in-process, the bare service, then each
+server's gRPC and REST (the servers' order swapped every round), so a VM's
+slow moments fall on every column alike. Each round is
 ``--calls`` queries after 20 warm-up calls; the table gives the median of the
 round p50s and the range. The REST client is ``http.client`` on one
 keep-alive connection (its own cost is a fraction of a millisecond).
@@ -78,7 +79,8 @@ def main() -> None:
         for round_ in range(args.rounds):
             p50s["in-process"].append(percentile(in_process_latency(args.calls), 50))
             p50s["bare"].append(percentile([c[0] for c in grpc_calls(bare.target, args.calls)], 50))
-            for name, server in servers.items():
+            order = list(servers.items())
+            for name, server in order if round_ % 2 == 0 else order[::-1]:  # neither always goes first
                 calls = grpc_calls(server.target, args.calls)
                 splits[name] += calls
                 p50s.setdefault(f"{name} gRPC", []).append(percentile([c[0] for c in calls], 50))
