@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
+import urllib.error
 import urllib.request
+
+import pytest
 
 from tests.support.polling import until_sync
 
@@ -68,6 +71,10 @@ def test_request_id_and_timings_come_back_as_headers(default_server):
         assert 0 < inference <= total and 0 <= queue <= total
     with post(default_server.rest_url, {"input": "hello"}) as response:
         assert response.headers["x-request-id"]  # one is made up when the client sends none
+    with pytest.raises(urllib.error.HTTPError) as failed:  # an error carries it too, as in the log
+        post(default_server.rest_url, {"input": "hello", "model": "nope"}, {"x-request-id": "trace-43"})
+    assert failed.value.code == 404 and failed.value.headers["x-request-id"] == "trace-43"
+    assert default_server.logged("[request_id=trace-43]")
 
 
 def test_a_rest_call_is_one_access_line_with_its_request_id(default_server):

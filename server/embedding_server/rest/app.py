@@ -192,8 +192,9 @@ async def _unexpected(request: Request, exc: Exception) -> Response:
 
 def _observed(method: str, endpoint: Endpoint, observe: Observer | None) -> Endpoint:
     """``endpoint`` inside its call: a ``CallContext`` with the client's ``x-request-id`` (or a fresh
-    one) that the backend and every log line of the call see, ``observe(method, HTTP status,
-    seconds)`` when set, and the access-log line, as the gRPC interceptor writes for gRPC calls."""
+    one) that the backend and every log line of the call see and every answer carries back,
+    ``observe(method, HTTP status, seconds)`` when set, and the access-log line, as the gRPC
+    interceptor writes for gRPC calls."""
 
     async def run(request: Request) -> Response:
         call = CallContext(clean_request_id(request.headers.get(REQUEST_ID_KEY)))
@@ -201,6 +202,7 @@ def _observed(method: str, endpoint: Endpoint, observe: Observer | None) -> Endp
         started = time.perf_counter()
         try:
             response = await endpoint(request)
+            response.headers.setdefault(REQUEST_ID_KEY, call.request_id)  # errors too: the log's id
             seconds = time.perf_counter() - started
             if observe is not None:
                 observe(method, str(response.status_code), seconds)
