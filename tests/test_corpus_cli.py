@@ -201,3 +201,36 @@ def test_reading_records(tmp_path):
     assert next(records).text == "y"
     with pytest.raises(CorpusInputError, match=r":5: expected a JSON object"):
         next(records)
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code", "stderr"),
+    [
+        (3, 3, ""),
+        (SystemExit(2), 2, ""),
+        (SystemExit("bad flag"), 1, "bad flag\n"),
+        (SystemExit(None), 0, ""),
+    ],
+)
+def test_the_command_exits_with_mains_status_without_finalizing(monkeypatch, capsys, outcome, code, stderr):
+    """``embedding-client`` (cli.run) ends in os._exit, so no garbage collection of gRPC calls at
+    interpreter shutdown can hang it; the status is main's, or what sys.exit would have made of it."""
+    from embedding_client import cli as cli_module
+
+    class Exited(Exception):
+        pass
+
+    def main() -> int:
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def exit_now(status: int) -> None:
+        raise Exited(status)
+
+    monkeypatch.setattr(cli_module, "main", main)
+    monkeypatch.setattr(cli_module.os, "_exit", exit_now)
+    with pytest.raises(Exited) as exited:
+        cli_module.run()
+    assert exited.value.args == (code,)
+    assert capsys.readouterr().err == stderr

@@ -11,6 +11,7 @@ come from ``EMBEDDING_TARGET`` and ``EMBEDDING_API_KEY``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 
@@ -379,5 +380,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(number, before)
 
 
+def run() -> NoReturn:
+    """The ``embedding-client`` command: ``main()``, then exit without the interpreter's finalization.
+
+    Every file is closed and every stream cancelled and joined by the time
+    ``main`` returns. What finalization would still do is garbage-collect
+    gRPC's call objects (cycles since grpcio 1.83), and a call's ``__del__``
+    takes its state lock, which a gRPC daemon thread frozen at shutdown may
+    hold: the process hung after printing its result, about once in a few
+    dozen runs (grpc/grpc#43421; faulthandler showed exactly that stack).
+    """
+    try:
+        code: object = main()
+    except SystemExit as exc:  # argparse: --help, usage errors
+        code = exc.code
+    if isinstance(code, str):  # what sys.exit would print
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe or file: nothing left to say
+            stream.flush()
+    os._exit(code if isinstance(code, int) else 0)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
