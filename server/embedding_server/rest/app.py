@@ -31,7 +31,14 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from ..auth import ApiKeys
-from ..call_context import REQUEST_ID_KEY, CallContext, clean_request_id, current, enter_call, leave_call
+from ..call_context import (
+    REQUEST_ID_KEY,
+    CallContext,
+    clean_request_id,
+    current_request_id,
+    enter_call,
+    leave_call,
+)
 from ..settings import DEFAULTS
 from ..tracing import Tracing
 from . import openapi, schema, translate
@@ -118,7 +125,7 @@ class Handlers:
             reply, headers = await cancel_on_disconnect(
                 request,
                 self.backend.embed(
-                    message, authorization, output_fields, _call_id(), flow=_client_address(request)
+                    message, authorization, output_fields, current_request_id(), flow=_client_address(request)
                 ),
             )
             return JSONResponse(translate.to_embeddings_response(reply, parsed), headers=headers)
@@ -214,11 +221,6 @@ def _observed(method: str, endpoint: Endpoint, observe: Observer | None) -> Endp
             leave_call(token)
 
     return run
-
-
-def _call_id() -> str | None:
-    call = current()
-    return call.request_id if call is not None else None
 
 
 def build_app(

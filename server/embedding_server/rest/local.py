@@ -6,7 +6,7 @@ import time
 
 from embedding_client.proto import embedding_pb2 as pb
 
-from ..call_context import CallContext, clean_request_id, current, enter_call, leave_call, timing_headers
+from ..call_context import current, timing_headers
 from ..grpc_api.interceptors import InFlight
 from ..grpc_api.servicer import EmbeddingServicer
 from ..grpc_api.status import as_service_error, to_rpc_status
@@ -34,10 +34,7 @@ class LocalBackend:
         current (rest/app.py): the engine's time adds up there. ``request_id`` is that call's."""
         started = time.perf_counter()
         call = current()
-        token = None
-        if call is None:  # called outside the REST app (a test, a tool): a call of its own
-            call = CallContext(clean_request_id(request_id))
-            token = enter_call(call)
+        assert call is not None, "the REST layer (rest/app.py _observed) opens every call"
         self.in_flight.enter()
         try:
             reply = await self.servicer.embed_message(
@@ -48,8 +45,6 @@ class LocalBackend:
             raise from_grpc(to_rpc_status(error, call.request_id), output_fields) from None
         finally:
             self.in_flight.leave()
-            if token is not None:
-                leave_call(token)
         return reply, dict(timing_headers(call, started))
 
     async def list_models(self, authorization: str | None) -> pb.ListModelsResponse:
