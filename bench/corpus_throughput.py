@@ -78,9 +78,9 @@ def embed_in_process(loaded, texts: list[str]) -> np.ndarray:
     model = loaded.model
     encoded = model.tokenize(texts, 0, True)
     out = np.empty((len(texts), model.description.dimensions), np.float32)
-    for chunk in length_sorted_batches([len(e.ids) for e in encoded]):
-        rows = [RowRequest(len(encoded[i].ids), frozenset({Output.DENSE})) for i in chunk]
-        items = [WorkItem(encoded[i].ids, row, 0, 0, None, None) for i, row in zip(chunk, rows, strict=True)]  # type: ignore[arg-type]
+    for chunk in length_sorted_batches([len(e) for e in encoded]):
+        rows = [RowRequest(len(encoded[i]), frozenset({Output.DENSE})) for i in chunk]
+        items = [WorkItem(encoded[i], row, 0, 0, None, None) for i, row in zip(chunk, rows, strict=True)]  # type: ignore[arg-type]
         padded = pad(items, model.tokenizer.pad_id)
         feeds = model.feeds(padded.input_ids, padded.attention_mask, 0)
         outputs = loaded.sessions.run(0, model.output_names, feeds)

@@ -83,15 +83,15 @@ class InProcess:
     def embed(self, texts: list[str]) -> np.ndarray:
         model, pool = self.loaded.model, self.loaded.sessions
         tokenized = model.tokenize(texts, 0, truncate=True)
-        order = sorted(range(len(texts)), key=lambda i: len(tokenized[i].ids))
+        order = sorted(range(len(texts)), key=lambda i: len(tokenized[i]))
         out = np.zeros((len(texts), model.description.dimensions), np.float32)
         for start in range(0, len(order), BATCH):
             rows = order[start : start + BATCH]
-            longest = max(len(tokenized[i].ids) for i in rows)
+            longest = max(len(tokenized[i]) for i in rows)
             ids = np.full((len(rows), longest), model.tokenizer.pad_id, np.int64)
             mask = np.zeros_like(ids)
             for r, i in enumerate(rows):
-                ids[r, : len(tokenized[i].ids)], mask[r, : len(tokenized[i].ids)] = tokenized[i].ids, 1
+                ids[r, : len(tokenized[i])], mask[r, : len(tokenized[i])] = tokenized[i], 1
             states = pool.run(0, model.output_names, model.feeds(ids, mask, 0))[model.output_names[0]]
             m = mask[..., None].astype(np.float32)
             out[rows] = (states * m).sum(1) / m.sum(1)

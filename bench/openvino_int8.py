@@ -77,7 +77,7 @@ def main() -> None:
 
     def embed(run, texts: list[str]) -> np.ndarray:
         tokenized = model.tokenize(texts, 0, truncate=True)
-        order = sorted(range(len(texts)), key=lambda i: len(tokenized[i].ids))
+        order = sorted(range(len(texts)), key=lambda i: len(tokenized[i]))
         out = np.zeros((len(texts), model.description.dimensions), np.float32)
         for start in range(0, len(order), BATCH):
             rows = order[start : start + BATCH]

@@ -57,11 +57,11 @@ def embed_in_process(loaded, texts: list[str]) -> np.ndarray:
 
     model = loaded.model
     encoded = model.tokenize(texts, 0, True)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     out = np.empty((len(texts), model.description.dimensions), np.float32)
     for start in range(0, len(order), CEILING_BATCH):
         chunk = order[start : start + CEILING_BATCH]
-        items = [WorkItem(encoded[i].ids, RowRequest(0, frozenset()), 0, 0, None, None) for i in chunk]  # type: ignore[arg-type]
+        items = [WorkItem(encoded[i], RowRequest(0, frozenset()), 0, 0, None, None) for i in chunk]  # type: ignore[arg-type]
         padded = pad(items, model.tokenizer.pad_id)
         outputs = loaded.sessions.run(
             0, model.output_names, model.feeds(padded.input_ids, padded.attention_mask, 0)

@@ -43,7 +43,7 @@ def measure(sessions: int, concurrent: int, shared: bool, seconds: float) -> dic
     layout = "shared" if shared else "separate"
     loaded = load(ModelSpec(BUILTIN_MODEL, None), sessions=sessions, threads=threads, layout=layout)
     pool, model = loaded.sessions, loaded.model
-    encoded = sorted((t.ids for t in model.tokenize(sentences(512, 5, 60, seed=4), 0, True)), key=len)
+    encoded = sorted(model.tokenize(sentences(512, 5, 60, seed=4), 0, True), key=len)
     batches = []
     for start in range(0, len(encoded), 16):
         rows = encoded[start : start + 16]

@@ -84,7 +84,7 @@ async def test_large_request_is_split_and_reassembled_in_order(builtin):
     split_runs = sessions.runs[: -len(texts)]
     assert len(split_runs) >= 7 and all(r.batch_size <= 8 for r in split_runs)
     seen = sorted(row for r in split_runs for row in r.rows)
-    expected = sorted(tuple(ids.tolist()) for ids in (t.ids for t in builtin.model.tokenize(texts, 0, False)))
+    expected = sorted(tuple(ids.tolist()) for ids in builtin.model.tokenize(texts, 0, False))
     assert seen == expected  # every input ran exactly once
     got = dense(whole)
     want = np.concatenate([dense(r) for r in one_by_one])
@@ -124,7 +124,7 @@ async def test_deadline_passed_in_queue_never_reaches_the_model(builtin):
     await blocker
     await embedder.close()
     ran = [row for run in sessions.runs for row in run.rows]
-    doomed_ids = tuple(builtin.model.tokenize(["too late to matter"], 0, False)[0].ids.tolist())
+    doomed_ids = tuple(builtin.model.tokenize(["too late to matter"], 0, False)[0].tolist())
     assert doomed_ids not in ran
     assert observed.dropped == {(BUILTIN_MODEL, Priority.INTERACTIVE, "deadline"): 1}
 

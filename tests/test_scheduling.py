@@ -7,10 +7,12 @@ so work piles up in a known state, then the order the session saw is read back.
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 
 import grpc
 import httpx
+import numpy as np
 import openai
 import pytest
 from embedding_client import AsyncEmbeddingClient
@@ -29,6 +31,7 @@ from embedding_server.models.sessions import SessionPool
 from embedding_server.models.types import Priority
 from embedding_server.rest.app import build_app
 from embedding_server.rest.local import LocalBackend
+from tokenizers import Tokenizer
 
 from tests.support.engine import make_embedder, sentence, started
 from tests.support.inprocess import serve_in_process
@@ -40,7 +43,7 @@ INTERACTIVE = Priority.INTERACTIVE
 
 
 def ids_of(builtin, text: str) -> tuple[int, ...]:
-    return tuple(builtin.model.tokenize([text], 0, False)[0].ids.tolist())
+    return tuple(builtin.model.tokenize([text], 0, False)[0].tolist())
 
 
 def job(texts: list[str], priority: Priority, flow: object = None) -> EmbedJob:
@@ -225,9 +228,9 @@ async def test_refused_requests_are_never_tokenized(builtin, monkeypatch):
     tokenized: list[list[str]] = []
     real_tokenize = builtin.model.tokenize
 
-    def counting(texts, task, truncate, inline=False):
+    def counting(texts, task, truncate):
         tokenized.append(list(texts))
-        return real_tokenize(texts, task, truncate, inline)
+        return real_tokenize(texts, task, truncate)
 
     monkeypatch.setattr(builtin.model, "tokenize", counting)
     blocker = await hold_one_run(embedder, sessions, "admitted", INTERACTIVE)
@@ -360,12 +363,12 @@ async def test_small_requests_tokenize_on_the_loop_larger_ones_on_tokenizer_thre
     to the interactive tokenizer threads, a larger batch request to the niced ones."""
     embedder, sessions = make_embedder(builtin)
     await started(embedder, sessions)
-    calls: list[tuple[str, bool]] = []
+    calls: list[str] = []
     real_tokenize = builtin.model.tokenize
 
-    def recording(texts, task, truncate, inline=False):
-        calls.append((threading.current_thread().name, inline))
-        return real_tokenize(texts, task, truncate, inline)
+    def recording(texts, task, truncate):
+        calls.append(threading.current_thread().name)
+        return real_tokenize(texts, task, truncate)
 
     monkeypatch.setattr(builtin.model, "tokenize", recording)
     longer = ["a longer question " * 20] * 3  # 1080 characters
@@ -376,9 +379,9 @@ async def test_small_requests_tokenize_on_the_loop_larger_ones_on_tokenizer_thre
     await embedder.embed(job(longer, BATCH))
     await embedder.close()
     loop_thread = threading.current_thread().name
-    assert calls[0] == (loop_thread, True) and calls[1] == (loop_thread, True)
-    assert calls[2][0].startswith("tokenize-interactive_") and not calls[2][1]
-    assert calls[3][0].startswith("tokenize_") and not calls[3][1]
+    assert calls[0] == calls[1] == loop_thread
+    assert calls[2].startswith("tokenize-interactive_")
+    assert calls[3].startswith("tokenize_")
 
 
 @pytest.fixture(scope="module")
@@ -419,18 +422,27 @@ async def test_with_min_parallel_batch_1_a_query_starts_beside_the_run_in_flight
     await embedder.close()
 
 
-def test_inline_tokenizing_gives_the_same_tokens_and_refusals(builtin):
+def test_tokenizing_gives_the_files_own_tokens_and_refusals(builtin):
+    """The batch call without offsets gives the ids the tokenizer file's own one-text encode gives,
+    cut to the model's maximum when asked, refused with the first too-long input's index if not."""
     model = builtin.model
     texts = ["a short query", "naïve café, 3 émojis 🙂🙂🙂", "word " * 400]
-    for inline in (False, True):
-        with pytest.raises(InputTooLong):
-            model.tokenize(texts, 0, False, inline)
-    cut = [model.tokenize(texts, 0, True, inline) for inline in (False, True)]
-    assert len(cut[0][2].ids) == model.tokenizer.max_tokens
-    for batch, one_by_one in zip(*cut, strict=True):
-        assert batch.ids.tolist() == one_by_one.ids.tolist()
-        assert batch.offsets == one_by_one.offsets
-        assert batch.special.tolist() == one_by_one.special.tolist()
+    with pytest.raises(InputTooLong) as refused:
+        model.tokenize(texts, 0, False)
+    assert refused.value.index == 2
+    reference = Tokenizer.from_file(str(model.files.path("tokenizer.json")))
+    reference.no_padding()
+    reference.no_truncation()
+    cut = model.tokenize(texts, 0, True)
+    limit = model.tokenizer.max_tokens
+    assert len(cut[2]) == limit
+    for text, ids in zip(texts, cut, strict=True):
+        expected = reference.encode(text).ids
+        if len(expected) > limit:  # the cut keeps [CLS] ... [SEP]
+            expected = [*expected[: limit - 1], expected[-1]]
+        assert ids.dtype == np.int64
+        assert ids.tolist() == expected
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"  # the library's own pool stays off
 
 
 async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_finish_thread(builtin, monkeypatch):

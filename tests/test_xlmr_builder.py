@@ -314,12 +314,12 @@ def server_vectors(
     """What the server computes for TEXTS: its tokenizer, padding, session run and postprocess."""
     model = loaded.model
     tokenized = model.tokenize(TEXTS, task, truncate=False)
-    ids = np.full((len(tokenized), max(len(t.ids) for t in tokenized)), model.tokenizer.pad_id, np.int64)
+    ids = np.full((len(tokenized), max(len(t) for t in tokenized)), model.tokenizer.pad_id, np.int64)
     for row, t in enumerate(tokenized):
-        ids[row, : len(t.ids)] = t.ids
-    mask = (np.arange(ids.shape[1])[None] < np.array([[len(t.ids)] for t in tokenized])).astype(np.int64)
+        ids[row, : len(t)] = t
+    mask = (np.arange(ids.shape[1])[None] < np.array([[len(t)] for t in tokenized])).astype(np.int64)
     results = loaded.sessions.run(0, model.output_names, model.feeds(ids, mask, task))
-    rows = [RowRequest(length=len(t.ids), outputs=outputs) for t in tokenized]
+    rows = [RowRequest(length=len(t), outputs=outputs) for t in tokenized]
     return model.postprocess(results, ids, mask, rows), ids, mask
 
 

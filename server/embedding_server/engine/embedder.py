@@ -243,13 +243,14 @@ class Embedder:
                     ]
                     return Tokenized(windows, document.tokens, document)
                 if inline:
-                    encoded = model.tokenize(job.inputs, task, job.truncate, inline=True)
+                    encoded = model.tokenize(job.inputs, task, job.truncate)
                 else:
                     encoded = await loop.run_in_executor(
                         threads, model.tokenize, job.inputs, task, job.truncate
                     )
-            sequences = [(text.ids, replace(row, length=len(text.ids))) for text in encoded]
-            return Tokenized(sequences, sum(len(ids) for ids, _ in sequences))
+            outputs, dimensions = row.outputs, row.dimensions
+            sequences = [(ids, RowRequest(int(ids.shape[0]), outputs, dimensions)) for ids in encoded]
+            return Tokenized(sequences, sum(int(ids.shape[0]) for ids in encoded))
         finally:
             if backlog:
                 self._tokenizer_backlog.release()

@@ -32,10 +32,10 @@ class WorkItem:
     started: float | None = None  # its batch's session run began
     ran: float | None = None  # its batch's session run returned
     finished: float | None = None  # its vectors are ready
+    length: int = field(init=False)  # tokens; read many times a batch choice, so kept, not a property
 
-    @property
-    def length(self) -> int:
-        return int(self.ids.shape[0])
+    def __post_init__(self) -> None:
+        self.length = int(self.ids.shape[0])
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import numpy as np
 from .files import ModelFiles
 from .late_chunking import LateChunkedDocument, chunk_spans, join_chunks, plan_document
 from .refusals import DocumentTooLong
-from .tokenization import TextTokenizer, TokenizedText
+from .tokenization import TextTokenizer
 from .types import ModelDescription, Output, SequenceVectors, Task
 
 
@@ -114,14 +114,11 @@ class EmbeddingModel(ABC):
         """Models without tasks accept any task; families with tasks refuse unknown ones."""
         return None
 
-    def tokenize(
-        self, texts: list[str], task: Task, truncate: bool, inline: bool = False
-    ) -> list[TokenizedText]:
-        """Each input as the model sees it: task prefix and special tokens included (``inline``:
-        a small request on the event loop, tokenization.TextTokenizer.encode)."""
+    def tokenize(self, texts: list[str], task: Task, truncate: bool) -> list[np.ndarray]:
+        """Each input's token ids as the model sees it: task prefix and special tokens included."""
         prefix = self.prefix(task)
         texts = [prefix + text for text in texts] if prefix else texts
-        return self.tokenizer.encode(texts, truncate=truncate, inline=inline)
+        return self.tokenizer.encode(texts, truncate=truncate)
 
     def tokenize_document(
         self, chunks: list[str], task: Task, max_document_tokens: int, overlap: int

@@ -79,13 +79,13 @@ def tasks_of(model: EmbeddingModel) -> list[Task]:
 def padded(model: EmbeddingModel, texts: list[str], task: Task) -> tuple[list[int], np.ndarray, np.ndarray]:
     """Lengths, ids and mask of ``texts`` as the server pads them (the model's pad id, truncated)."""
     tokenized = model.tokenize(texts, task, truncate=True)
-    longest = max(len(t.ids) for t in tokenized)
-    ids = np.full((len(tokenized), longest), model.tokenizer.pad_id, dtype=np.int64)
+    lengths = [len(t) for t in tokenized]
+    ids = np.full((len(tokenized), max(lengths)), model.tokenizer.pad_id, dtype=np.int64)
     mask = np.zeros_like(ids)
     for row, t in enumerate(tokenized):
-        ids[row, : len(t.ids)] = t.ids
-        mask[row, : len(t.ids)] = 1
-    return [len(t.ids) for t in tokenized], ids, mask
+        ids[row, : len(t)] = t
+        mask[row, : len(t)] = 1
+    return lengths, ids, mask
 
 
 def vectors(model: EmbeddingModel, run: Runner, texts: list[str], task: Task) -> list[SequenceVectors]:
