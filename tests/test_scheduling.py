@@ -7,6 +7,7 @@ so work piles up in a known state, then the order the session saw is read back.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import threading
 
@@ -23,6 +24,7 @@ from embedding_server.engine import batcher as batcher_module
 from embedding_server.engine.embedder import INLINE_TOKENIZE_CHARS
 from embedding_server.engine.jobs import EmbedJob
 from embedding_server.engine.memory import MemoryBudget, ModelShape
+from embedding_server.engine.run_cost import RunCost
 from embedding_server.errors import NotServing, Overloaded
 from embedding_server.grpc_api.interceptors import InFlight
 from embedding_server.models.loader import BUILTIN_MODEL, ModelSpec, load
@@ -473,6 +475,57 @@ async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_finish_thr
     assert threads[0].startswith(f"run-{BUILTIN_MODEL}_")
     assert threads[1].startswith(f"finish-{BUILTIN_MODEL}_")
     assert sessions.runs[0].rows and sessions.runs[1].rows  # both went through the session
+
+
+@pytest.mark.parametrize(("limit", "on_loop"), [(60_000.0, True), (1e-6, False)])  # a real run > 1 ns
+async def test_a_cheap_run_is_made_on_the_event_loop(builtin, monkeypatch, limit, on_loop):
+    """No thread hop for a run predicted (from the model's own runs) within ``inline_run_ms``; the
+    first run, with nothing measured yet, and a run over the limit go to the run threads."""
+    embedder, sessions = make_embedder(builtin, inline_run_ms=limit)
+    await started(embedder, sessions)
+    batcher = embedder.batchers[BUILTIN_MODEL]
+    finished_on: list[str] = []
+    real_finish = batcher_module.finish_batch
+
+    def recording(*args, **kwargs):
+        finished_on.append(threading.current_thread().name)
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "finish_batch", recording)
+    hops: list[object] = []
+    for lane in batcher._lanes.values():
+
+        def counting(fn, *args, real_submit=lane.run.submit):
+            hops.append(fn)
+            return real_submit(fn, *args)
+
+        monkeypatch.setattr(lane.run, "submit", counting)
+    first = await embedder.embed(job(["a query"], INTERACTIVE))
+    assert len(hops) == 1 and batcher._cost.cheapest < 60  # measured on its run thread
+    again = await embedder.embed(job(["a query"], INTERACTIVE))
+    await embedder.embed(job(["a passage"], BATCH))
+    await embedder.close()
+    loop_thread = threading.current_thread().name
+    assert len(sessions.runs) == 3  # every one went through the session
+    assert finished_on[0].startswith(f"run-{BUILTIN_MODEL}_")
+    if on_loop:
+        assert len(hops) == 1
+        assert finished_on[1:] == [loop_thread, loop_thread]  # bulk work's finish step too
+    else:
+        assert len(hops) == 3
+        assert finished_on[1].startswith(f"run-{BUILTIN_MODEL}_")
+        assert finished_on[2].startswith(f"finish-{BUILTIN_MODEL}_")
+    np.testing.assert_allclose(again.vectors[0].dense, first.vectors[0].dense, atol=1e-6)
+
+
+def test_run_cost_predicts_the_fixed_part_and_the_least_cost_per_token():
+    cost = RunCost()
+    assert cost.predict(10) == math.inf  # nothing measured: nothing is cheap
+    cost.record(padded_tokens=10, seconds=0.002)  # 0.2 ms a token, the fixed part at most 2 ms
+    cost.record(padded_tokens=400, seconds=0.020)  # 0.05 ms a token
+    cost.record(padded_tokens=400, seconds=0.080)  # a busy spell: the least stays
+    assert cost.predict(1) == pytest.approx(0.002)  # a small run pays the cheapest run's cost
+    assert cost.predict(1000) == pytest.approx(0.050)
 
 
 def test_only_the_wide_session_spins(builtin):

@@ -49,7 +49,11 @@ def make_embedder(
     on_failure: Callable[[BaseException], None] | None = None,
     **batch: object,
 ) -> tuple[Embedder, CountingSessions]:
-    """``batch``: BatchSettings fields; ``observer`` (e.g. tests.support.observer.RecordingObserver)."""
+    """``batch``: BatchSettings fields; ``observer`` (e.g. tests.support.observer.RecordingObserver).
+
+    Runs are on run threads unless a test asks (``inline_run_ms``): a test that holds a run in its
+    session would hold the event loop too, were the run made there."""
+    batch.setdefault("inline_run_ms", 0)
     sessions = CountingSessions(builtin.sessions)
     loaded = LoadedModel(model=builtin.model, sessions=sessions)  # type: ignore[arg-type]
     settings = EngineSettings(batch=BatchSettings(**batch))  # type: ignore[arg-type]

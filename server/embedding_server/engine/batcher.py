@@ -23,7 +23,10 @@ Two classes of work share the machine:
 
 Both classes run through one ``_run``; only their ``Lane`` (run threads, and
 finish threads or none) differs. A run's slot is handed back the moment the
-model returns, before its finish step.
+model returns, before its finish step. A run that this model's runs so far
+say is cheap (``inline_run_ms``, ``run_cost.py``) is made on the event loop,
+finish step included, with no thread hop: a tiny model's run costs less than
+the hop.
 
 The dispatcher is supervised: if it fails, waiting work fails with UNAVAILABLE
 (reason ``ENGINE_FAILED``), admission refuses new work, and ``on_failure``
@@ -53,6 +56,7 @@ from .admission import CLASSES, Admission, AdmissionControl
 from .finish import finish_batch
 from .jobs import StageTimings
 from .observer import EngineObserver
+from .run_cost import RunCost
 from .tuning import BatchSettings
 from .work import PaddedBatch, WorkItem, pad
 from .work_queue import WorkQueue
@@ -99,6 +103,7 @@ class ModelBatcher:
         self.admission = AdmissionControl(self.model.name, settings, observer)
         self.queue = WorkQueue(self.model.name, settings, observer)
         self._runs = dict.fromkeys(CLASSES, 0)  # runs holding a slot, per class
+        self._cost = RunCost()
         self._interactive_streak = 0
         self._wake = asyncio.Event()
         name = self.model.name
@@ -257,16 +262,20 @@ class ModelBatcher:
 
     async def _run(self, priority: Priority, wide: bool, batch: list[WorkItem]) -> None:
         """One run of either class: the model on the lane's run thread, the finish step on its finish
-        thread (or on the run thread), the slot handed back in between."""
+        thread (or on the run thread), the slot handed back in between; or, when cheap, all of it
+        here on the event loop."""
         loop = asyncio.get_running_loop()
         lane = self._lanes[priority]
         started = time.monotonic()
         for item in batch:
             item.started = started
         try:
-            padded, outputs, ran, vectors = await loop.run_in_executor(
-                lane.run, self._forward, loop, priority, wide, batch, lane.finish is None
-            )
+            if self._cheap(max(item.length for item in batch) * len(batch)):
+                padded, outputs, ran, vectors = self._forward(loop, priority, wide, batch, True)
+            else:
+                padded, outputs, ran, vectors = await loop.run_in_executor(
+                    lane.run, self._forward, loop, priority, wide, batch, lane.finish is None
+                )
             if vectors is None:
                 vectors = await loop.run_in_executor(lane.finish, self._finish, batch, padded, outputs)
         except BaseException as exc:
@@ -289,8 +298,16 @@ class ModelBatcher:
             if not item.future.done():
                 item.future.set_result(result)
 
-    def _run_ended(self, priority: Priority) -> None:
+    def _cheap(self, padded_tokens: int) -> bool:
+        """Whether a run of this size is predicted to cost at most ``inline_run_ms``."""
+        limit = self.settings.inline_run_ms
+        return limit > 0 and self._cost.predict(padded_tokens) * 1000 <= limit
+
+    def _run_ended(self, priority: Priority, padded_tokens: int, seconds: float) -> None:
+        """On the loop: the slot back, and what the session call cost (``seconds``; 0: it failed)."""
         self._runs[priority] -= 1
+        if seconds > 0:
+            self._cost.record(padded_tokens, seconds)
         self._wake.set()
 
     # --- on worker threads -----------------------------------------------------------------
@@ -303,15 +320,18 @@ class ModelBatcher:
         batch: list[WorkItem],
         finish_here: bool,
     ) -> tuple[PaddedBatch, dict[str, np.ndarray], float, list[SequenceVectors] | None]:
-        """The model; the slot is handed back (on the loop) the moment it returns; then, when
-        ``finish_here``, the finish step on this thread."""
+        """The model; the slot is handed back (on the loop) the moment it returns, with the session
+        call's time; then, when ``finish_here``, the finish step on this thread."""
+        padded_tokens, seconds = 0, 0.0
         try:
             padded = pad(batch, self.model.tokenizer.pad_id)
             feeds = self.model.feeds(padded.input_ids, padded.attention_mask, Task(batch[0].task))
+            called = time.monotonic()
             outputs = self.sessions.run(_thread_slot(), self.model.output_names, feeds, wide=wide)
             ran = time.monotonic()  # before the slot is handed back: the next run starts after this
+            padded_tokens, seconds = padded.padded_tokens, ran - called
         finally:
-            loop.call_soon_threadsafe(self._run_ended, priority)
+            loop.call_soon_threadsafe(self._run_ended, priority, padded_tokens, seconds)
         return padded, outputs, ran, self._finish(batch, padded, outputs) if finish_here else None
 
     def _finish(

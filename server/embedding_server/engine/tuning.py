@@ -69,6 +69,12 @@ class BatchSettings:
         "dominate (MiniLM, 16 single-input clients: -8 to -12%% at 8), hence 1",
         at_least=1,
     )
+    inline_run_ms: float = knob(
+        0.5,
+        "a session run this model's runs so far say costs at most this many ms runs on the event "
+        "loop, not a run thread: the thread hop and the GIL hand-offs around it cost ~0.5 ms of "
+        "CPU, more than such a run (a tiny model: 1.3-1.4x calls/s); 0: always on a run thread",
+    )
     max_queue_requests: int = knob(
         1024, "requests admitted and not yet answered before RESOURCE_EXHAUSTED", at_least=1
     )
