@@ -68,6 +68,28 @@ def test_no_key_is_unauthenticated_with_a_clear_message(keyed_server):
     assert "authorization: Bearer" in info.value.details()
 
 
+def test_a_refused_call_is_observed_like_any_other(keyed_server):
+    """The observing interceptor sits outside the auth layer: a refusal is counted, and its
+    access-log line names the call's request id."""
+
+    def refusals() -> float:
+        reply = httpx.get(f"{keyed_server.rest_url}/metrics", headers=dict(bearer(FLAG_KEY)), timeout=10)
+        reply.raise_for_status()
+        wanted = 'embedding_requests_total{code="UNAUTHENTICATED",method="Tokenize"}'
+        return sum(float(line.split()[-1]) for line in reply.text.splitlines() if line.startswith(wanted))
+
+    counted = refusals()
+    with pytest.raises(grpc.RpcError) as info:
+        keyed_server.stub().Tokenize(
+            pb.TokenizeRequest(inputs=["hi"]), metadata=[("x-request-id", "refused-7c2e")], timeout=10
+        )
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert keyed_server.logged("Tokenize UNAUTHENTICATED")
+    line = next(line for line in keyed_server.log().splitlines() if "Tokenize UNAUTHENTICATED" in line)
+    assert "refused-7c2e" in line
+    assert refusals() == counted + 1
+
+
 @pytest.mark.parametrize("value", ["Bearer not-a-key", f"Basic {FLAG_KEY}", FLAG_KEY, f"Bearer {FLAG_KEY}x"])
 def test_wrong_key_or_scheme_is_unauthenticated(keyed_server, value):
     with pytest.raises(grpc.RpcError) as info:
