@@ -271,10 +271,16 @@ class ModelBatcher:
             item.started = started
         try:
             if self._cheap(max(item.length for item in batch) * len(batch)):
-                padded, outputs, ran, vectors = self._forward(loop, priority, wide, batch, True)
+                padded, outputs, ran, vectors = self._forward(loop.call_soon, priority, wide, batch, True)
             else:
                 padded, outputs, ran, vectors = await loop.run_in_executor(
-                    lane.run, self._forward, loop, priority, wide, batch, lane.finish is None
+                    lane.run,
+                    self._forward,
+                    loop.call_soon_threadsafe,
+                    priority,
+                    wide,
+                    batch,
+                    lane.finish is None,
                 )
             if vectors is None:
                 vectors = await loop.run_in_executor(lane.finish, self._finish, batch, padded, outputs)
@@ -314,14 +320,15 @@ class ModelBatcher:
 
     def _forward(
         self,
-        loop: asyncio.AbstractEventLoop,
+        on_loop: Callable[..., object],
         priority: Priority,
         wide: bool,
         batch: list[WorkItem],
         finish_here: bool,
     ) -> tuple[PaddedBatch, dict[str, np.ndarray], float, list[SequenceVectors] | None]:
-        """The model; the slot is handed back (on the loop) the moment it returns, with the session
-        call's time; then, when ``finish_here``, the finish step on this thread."""
+        """The model; the slot is handed back (on the loop, through ``on_loop``: the loop's
+        ``call_soon_threadsafe``, or ``call_soon`` on the loop itself) the moment it returns, with
+        the session call's time; then, when ``finish_here``, the finish step on this thread."""
         padded_tokens, seconds = 0, 0.0
         try:
             padded = pad(batch, self.model.tokenizer.pad_id)
@@ -331,7 +338,7 @@ class ModelBatcher:
             ran = time.monotonic()  # before the slot is handed back: the next run starts after this
             padded_tokens, seconds = padded.padded_tokens, ran - called
         finally:
-            loop.call_soon_threadsafe(self._run_ended, priority, padded_tokens, seconds)
+            on_loop(self._run_ended, priority, padded_tokens, seconds)
         return padded, outputs, ran, self._finish(batch, padded, outputs) if finish_here else None
 
     def _finish(
