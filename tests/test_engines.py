@@ -18,7 +18,7 @@ from embedding_server.errors import StartupError
 from embedding_server.models import engines, openvino_pool
 from embedding_server.models.engines import ONNXRUNTIME, OPENVINO, Candidate
 from embedding_server.selection import measure
-from embedding_server.selection.rule import REFERENCE, Measured, choose, speedup
+from embedding_server.selection.rule import MIN_SPEEDUP, REFERENCE, Measured, choose, speedup
 
 from tests.support.reference import BgeM3Reference, CosineLog, JinaV3Reference, SentenceTransformersReference
 from tests.support.server import RunningServer, free_port, server_command, start_server
@@ -170,6 +170,17 @@ def test_speed_is_the_geometric_mean_of_short_and_long():
     fast_short_only = row(OV_FP32, 2400, 3.2, 1.0)  # 10x on short, 0.1x on long: 1.0x overall
     assert speedup(fast_short_only, TABLE[0]) == pytest.approx(1.0)
     assert choose([TABLE[0], fast_short_only], 0.9999).candidate == REFERENCE  # a tie keeps the reference
+
+
+def test_the_reference_stays_unless_beaten_by_the_margin():
+    """Within MIN_SPEEDUP the reference keeps its place (a measurement moves by 5-10% here)."""
+    just_faster = row(OV_FP32, 240 * (MIN_SPEEDUP - 0.01), 32 * (MIN_SPEEDUP - 0.01), 1.0)
+    clearly_faster = row(OV_FP32, 240 * (MIN_SPEEDUP + 0.01), 32 * (MIN_SPEEDUP + 0.01), 1.0)
+    assert choose([TABLE[0], just_faster], 0.9999).candidate == REFERENCE
+    assert choose([TABLE[0], clearly_faster], 0.9999).candidate == OV_FP32
+    # without the reference among the allowed (--engine openvino), the fastest allowed row still wins
+    assert choose([TABLE[0], just_faster, TABLE[2]], 0.9, allowed=[OV_FP32, OV_BF16]).candidate == OV_BF16
+    assert choose([TABLE[0], just_faster], 0.9999, allowed=[OV_FP32]).candidate == OV_FP32
 
 
 def test_an_explicit_engine_is_honoured_even_below_the_floor():
