@@ -447,27 +447,38 @@ def test_tokenizing_gives_the_files_own_tokens_and_refusals(builtin):
     assert os.environ["TOKENIZERS_PARALLELISM"] == "false"  # the library's own pool stays off
 
 
+def finish_threads(monkeypatch) -> list[str]:
+    """The name of the thread each finish step runs on, in order, from now on."""
+    names: list[str] = []
+    real_finish = batcher_module.finish_batch
+
+    def recording(*args, **kwargs):
+        names.append(threading.current_thread().name)
+        return real_finish(*args, **kwargs)
+
+    monkeypatch.setattr(batcher_module, "finish_batch", recording)
+    return names
+
+
+def run_thread_hops(monkeypatch, batcher) -> list[object]:
+    """Each function handed to one of the batcher's run threads (either class), from now on."""
+    hops: list[object] = []
+    for lane in batcher._lanes.values():
+
+        def counting(fn, *args, real_submit=lane.run.submit):
+            hops.append(fn)
+            return real_submit(fn, *args)
+
+        monkeypatch.setattr(lane.run, "submit", counting)
+    return hops
+
+
 async def test_a_query_is_finished_on_its_run_thread_bulk_work_on_the_finish_thread(builtin, monkeypatch):
     """One thread hop per query; bulk runs hand their finish step to the niced finish thread."""
     embedder, sessions = make_embedder(builtin)
     await started(embedder, sessions)
-    threads: list[str] = []
-    real_finish = batcher_module.finish_batch
-
-    def recording(*args, **kwargs):
-        threads.append(threading.current_thread().name)
-        return real_finish(*args, **kwargs)
-
-    monkeypatch.setattr(batcher_module, "finish_batch", recording)
-    run_threads = embedder.batchers[BUILTIN_MODEL]._lanes[INTERACTIVE].run
-    hops: list[object] = []
-    real_submit = run_threads.submit
-
-    def counting(fn, *args):
-        hops.append(fn)
-        return real_submit(fn, *args)
-
-    monkeypatch.setattr(run_threads, "submit", counting)
+    threads = finish_threads(monkeypatch)
+    hops = run_thread_hops(monkeypatch, embedder.batchers[BUILTIN_MODEL])
     await embedder.embed(job(["a query"], INTERACTIVE))
     assert len(hops) == 1  # run and finish in one hop
     await embedder.embed(job(["a passage"], BATCH))
@@ -484,22 +495,8 @@ async def test_a_cheap_run_is_made_on_the_event_loop(builtin, monkeypatch, limit
     embedder, sessions = make_embedder(builtin, inline_run_ms=limit)
     await started(embedder, sessions)
     batcher = embedder.batchers[BUILTIN_MODEL]
-    finished_on: list[str] = []
-    real_finish = batcher_module.finish_batch
-
-    def recording(*args, **kwargs):
-        finished_on.append(threading.current_thread().name)
-        return real_finish(*args, **kwargs)
-
-    monkeypatch.setattr(batcher_module, "finish_batch", recording)
-    hops: list[object] = []
-    for lane in batcher._lanes.values():
-
-        def counting(fn, *args, real_submit=lane.run.submit):
-            hops.append(fn)
-            return real_submit(fn, *args)
-
-        monkeypatch.setattr(lane.run, "submit", counting)
+    finished_on = finish_threads(monkeypatch)
+    hops = run_thread_hops(monkeypatch, batcher)
     first = await embedder.embed(job(["a query"], INTERACTIVE))
     assert len(hops) == 1 and batcher._cost.cheapest < 60  # measured on its run thread
     again = await embedder.embed(job(["a query"], INTERACTIVE))

@@ -250,7 +250,7 @@ class Embedder:
                     )
             outputs, dimensions = row.outputs, row.dimensions
             sequences = [(ids, RowRequest(int(ids.shape[0]), outputs, dimensions)) for ids in encoded]
-            return Tokenized(sequences, sum(int(ids.shape[0]) for ids in encoded))
+            return Tokenized(sequences, sum(row.length for _, row in sequences))
         finally:
             if backlog:
                 self._tokenizer_backlog.release()

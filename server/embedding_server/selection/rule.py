@@ -75,7 +75,7 @@ def choose(table: Sequence[Measured], floor: float, allowed: Collection[Candidat
     passing = [row for row in rows if row.min_cosine >= floor or row.candidate == REFERENCE]
     if not passing:
         return max(rows, key=lambda row: row.min_cosine)
-    fastest = max(passing, key=lambda row: (speedup(row, reference), row.candidate == REFERENCE))
+    fastest = max(passing, key=lambda row: speedup(row, reference))  # a tie is within the margin
     if reference in passing and speedup(fastest, reference) < MIN_SPEEDUP:
         return reference
     return fastest
