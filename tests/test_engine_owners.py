@@ -14,7 +14,7 @@ import pytest
 from embedding_server.engine.admission import BATCH_ADMISSION_SHARE, AdmissionControl
 from embedding_server.engine.memory import MemoryBudget, ModelShape
 from embedding_server.engine.tuning import BatchSettings
-from embedding_server.engine.work import WorkItem
+from embedding_server.engine.work import Reply, WorkItem
 from embedding_server.engine.work_queue import WorkQueue
 from embedding_server.errors import DeadlineExpired, MemoryLimitExceeded, NotServing, Overloaded
 from embedding_server.models.base import RowRequest
@@ -84,6 +84,7 @@ def items(
     key: int = 0,
     deadline: float | None = None,
 ) -> list[WorkItem]:
+    reply = Reply(loop.create_future(), len(lengths))  # one request of these sequences
     return [
         WorkItem(
             np.arange(n, dtype=np.int64),
@@ -91,11 +92,12 @@ def items(
             key,
             0,
             deadline,
-            loop.create_future(),
+            reply,
             priority,
             flow,
+            index,
         )
-        for n in lengths
+        for index, n in enumerate(lengths)
     ]
 
 
@@ -140,9 +142,9 @@ async def test_drops_are_reported_by_reason_and_fail_or_cancel_their_callers():
     queue.discard(gone)  # the caller went away
     queue.drop_expired()
     assert observed.dropped == {("m", INTERACTIVE, "deadline"): 2, ("m", BATCH, "cancelled"): 3}
-    assert all(isinstance(item.future.exception(), DeadlineExpired) for item in late)
-    assert all(item.future.cancelled() for item in gone)
+    assert all(isinstance(item.reply.future.exception(), DeadlineExpired) for item in late)
+    assert all(item.reply.future.cancelled() for item in gone)
     assert (queue.total, queue.flows) == (1, 1)
     queue.fail_waiting(NotServing("shutting down"))
-    assert isinstance(kept[0].future.exception(), NotServing) and queue.total == 0
+    assert isinstance(kept[0].reply.future.exception(), NotServing) and queue.total == 0
     assert sum(observed.dropped.values()) == 5  # a failed item is answered, not dropped

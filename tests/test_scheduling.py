@@ -10,6 +10,7 @@ import asyncio
 import math
 import os
 import threading
+import time
 
 import grpc
 import httpx
@@ -22,7 +23,8 @@ from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
 from embedding_server.engine import batcher as batcher_module
 from embedding_server.engine.embedder import INLINE_TOKENIZE_CHARS
-from embedding_server.engine.jobs import EmbedJob
+from embedding_server.engine.gather import LoopGather
+from embedding_server.engine.jobs import EmbedJob, EmbedResult
 from embedding_server.engine.memory import MemoryBudget, ModelShape
 from embedding_server.engine.run_cost import RunCost
 from embedding_server.errors import NotServing, Overloaded
@@ -513,6 +515,45 @@ async def test_a_cheap_run_is_made_on_the_event_loop(builtin, monkeypatch, limit
         assert finished_on[1].startswith(f"run-{BUILTIN_MODEL}_")
         assert finished_on[2].startswith(f"finish-{BUILTIN_MODEL}_")
     np.testing.assert_allclose(again.vectors[0].dense, first.vectors[0].dense, atol=1e-6)
+
+
+@pytest.mark.parametrize(("gather_ms", "runs"), [(60_000.0, 1), (0.0, 2)])
+async def test_a_run_gathers_the_requests_the_loop_is_still_reading_in(builtin, gather_ms, runs):
+    """Six queries reach the queue one loop iteration apart (as gRPC hands a server its calls): with
+    the gather on, the dispatcher waits out the loop's work and runs them together; without it, the
+    first runs alone the moment it lands and the others make the next run."""
+    embedder, sessions = make_embedder(builtin, batch_gather_ms=gather_ms)
+    await started(embedder, sessions)
+
+    async def query(steps: int) -> EmbedResult:
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        return await embedder.embed(job([f"query {steps}"], INTERACTIVE))
+
+    results = await asyncio.gather(*(query(steps) for steps in range(6)))
+    await embedder.close()
+    assert len(sessions.runs) == runs
+    assert sorted(len(run.rows) for run in sessions.runs) == ([6] if runs == 1 else [1, 5])
+    assert all(result.vectors[0].dense is not None for result in results)
+
+
+async def test_the_gather_waits_while_the_loop_is_busy_and_not_once_it_is_idle():
+    gather = LoopGather(60.0)
+    assert await asyncio.wait_for(gather.wait(lambda: False), 30)  # idle: back after a few iterations
+    assert not await gather.wait(lambda: True)  # a whole batch waits: no yield at all
+
+    async def busy(steps: int) -> None:  # another task's work between its awaits, 2 ms a step
+        for _ in range(steps):
+            time.sleep(0.002)
+            await asyncio.sleep(0)
+
+    worker = asyncio.get_running_loop().create_task(busy(20))
+    await gather.wait(lambda: False)
+    assert worker.done()  # it waited the busy task out
+    worker = asyncio.get_running_loop().create_task(busy(1000))
+    await LoopGather(0.02).wait(lambda: False)
+    assert not worker.done()  # ... but not past its limit
+    worker.cancel()
 
 
 def test_run_cost_predicts_the_fixed_part_and_the_least_cost_per_token():

@@ -52,8 +52,10 @@ def make_embedder(
     """``batch``: BatchSettings fields; ``observer`` (e.g. tests.support.observer.RecordingObserver).
 
     Runs are on run threads unless a test asks (``inline_run_ms``): a test that holds a run in its
-    session would hold the event loop too, were the run made there."""
+    session would hold the event loop too, were the run made there. A run takes what waits at once
+    unless a test asks (``batch_gather_ms``): the batches a test expects are the ones it queued."""
     batch.setdefault("inline_run_ms", 0)
+    batch.setdefault("batch_gather_ms", 0)
     sessions = CountingSessions(builtin.sessions)
     loaded = LoadedModel(model=builtin.model, sessions=sessions)  # type: ignore[arg-type]
     settings = EngineSettings(batch=BatchSettings(**batch))  # type: ignore[arg-type]

@@ -54,11 +54,12 @@ from ..models.loaded import LoadedModel
 from ..models.types import Priority, SequenceVectors, Task
 from .admission import CLASSES, Admission, AdmissionControl
 from .finish import finish_batch
+from .gather import LoopGather
 from .jobs import StageTimings
 from .observer import EngineObserver
 from .run_cost import RunCost
 from .tuning import BatchSettings
-from .work import PaddedBatch, WorkItem, pad
+from .work import PaddedBatch, Reply, WorkItem, pad
 from .work_queue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ class ModelBatcher:
         self.queue = WorkQueue(self.model.name, settings, observer)
         self._runs = dict.fromkeys(CLASSES, 0)  # runs holding a slot, per class
         self._cost = RunCost()
+        self._gather = LoopGather(settings.batch_gather_ms / 1000)
         self._interactive_streak = 0
         self._wake = asyncio.Event()
         name = self.model.name
@@ -166,14 +168,16 @@ class ModelBatcher:
             raise _engine_failed(self.failure)
         loop = asyncio.get_running_loop()
         key = self.model.batch_key(task)
+        reply = Reply(loop.create_future(), len(sequences))
+        task_number = int(task)
         items = [
-            WorkItem(ids, row, key, int(task), deadline, loop.create_future(), priority, flow)
-            for ids, row in sequences
+            WorkItem(ids, row, key, task_number, deadline, reply, priority, flow, index)
+            for index, (ids, row) in enumerate(sequences)
         ]
         self.queue.put(items)
         self._wake.set()
         try:
-            vectors = list(await asyncio.gather(*(item.future for item in items)))
+            vectors = await reply.future
         except BaseException:
             self.queue.discard(items)  # cancelled or failed: what still waits never runs
             raise
@@ -203,8 +207,11 @@ class ModelBatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            if self.settings.max_batch_wait_ms > 0 and queue.total < self.settings.max_batch_size:
+            waited = await self._gather.wait(self._batch_full)
+            if self.settings.max_batch_wait_ms > 0 and not self._batch_full():
                 await asyncio.sleep(self.settings.max_batch_wait_ms / 1000)
+                waited = True
+            if waited:
                 queue.drop_expired()
                 choice = self._choose()
                 if choice is None:
@@ -219,6 +226,10 @@ class ModelBatcher:
             task = asyncio.get_running_loop().create_task(self._run(priority, wide, batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _batch_full(self) -> bool:
+        """Whether enough waits for a whole run, so waiting for more gains nothing."""
+        return self.queue.total >= self.settings.max_batch_size
 
     def _choose(self) -> tuple[Priority, bool] | None:
         """Which class runs next, and whether on the wide session; None: nothing may start now."""
@@ -301,8 +312,7 @@ class ModelBatcher:
         for item, result in zip(batch, vectors, strict=True):
             item.ran = ran
             item.finished = finished
-            if not item.future.done():
-                item.future.set_result(result)
+            item.reply.deliver(item.index, result)
 
     def _cheap(self, padded_tokens: int) -> bool:
         """Whether a run of this size is predicted to cost at most ``inline_run_ms``."""
@@ -388,6 +398,6 @@ def _stage_timings(items: list[WorkItem]) -> StageTimings:
 
 
 def _fail(batch: list[WorkItem], exc: BaseException) -> None:
+    error = exc if isinstance(exc, Exception) else RuntimeError("batch cancelled")
     for item in batch:
-        if not item.future.done():
-            item.future.set_exception(exc if isinstance(exc, Exception) else RuntimeError("batch cancelled"))
+        item.reply.fail(error)

@@ -60,6 +60,11 @@ class BatchSettings:
         "of its own length (CPU cost is linear in padded tokens; 0: no limit)",
     )
     max_batch_wait_ms: float = knob(0.0, "extra wait in ms for a batch to fill when a run slot is free")
+    batch_gather_ms: float = knob(
+        1.0,
+        "most ms a batch waits, while the event loop is busy, for the requests it is still reading "
+        "in (an idle loop: no wait); 0: take what waits at once",
+    )
     min_parallel_batch: int = knob(
         1,
         "interactive sequences that must wait before a run of them starts beside another interactive "

@@ -15,6 +15,43 @@ from ..models.types import Priority, SequenceVectors
 _arrival = itertools.count()
 
 
+class Reply:
+    """One request's vectors, gathered from its items' runs in input order, behind one future.
+
+    One future per request rather than one per item and a gather over them: an input's future, its
+    done callback and the gather's bookkeeping cost ~4 us each, about a sixth of a short input's
+    own cost on the loop. Every item of a request shares its ``Reply``: the first failure
+    (a failed run, a deadline) fails the request, a cancelled caller cancels it.
+    """
+
+    __slots__ = ("_missing", "_vectors", "future")
+
+    def __init__(self, future: asyncio.Future[list[SequenceVectors]], count: int) -> None:
+        self.future = future
+        self._vectors: list[SequenceVectors | None] = [None] * count
+        self._missing = count
+
+    def done(self) -> bool:
+        """Answered, failed or cancelled: its waiting items need not run."""
+        return self.future.done()
+
+    def deliver(self, index: int, vectors: SequenceVectors) -> None:
+        """Item ``index``'s vectors; the last one answers the request."""
+        if self.future.done():
+            return
+        self._vectors[index] = vectors
+        self._missing -= 1
+        if self._missing == 0:
+            self.future.set_result(self._vectors)  # type: ignore[arg-type]  # every slot is filled
+
+    def fail(self, error: BaseException) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    def cancel(self) -> None:
+        self.future.cancel()
+
+
 @dataclass(eq=False)
 class WorkItem:
     """One sequence (an input, or a late-chunked document) waiting for a session run."""
@@ -24,9 +61,10 @@ class WorkItem:
     batch_key: int  # items with equal keys may share a run (jina-v3: the task)
     task: int
     deadline: float | None  # time.monotonic() after which the model must not run it
-    future: asyncio.Future[SequenceVectors]
+    reply: Reply  # its request's, shared by all the request's items
     priority: Priority = Priority.INTERACTIVE  # never UNSPECIFIED here: the API layer resolves it
     flow: object = None  # batch work: the fair-queueing key (one client connection)
+    index: int = 0  # its place among its request's sequences
     arrival: int = field(default_factory=lambda: next(_arrival))
     enqueued: float = field(default_factory=time.monotonic)  # for queue/inference timings
     started: float | None = None  # its batch's session run began

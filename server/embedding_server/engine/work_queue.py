@@ -69,7 +69,7 @@ class WorkQueue:
             self._depth[item.priority] += 1
 
     def discard(self, items: list[WorkItem]) -> None:
-        """Remove what still waits of a request whose caller went away (its futures are cancelled)."""
+        """Remove what still waits of a request whose caller went away (its reply is cancelled)."""
         dropped = dict.fromkeys(CLASSES, 0)
         for item in items:
             waiting = self._waiting_of(item)
@@ -77,8 +77,7 @@ class WorkQueue:
                 waiting.remove(item)
                 self._depth[item.priority] -= 1
                 dropped[item.priority] += 1
-            if not item.future.done():
-                item.future.cancel()
+            item.reply.cancel()
         self._forget_empty_flows()
         self._report(dropped, "cancelled")
 
@@ -121,20 +120,22 @@ class WorkQueue:
         cancelled = dict.fromkeys(CLASSES, 0)
         expired = dict.fromkeys(CLASSES, 0)
         for waiting in self._queues():
-            if not any(item.future.done() or _expired(item, moment) for item in waiting):
+            if not any(item.reply.done() or _expired(item, moment) for item in waiting):
                 continue
             live = []
             for item in waiting:
-                if item.future.done():
-                    cancelled[item.priority] += 1
-                elif _expired(item, moment):
+                # The deadline first: the first expired item of a request fails its reply, and its
+                # other items (the same deadline) are deadline drops too, not cancellations.
+                if _expired(item, moment):
                     expired[item.priority] += 1
-                    item.future.set_exception(
+                    item.reply.fail(
                         DeadlineExpired(
                             "deadline exceeded while queued; the model did not run it",
                             reason="DEADLINE_EXCEEDED_IN_QUEUE",
                         )
                     )
+                elif item.reply.done():
+                    cancelled[item.priority] += 1
                 else:
                     live.append(item)
                     continue
@@ -148,8 +149,7 @@ class WorkQueue:
         """Fail everything that waits with ``error`` (shutdown, or the engine failed)."""
         for waiting in self._queues():
             for item in waiting:
-                if not item.future.done():
-                    item.future.set_exception(error)
+                item.reply.fail(error)
             waiting.clear()
         self._depth = dict.fromkeys(CLASSES, 0)
         self._forget_empty_flows()
