@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,21 @@ def test_an_attention_that_never_holds_all_scores_lets_a_window_run_alone():
         assert budgets[kind].fits(1, longest) and not budgets[kind].fits(1, longest + 1)
         assert longest > 8192
     assert not budgets["fused"].fits(2, 4096) and budgets["blocked"].fits(2, 4096)
+
+
+@pytest.mark.parametrize("kind", ["plain", "fused", "blocked"])
+def test_fits_answers_as_the_run_estimate_does(kind: str):
+    """``fits`` looks up the most rows per length; its answers are the estimate's, run by run."""
+    shape = ModelShape.from_config(XLMR_LARGE, 1024, kind)
+    budget = MemoryBudget.plan(shape, limit=3 << 30, baseline=600 * MIB, runs=2)
+    for longest in (1, 7, 64, 500, 2048, budget.longest_single(), budget.longest_single() + 1, 9000):
+        for count in (*range(0, 40), 100, 1000, 5000):
+            assert budget.fits(count, longest) == (shape.run_bytes(count, longest) <= budget.run_bytes)
+    smaller = replace(budget, run_bytes=budget.run_bytes // 4)  # a copy does not share the lookups
+    assert smaller.fits(1, 512) == (shape.run_bytes(1, 512) <= smaller.run_bytes)
+    assert [n for n in range(1, 300) if smaller.fits(n, 512)] != [
+        n for n in range(1, 300) if budget.fits(n, 512)
+    ]
 
 
 @pytest.mark.parametrize("kind", ["plain", "fused"])

@@ -32,7 +32,7 @@ import ctypes
 import gc
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,9 @@ class MemoryBudget:
     baseline: int = 0  # what the plan left out of the limit: models, runtime, interpreter
     runs: int = 1
     share: float = 1.0
+    #: longest → the most rows a run of it may hold: batch selection asks ``fits`` for every
+    #: neighbour it weighs, and the estimate costs more than the lookup (one entry per length).
+    _rows: dict[int, int] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @classmethod
     def plan(
@@ -168,7 +171,21 @@ class MemoryBudget:
         return math.ceil((working + self.baseline) / PLANNED_FRACTION)
 
     def fits(self, count: int, longest: int) -> bool:
-        return self.shape.run_bytes(count, longest) <= self.run_bytes
+        rows = self._rows.get(longest)
+        if rows is None:
+            rows = self._rows[longest] = self._rows_that_fit(longest)
+        return count <= rows
+
+    def _rows_that_fit(self, longest: int) -> int:
+        """The largest count whose run estimate is within ``run_bytes`` (the estimate grows with count)."""
+        low, high = 0, self.run_bytes // max(1, longest * self.shape.hidden * ACTIVATION_BYTES) + 1
+        while low < high:  # ``low`` rows fit; more than ``high`` do not
+            middle = (low + high + 1) // 2
+            if self.shape.run_bytes(middle, longest) <= self.run_bytes:
+                low = middle
+            else:
+                high = middle - 1
+        return low
 
     def longest_single(self) -> int:
         """The longest sequence a run may hold alone."""
