@@ -19,8 +19,9 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
 def embedding_handler(servicer: EmbeddingServicer) -> grpc.GenericRpcHandler:
-    """Method handlers with parsers that turn undecodable bytes into INVALID_ARGUMENT, not INTERNAL."""
-    serialize = lambda message: message.SerializeToString()  # noqa: E731
+    """Method handlers with parsers that turn undecodable bytes into INVALID_ARGUMENT, not INTERNAL,
+    and a serializer that sends a reply already written as bytes (convert.encoded_response) as it is."""
+    serialize = lambda message: message if isinstance(message, bytes) else message.SerializeToString()  # noqa: E731
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Embed": grpc.unary_unary_rpc_method_handler(servicer.Embed, safe_parser(pb.EmbedRequest), serialize),
         "StreamEmbed": grpc.stream_stream_rpc_method_handler(

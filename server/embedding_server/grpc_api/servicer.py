@@ -84,18 +84,20 @@ class EmbeddingServicer:
         self.stream_window = stream_window
         self.tracing = tracing
 
-    async def Embed(
-        self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> pb.EmbedResponse:
+    async def Embed(self, request: pb.EmbedRequest, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+        """The reply goes out as the bytes ``encoded_response`` wrote (server.py sends bytes as they are)."""
         try:
             _check_parsed(request)
-            return await self.embed_message(request, _deadline(context), Priority.INTERACTIVE, context.peer())
+            result = await self.embed_result(
+                request, _deadline(context), Priority.INTERACTIVE, context.peer()
+            )
+            return convert.encoded_response(request.request_id, result)
         except Exception as exc:
             await abort(context, exc, "Embed")
 
-    async def embed_message(
+    async def embed_result(
         self, request: pb.EmbedRequest, deadline: float | None, unspecified: Priority, flow: object
-    ) -> pb.EmbedResponse:
+    ) -> EmbedResult:
         """One request through the engine: the step Embed, each StreamEmbed request and the
         in-process REST shim (rest/local.py) share. Raises what the engine raised.
 
@@ -104,7 +106,13 @@ class EmbeddingServicer:
         """
         embedder = self.state.require()
         job = convert.to_job(request, deadline, unspecified, flow=flow)
-        result = _recorded(await embedder.embed(job), self.tracing)
+        return _recorded(await embedder.embed(job), self.tracing)
+
+    async def embed_message(
+        self, request: pb.EmbedRequest, deadline: float | None, unspecified: Priority, flow: object
+    ) -> pb.EmbedResponse:
+        """``embed_result`` as a reply message (the REST shim's)."""
+        result = await self.embed_result(request, deadline, unspecified, flow)
         return convert.to_response(request.request_id, result)
 
     def models_message(self) -> pb.ListModelsResponse:
@@ -134,7 +142,7 @@ class EmbeddingServicer:
 
     async def StreamEmbed(
         self, requests: AsyncIterator[pb.EmbedRequest], context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[pb.EmbedResponse]:
+    ) -> AsyncIterator[pb.EmbedResponse | bytes]:
         """Every request answered once, in completion order, at most ``stream_window`` in flight.
 
         The reader takes a window slot before reading the next request and the
@@ -143,7 +151,7 @@ class EmbeddingServicer:
         instead of growing the server's memory.
         """
         window = asyncio.Semaphore(self.stream_window)
-        replies: asyncio.Queue[pb.EmbedResponse | None] = asyncio.Queue()
+        replies: asyncio.Queue[pb.EmbedResponse | bytes | None] = asyncio.Queue()
         in_flight: set[asyncio.Task[None]] = set()
         deadline = _deadline(context)
         flow = context.peer()  # fair share per client connection, however many streams it opens
@@ -179,22 +187,24 @@ class EmbeddingServicer:
 
     async def _stream_reply(
         self, request: pb.EmbedRequest | MalformedRequest, deadline: float | None, flow: object
-    ) -> pb.EmbedResponse:
+    ) -> pb.EmbedResponse | bytes:
         if self.tracing is None:
             return await self._stream_answer(request, deadline, flow)
         with self.tracing.stream_request(request.request_id) as span:
             reply = await self._stream_answer(request, deadline, flow)
-            if reply.HasField("error"):
+            if isinstance(reply, pb.EmbedResponse):  # only a failed request's reply is a message
                 mark_failed(reply.error.code, reply.error.message, span)
             return reply
 
     async def _stream_answer(
         self, request: pb.EmbedRequest | MalformedRequest, deadline: float | None, flow: object
-    ) -> pb.EmbedResponse:
+    ) -> pb.EmbedResponse | bytes:
+        """A reply's bytes (``encoded_response``), or the message that carries its request's error."""
         try:
             _check_parsed(request)
             # _check_parsed raised for a MalformedRequest: this is an EmbedRequest
-            return await self.embed_message(request, deadline, Priority.BATCH, flow)  # type: ignore[arg-type]
+            result = await self.embed_result(request, deadline, Priority.BATCH, flow)  # type: ignore[arg-type]
+            return convert.encoded_response(request.request_id, result)
         except Exception as exc:  # a bug is answered on the stream too (INTERNAL); the stream goes on
             error = as_service_error(exc, f"StreamEmbed request {request.request_id!r}")
             return pb.EmbedResponse(request_id=request.request_id, error=to_rpc_status(error))

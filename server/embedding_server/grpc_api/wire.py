@@ -1,16 +1,61 @@
-"""Finding which string field of an unparseable request holds bad UTF-8.
+"""The protobuf wire format by hand, in the two places protobuf's own API falls short.
 
-protobuf's parser only says "String field had bad UTF-8"; a client needs the
-field's name (and, for a repeated field, its index) to fix the request. This
-walks the top-level wire format of the raw bytes, which is all our request
-messages have (no nested string fields).
+- **Reading**: which string field of an unparseable request holds bad UTF-8.
+  protobuf's parser only says "String field had bad UTF-8"; a client needs the
+  field's name (and, for a repeated field, its index) to fix the request. This
+  walks the top-level wire format of the raw bytes, which is all our request
+  messages have (no nested string fields).
+- **Writing**: a float32 array as a packed ``repeated float`` field is its
+  little-endian bytes behind a tag and a length, so a reply's vectors are
+  written with one ``tobytes`` each instead of a Python float per component
+  (grpc_api/convert.py ``encoded_response``).
 """
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 VARINT, FIXED64, LENGTH_DELIMITED, FIXED32 = 0, 1, 2, 5
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def varint(value: int) -> bytes:
+    """A non-negative integer as a base-128 varint (cached: a reply's lengths and indices repeat)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def key(number: int, wire_type: int) -> bytes:
+    """A field's tag: its number and wire type."""
+    return varint(number << 3 | wire_type)
+
+
+def varint_field(number: int, value: int) -> bytes:
+    """An integer field; nothing for 0, which proto3 leaves out."""
+    return key(number, VARINT) + varint(value) if value else b""
+
+
+def length_delimited(number: int, payload: bytes) -> bytes:
+    """A message, bytes or packed field; written even when empty (a set sub-message stays set)."""
+    return key(number, LENGTH_DELIMITED) + varint(len(payload)) + payload
+
+
+def float_bytes(values: np.ndarray) -> bytes:
+    """The components of a ``repeated float`` field as its packed payload: little-endian float32."""
+    return np.ascontiguousarray(values, dtype="<f4").tobytes()
+
+
+def packed_floats(number: int, values: np.ndarray) -> bytes:
+    """A ``repeated float`` field (packed, as proto3 writes it); nothing when there are none."""
+    raw = float_bytes(values)
+    return length_delimited(number, raw) if raw else b""
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:
