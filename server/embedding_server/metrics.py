@@ -136,6 +136,7 @@ class Metrics(CallMetrics):
         super().__init__(registry, process_collectors)
         r = self.registry
         self._run_series: dict[tuple[str, Priority], _RunSeries] = {}
+        self._queue_series: dict[tuple[str, Priority], Any] = {}
         self.queue_seconds = Histogram(
             "embedding_queue_seconds",
             "Per embedding job: time until a session first took its work.",
@@ -251,7 +252,12 @@ class Metrics(CallMetrics):
         inference_seconds: float,
         priority: Priority = Priority.INTERACTIVE,
     ) -> None:
-        self.queue_seconds.labels(model, _class(priority)).observe(queue_seconds)
+        series = self._queue_series.get((model, priority))
+        if series is None:  # labels() validates and locks each time: the child is kept instead
+            series = self._queue_series[(model, priority)] = self.queue_seconds.labels(
+                model, _class(priority)
+            )
+        series.observe(queue_seconds)
 
     def on_refused(self, model: str, priority: Priority, reason: str) -> None:
         self.refused.labels(model, _class(priority), reason).inc()

@@ -39,28 +39,28 @@ def select_batch(
     if not waiting:
         return []
     by_length = sorted(waiting, key=lambda item: (item.length, item.arrival))
+    lengths = [item.length for item in by_length]  # read many times below: a list, not attributes
     anchor = min(range(len(by_length)), key=lambda i: by_length[i].arrival)
     low = high = anchor
-    target = by_length[anchor].length
+    target = lengths[anchor]
 
     def fits(index: int) -> bool:
         count = high - low + 1
-        longest = max(by_length[high].length, by_length[index].length)
+        longest = max(lengths[high], lengths[index])
         if longest * (count + 1) > max_tokens:
             return False
         if run_fits is not None and not run_fits(count + 1, longest):
             return False
-        added_padding = longest * (count + 1) - by_length[high].length * count - by_length[index].length
+        added_padding = longest * (count + 1) - lengths[high] * count - lengths[index]
         return not max_waste or added_padding <= max_waste
 
+    last = len(lengths) - 1
     while high - low + 1 < max_size:
         left = low - 1 if low > 0 and fits(low - 1) else None
-        right = high + 1 if high + 1 < len(by_length) and fits(high + 1) else None
+        right = high + 1 if high < last and fits(high + 1) else None
         if left is None and right is None:
             break
-        if right is None or (
-            left is not None and target - by_length[left].length <= by_length[right].length - target
-        ):
+        if right is None or (left is not None and target - lengths[left] <= lengths[right] - target):
             assert left is not None  # not both None: the loop stopped above
             low = left
         else:

@@ -169,9 +169,9 @@ class ModelBatcher:
         loop = asyncio.get_running_loop()
         key = self.model.batch_key(task)
         reply = Reply(loop.create_future(), len(sequences))
-        task_number = int(task)
+        task_number, enqueued = int(task), time.monotonic()
         items = [
-            WorkItem(ids, row, key, task_number, deadline, reply, priority, flow, index)
+            WorkItem(ids, row, key, task_number, deadline, reply, priority, flow, index, enqueued=enqueued)
             for index, (ids, row) in enumerate(sequences)
         ]
         self.queue.put(items)
@@ -383,17 +383,23 @@ def _engine_failed(error: BaseException) -> NotServing:
 
 
 def _stage_timings(items: list[WorkItem]) -> StageTimings:
-    enqueued = min(item.enqueued for item in items)
-    first_run = min(item.started or enqueued for item in items)
+    """From the items' stamps; they were enqueued together and every one has run (its reply is set)."""
+    enqueued = items[0].enqueued
+    runs = {(item.started, item.ran) for item in items if item.started and item.ran}
+    if not runs:  # defensive: stamps missing
+        return StageTimings(
+            0.0, 0.0, enqueued=enqueued, run_start=enqueued, run_end=enqueued, finished=enqueued
+        )
+    first_run = min(start for start, _ in runs)
     last_vector = max(item.finished or first_run for item in items)
     return StageTimings(
         queue_seconds=first_run - enqueued,
         inference_seconds=last_vector - first_run,
         enqueued=enqueued,
         run_start=first_run,
-        run_end=max(item.ran or first_run for item in items),
+        run_end=max(end for _, end in runs),
         finished=last_vector,
-        runs=tuple(sorted({(item.started, item.ran) for item in items if item.started and item.ran})),
+        runs=tuple(sorted(runs)),
     )
 
 

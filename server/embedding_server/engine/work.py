@@ -52,7 +52,7 @@ class Reply:
         self.future.cancel()
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class WorkItem:
     """One sequence (an input, or a late-chunked document) waiting for a session run."""
 

@@ -17,6 +17,7 @@ the metrics thread.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 
@@ -41,6 +42,8 @@ class WorkQueue:
         self._served: dict[object, float] = {}  # padded tokens run per active flow (its virtual time)
         self._virtual = 0.0  # the served level of the flow last chosen: where a new flow starts
         self._depth = dict.fromkeys(CLASSES, 0)
+        # No waiting item's deadline is before this: drop_expired scans only once it has passed.
+        self._next_deadline = math.inf
 
     def depth(self, priority: Priority) -> int:
         """Sequences of one class waiting for a session."""
@@ -58,6 +61,8 @@ class WorkQueue:
 
     def put(self, items: list[WorkItem]) -> None:
         for item in items:
+            if item.deadline is not None and item.deadline < self._next_deadline:
+                self._next_deadline = item.deadline
             if item.priority == Priority.INTERACTIVE:
                 self._interactive[item.batch_key].append(item)
             else:
@@ -115,8 +120,15 @@ class WorkQueue:
         return batch
 
     def drop_expired(self) -> None:
-        """Remove work nobody waits for any more, and fail work past its deadline."""
+        """Fail work past its deadline, and remove work nobody waits for any more.
+
+        Scans the queue only once the earliest deadline of the work it holds has passed: the
+        dispatcher calls it before every run, and a request whose caller went away takes its own
+        work out (``discard``), so only a deadline needs looking for.
+        """
         moment = time.monotonic()
+        if moment < self._next_deadline:
+            return
         cancelled = dict.fromkeys(CLASSES, 0)
         expired = dict.fromkeys(CLASSES, 0)
         for waiting in self._queues():
@@ -141,6 +153,10 @@ class WorkQueue:
                     continue
                 self._depth[item.priority] -= 1
             waiting[:] = live
+        self._next_deadline = min(
+            (item.deadline for waiting in self._queues() for item in waiting if item.deadline is not None),
+            default=math.inf,
+        )
         self._forget_empty_flows()
         self._report(cancelled, "cancelled")
         self._report(expired, "deadline")
