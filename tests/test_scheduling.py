@@ -524,13 +524,18 @@ async def test_a_run_gathers_the_requests_the_loop_is_still_reading_in(builtin, 
     first runs alone the moment it lands and the others make the next run."""
     embedder, sessions = make_embedder(builtin, batch_gather_ms=gather_ms)
     await started(embedder, sessions)
+    queue = embedder.batchers[BUILTIN_MODEL].queue
 
     async def query(steps: int) -> EmbedResult:
         for _ in range(steps):
             await asyncio.sleep(0)
         return await embedder.embed(job([f"query {steps}"], INTERACTIVE))
 
-    results = await asyncio.gather(*(query(steps) for steps in range(6)))
+    sessions.hold()  # the first run waits in its session until every query has landed
+    queries = asyncio.gather(*(query(steps) for steps in range(6)))
+    await until(lambda: sessions.runs and queue.total + len(sessions.runs[0].rows) == 6, "six queued or run")
+    sessions.release()
+    results = await queries
     await embedder.close()
     assert len(sessions.runs) == runs
     assert sorted(len(run.rows) for run in sessions.runs) == ([6] if runs == 1 else [1, 5])
