@@ -5,7 +5,9 @@ text-embeddings-inference's ``queue.rs``): handlers are admitted
 (``admission.py``) before they tokenize, put one work item per sequence in
 the ``WorkQueue`` (``work_queue.py``) and await the vectors; the dispatcher
 alone takes batches out and starts runs. Under load work piles up while runs
-are busy, so batches grow by themselves; at idle a lone request runs at once.
+are busy, so batches grow by themselves, and before taking a batch the
+dispatcher lets the busy event loop bring in the requests it is still reading
+(``gather.py``); at idle a lone request runs after a few empty loop iterations.
 
 Two classes of work share the machine:
 
