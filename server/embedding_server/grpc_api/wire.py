@@ -47,14 +47,10 @@ def length_delimited(number: int, payload: bytes) -> bytes:
     return key(number, LENGTH_DELIMITED) + varint(len(payload)) + payload
 
 
-def float_bytes(values: np.ndarray) -> bytes:
-    """The components of a ``repeated float`` field as its packed payload: little-endian float32."""
-    return np.ascontiguousarray(values, dtype="<f4").tobytes()
-
-
 def packed_floats(number: int, values: np.ndarray) -> bytes:
-    """A ``repeated float`` field (packed, as proto3 writes it); nothing when there are none."""
-    raw = float_bytes(values)
+    """A ``repeated float`` field (packed, as proto3 writes it: little-endian float32); nothing when
+    there are none."""
+    raw = np.ascontiguousarray(values, dtype="<f4").tobytes()
     return length_delimited(number, raw) if raw else b""
 
 
