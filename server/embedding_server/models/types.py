@@ -6,7 +6,7 @@ client's (embedding_client.enums): one table, which the REST shim and the CLI re
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
@@ -79,7 +79,7 @@ class PackedBits:
     dimensions: int  # the dense vector's size the bits came from
 
 
-@dataclass
+@dataclass(slots=True)
 class SequenceVectors:
     """What the engine computed for one sequence (one input, or one window of a late-chunked document).
 
@@ -95,4 +95,3 @@ class SequenceVectors:
     colbert: np.ndarray | None = None  # float32 [tokens, H]
     binary: PackedBits | None = None  # set by the finish step when the request asks for binary
     token_states: np.ndarray | None = None  # float32 [kept rows, H]: a late-chunking window's states
-    extra: dict[str, object] = field(default_factory=dict)
