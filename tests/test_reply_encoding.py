@@ -61,6 +61,7 @@ def expected_message(request_id: str, result: EmbedResult) -> pb.EmbedResponse:
     [
         (1, 24, (Output.DENSE,), 0),  # index 0 and zero tokens: the fields proto3 leaves out
         (8, 1024, (Output.DENSE,), 97),
+        (300, 384, (Output.DENSE,), 40),  # dense alone (each Embedding's head built once) past index 127
         (200, 7, ALL, 300_000),  # indices past 127 and token counts past 2^14: varints of 2-3 bytes
         (3, 16, (Output.BINARY, Output.DENSE), 5),  # the request's output order, per input
     ],
@@ -85,5 +86,7 @@ def test_the_bytes_are_protobufs_own(count: int, dimensions: int, outputs: tuple
 
 def test_an_empty_dense_vector_is_still_set():
     result = EmbedResult("m", (Output.DENSE,), [SequenceVectors(dense=np.zeros((1, 0), np.float32))], 1)
-    decoded = pb.EmbedResponse.FromString(encoded_response("", result))
+    written = encoded_response("", result)
+    assert written == expected_message("", result).SerializeToString()
+    decoded = pb.EmbedResponse.FromString(written)
     assert decoded.embeddings[0].HasField("dense") and len(decoded.embeddings[0].dense.values) == 0

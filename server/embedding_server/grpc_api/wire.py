@@ -42,9 +42,14 @@ def varint_field(number: int, value: int) -> bytes:
     return key(number, VARINT) + varint(value) if value else b""
 
 
+def header(number: int, length: int) -> bytes:
+    """What goes before a length-delimited field's ``length`` bytes of payload: its tag and length."""
+    return key(number, LENGTH_DELIMITED) + varint(length)
+
+
 def length_delimited(number: int, payload: bytes) -> bytes:
     """A message, bytes or packed field; written even when empty (a set sub-message stays set)."""
-    return key(number, LENGTH_DELIMITED) + varint(len(payload)) + payload
+    return header(number, len(payload)) + payload
 
 
 def packed_floats(number: int, values: np.ndarray) -> bytes:
