@@ -74,3 +74,14 @@ def test_unusable_request_ids_are_replaced(offered):
 
 def test_a_clean_request_id_is_kept():
     assert clean_request_id("trace-42/abc") == "trace-42/abc"
+
+
+def test_the_text_time_stamp_is_the_standard_one_from_second_to_second():
+    """The text format makes its date and time once a second: each record still gets its own stamp."""
+    from embedding_server.logging_setup import TextFormatter
+
+    ours, standard = TextFormatter(), logging.Formatter()
+    start = 1_700_000_000.25
+    for created in (start, start + 0.5, start + 0.99, start + 1.0, start + 61.7, start + 0.1):
+        record = logging.makeLogRecord({"msg": "x", "created": created, "msecs": created % 1 * 1000})
+        assert ours.formatTime(record) == standard.formatTime(record)
