@@ -2,7 +2,7 @@
 
     python bench/serving_path.py
     python bench/serving_path.py --seconds 5 --rounds 3 --server-args "--sessions 2"
-    python bench/serving_path.py --profile /tmp/profiles   # py-spy each load on our server
+    python bench/serving_path.py --profile /tmp/profiles   # py-spy each load on our server and the bare one
     python bench/serving_path.py --before /tmp/old-checkout  # and that checkout's server, side by side
 
 Two servers, each its own process on a loopback port:
@@ -20,15 +20,20 @@ alternates too) from one client process (grpc.aio, like a service's stubs),
 over 3,000 short sentences; the clients decode every reply to float32 arrays.
 It prints texts/s (calls/s for single-input calls) of each, ours / bare, the
 server's CPU time per text (user + system, every thread, from /proc: the
-figure that matters when the client shares the cores), and each server's peak
-RSS. The client shares the machine: both servers pay that
-equally.
+figure that matters when the client shares the cores), the cores its busiest
+thread used and the client used, and each server's peak RSS. The client shares
+the machine: both servers pay that equally. A busiest thread near 1.00 with
+the client well under the rest of the machine says the server's one event
+loop (which holds the GIL) is the limit, not the cores: only less work on
+that thread makes it faster, and work moved to another thread helps only
+where it runs without the GIL.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shlex
 import statistics
@@ -37,6 +42,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -211,14 +217,38 @@ LOADS: list[tuple[str, str, Load]] = [
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process, all its threads (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return _stat_seconds(Path(f"/proc/{pid}/stat"))
+
+
+def thread_seconds(pid: int) -> dict[str, float]:
+    """User + system CPU time of each thread of a process, by thread id (/proc/PID/task/TID/stat)."""
+    seconds = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            seconds[task.name] = _stat_seconds(task / "stat")
+    return seconds
+
+
+def _stat_seconds(stat: Path) -> float:
+    fields = stat.read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One round of one load on one server."""
+
+    rate: float  # texts (calls) per second
+    cpu_per_text: float  # the servers' CPU microseconds per text, every thread
+    busiest_thread: float  # cores the busiest server thread used (its event loop): near 1, it is the limit
+    client: float  # cores this client process used: what the server left it
 
 
 async def measure(
     targets: list[str], pids: list[int], load: Load, texts: list[str], seconds: float, channels: int
-) -> tuple[float, float]:
-    """Texts (or calls) per second, and the servers' CPU microseconds per text (summed over processes).
+) -> Measured:
+    """Texts (or calls) per second, the servers' CPU per text (summed over processes), the busiest
+    server thread's and this client's cores.
 
     ``channels``: how many client connections (each its own channel), spread round-robin over
     ``targets``; 1 is one shared channel, as one client service has.
@@ -228,10 +258,17 @@ async def measure(
     try:
         stubs = [embedding_pb2_grpc.EmbeddingServiceStub(channel) for channel in opened]
         await load(stubs, texts, min(1.0, seconds / 4))  # warm: connections, caches, the batcher
-        started, cpu = time.monotonic(), sum(map(cpu_seconds, pids))
+        threads = [thread_seconds(pid) for pid in pids]
+        started, cpu, client = time.monotonic(), sum(map(cpu_seconds, pids)), time.process_time()
         done = await load(stubs, texts, seconds)
         elapsed, cpu = time.monotonic() - started, sum(map(cpu_seconds, pids)) - cpu
-        return done / elapsed, cpu / done * 1e6
+        client = time.process_time() - client
+        busiest = max(
+            now - before.get(tid, 0.0)
+            for pid, before in zip(pids, threads, strict=True)
+            for tid, now in thread_seconds(pid).items()
+        )
+        return Measured(done / elapsed, cpu / done * 1e6, busiest / elapsed, client / elapsed)
     finally:
         for channel in opened:
             await channel.close()
@@ -272,7 +309,11 @@ def main() -> None:
     parser.add_argument("--server-args", default="", help="extra flags for our server")
     parser.add_argument("--loads", default="1,2,3", help="which loads, by number (1-3)")
     parser.add_argument("--before", type=Path, help="another checkout's server beside ours (same flags)")
-    parser.add_argument("--profile", type=Path, help="py-spy our server under each load into this folder")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="py-spy our server and the bare one under each load here (loadN.txt, loadN-bare.txt)",
+    )
     parser.add_argument(
         "--default-model",
         action="store_true",
@@ -325,21 +366,27 @@ def main() -> None:
             )
             print()
             header = [*names, *(f"{n} / bare" for n in names if n != "bare")]
-            print(f"| load | {' | '.join(header)} | server CPU per text, {' / '.join(names)} |")
-            print("|---" * (len(header) + 2) + "|")
+            print(
+                f"| load | {' | '.join(header)} | server CPU per text, {' / '.join(names)} "
+                f"| cores of the busiest server thread, of the client: {' / '.join(names)} |"
+            )
+            print("|---" * (len(header) + 3) + "|")
             for number in wanted:
                 name, unit, load = LOADS[number]
                 rates: dict[str, list[float]] = {n: [] for n in names}
                 cpu: dict[str, list[float]] = {n: [] for n in names}
+                loops: dict[str, list[float]] = {n: [] for n in names}
+                clients: dict[str, list[float]] = {n: [] for n in names}
                 for round_ in range(args.rounds):
                     for who in names if round_ % 2 == 0 else names[::-1]:
                         server = servers[who]
                         spy = None
-                        if args.profile and who == "ours" and round_ == 0:
+                        if args.profile and who in ("ours", "bare") and round_ == 0:
                             args.profile.mkdir(parents=True, exist_ok=True)
-                            path = args.profile / f"load{number + 1}.txt"
+                            suffix = "" if who == "ours" else "-bare"
+                            path = args.profile / f"load{number + 1}{suffix}.txt"
                             spy = profile(server.process.pid, path, args.seconds)
-                        rate, cost = asyncio.run(
+                        measured = asyncio.run(
                             measure(
                                 server.targets,
                                 server.pids,
@@ -349,8 +396,10 @@ def main() -> None:
                                 1 if number == 2 else channels,  # a stream is one connection
                             )
                         )
-                        rates[who].append(rate)
-                        cpu[who].append(cost)
+                        rates[who].append(measured.rate)
+                        cpu[who].append(measured.cpu_per_text)
+                        loops[who].append(measured.busiest_thread)
+                        clients[who].append(measured.client)
                         if spy is not None:
                             spy.wait(30)
                 cells = [f"{span(rates[n])} {unit if n == 'ours' else ''}".rstrip() for n in names]
@@ -361,7 +410,10 @@ def main() -> None:
                             f"{min(ratios):.2f}-{max(ratios):.2f} (median {statistics.median(ratios):.2f})"
                         )
                 costs = " / ".join(f"{statistics.median(cpu[n]):.0f}" for n in names)
-                print(f"| {name} | {' | '.join(cells)} | {costs} us |", flush=True)
+                cores = " / ".join(
+                    f"{statistics.median(loops[n]):.2f}, {statistics.median(clients[n]):.2f}" for n in names
+                )
+                print(f"| {name} | {' | '.join(cells)} | {costs} us | {cores} |", flush=True)
             print()
             print("peak RSS: " + ", ".join(f"{n} {servers[n].peak_rss_mb():.0f} MiB" for n in names))
         finally:
