@@ -56,13 +56,15 @@ def select_batch(
 
     last = len(lengths) - 1
     while high - low + 1 < max_size:
-        left = low - 1 if low > 0 and fits(low - 1) else None
-        right = high + 1 if high < last and fits(high + 1) else None
-        if left is None and right is None:
-            break
-        if right is None or (left is not None and target - lengths[left] <= lengths[right] - target):
-            assert left is not None  # not both None: the loop stopped above
-            low = left
+        # The neighbour closer in length to the anchor first (the left on a tie); the farther one
+        # only when the closer does not fit: one check a step where both used to be made.
+        left_first = low > 0 and (high == last or target - lengths[low - 1] <= lengths[high + 1] - target)
+        if left_first and fits(low - 1):
+            low -= 1
+        elif high < last and fits(high + 1):
+            high += 1
+        elif not left_first and low > 0 and fits(low - 1):
+            low -= 1
         else:
-            high = right
+            break
     return by_length[low : high + 1]
