@@ -188,3 +188,25 @@ def test_padding_waste_rule_keeps_lengths_apart():
     assert len(everything) == len(waiting)  # 0: no limit
     rest = [i for i in waiting if i not in chosen]
     assert sorted(i.length for i in select_batch(rest, 10_000, 100, 16)) == [60, 61, 62]
+
+
+@pytest.mark.parametrize("pad_id", [0, 1])
+def test_a_batch_is_right_padded_with_the_models_pad_id(pad_id: int):
+    """Each row: its own ids, then the pad id to the longest; the mask 1 exactly over the ids."""
+    from embedding_server.engine.work import WorkItem, pad
+    from embedding_server.models.base import RowRequest
+
+    rng = np.random.default_rng(7)
+    rows = [rng.integers(2, 1000, size=n, dtype=np.int64) for n in (5, 1, 9, 9, 3)]
+    items = [
+        WorkItem(ids, RowRequest(len(ids), frozenset()), 0, 0, None, None)  # type: ignore[arg-type]
+        for ids in rows
+    ]
+    padded = pad(items, pad_id)
+    assert padded.input_ids.shape == padded.attention_mask.shape == (5, 9)
+    assert padded.input_ids.dtype == padded.attention_mask.dtype == np.int64
+    for row, ids in enumerate(rows):
+        expected = [*ids.tolist(), *[pad_id] * (9 - len(ids))]
+        assert padded.input_ids[row].tolist() == expected
+        assert padded.attention_mask[row].tolist() == [1] * len(ids) + [0] * (9 - len(ids))
+    assert padded.real_tokens == sum(map(len, rows)) and padded.padded_tokens == 45
