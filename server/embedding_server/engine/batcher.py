@@ -158,10 +158,12 @@ class ModelBatcher:
         deadline: float | None,
         admission: Admission,
         flow: object = None,
+        tokenized: tuple[float, float] = (0.0, 0.0),
     ) -> tuple[list[SequenceVectors], StageTimings]:
         """Run a request's sequences (split across batches as needed): their vectors in order, and how
         long they waited for a session and ran. ``admission``: taken before tokenizing, released by
-        the caller; settled here to the real token count."""
+        the caller; settled here to the real token count. ``tokenized``: when the caller's tokenizing
+        began and ended, carried into the timings (one object made, not copied to add them)."""
         priority = admission.priority
         lengths = [int(ids.shape[0]) for ids, _ in sequences]
         admission.settle(sum(lengths))
@@ -183,7 +185,7 @@ class ModelBatcher:
         except BaseException:
             self.queue.discard(items)  # cancelled or failed: what still waits never runs
             raise
-        return vectors, _stage_timings(items)
+        return vectors, _stage_timings(items, tokenized)
 
     # --- dispatch (event loop only) ----------------------------------------------------------
 
@@ -384,19 +386,29 @@ def _engine_failed(error: BaseException) -> NotServing:
     )
 
 
-def _stage_timings(items: list[WorkItem]) -> StageTimings:
+def _stage_timings(items: list[WorkItem], tokenized: tuple[float, float]) -> StageTimings:
     """From the items' stamps; they were enqueued together and every one has run (its reply is set)."""
     enqueued = items[0].enqueued
+    tokenize_start, tokenize_end = tokenized
     runs = {(item.started, item.ran) for item in items if item.started and item.ran}
     if not runs:  # defensive: stamps missing
         return StageTimings(
-            0.0, 0.0, enqueued=enqueued, run_start=enqueued, run_end=enqueued, finished=enqueued
+            0.0,
+            0.0,
+            tokenize_start,
+            tokenize_end,
+            enqueued=enqueued,
+            run_start=enqueued,
+            run_end=enqueued,
+            finished=enqueued,
         )
     first_run = min(start for start, _ in runs)
     last_vector = max(item.finished or first_run for item in items)
     return StageTimings(
         queue_seconds=first_run - enqueued,
         inference_seconds=last_vector - first_run,
+        tokenize_start=tokenize_start,
+        tokenize_end=tokenize_end,
         enqueued=enqueued,
         run_start=first_run,
         run_end=max(end for _, end in runs),

@@ -190,13 +190,17 @@ class Embedder:
             tokenized = await self._tokenized(job, model, task, row, admission)
             tokenize_end = time.monotonic()
             vectors, timings = await batcher.embed(
-                tokenized.sequences, task, job.deadline, admission, flow=job.flow
+                tokenized.sequences,
+                task,
+                job.deadline,
+                admission,
+                flow=job.flow,
+                tokenized=(tokenize_start, tokenize_end),
             )
         finally:
             admission.release()
         if self.observer is not None:
             self.observer.on_request(model.name, timings.queue_seconds, timings.inference_seconds, priority)
-        timings = replace(timings, tokenize_start=tokenize_start, tokenize_end=tokenize_end)
         if tokenized.document is not None:
             vectors = await self._finish_document(tokenized.document, vectors, job.dimensions, outputs)
             timings = replace(timings, finished=time.monotonic())
