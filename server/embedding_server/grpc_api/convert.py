@@ -57,25 +57,28 @@ def encoded_response(request_id: str, result: EmbedResult) -> bytes:
     head = pb.EmbedResponse(request_id=request_id, model=result.model).SerializeToString()
     usage = pb.Usage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens)
     parts = [head]
-    if result.outputs == (Output.DENSE,):  # the common reply: each Embedding is a head and its floats
-        for index, vectors in enumerate(result.vectors):
-            assert vectors.dense is not None
-            floats = np.ascontiguousarray(vectors.dense[0], dtype="<f4")
-            parts.append(_dense_head(index, floats.shape[0]) + floats.tobytes())
-    else:
-        for index, vectors in enumerate(result.vectors):
-            number = wire.varint_field(1, index)  # Embedding.index
-            for output in result.outputs:
-                parts.append(wire.length_delimited(3, number + _vector_field(output, vectors)))
+    for index, vectors in enumerate(result.vectors):
+        for output in result.outputs:
+            if output == Output.DENSE:
+                parts.append(_dense_embedding(index, vectors))
+            else:  # Embedding.index, then the vector
+                field = _vector_field(output, vectors)
+                parts.append(wire.length_delimited(3, wire.varint_field(1, index) + field))
     parts.append(wire.length_delimited(4, usage.SerializeToString()))
     return b"".join(parts)
 
 
+def _dense_embedding(index: int, vectors: SequenceVectors) -> bytes:
+    """``Embedding{index, dense: DenseVector{values}}``: its framing, cached, then the float32 bytes."""
+    assert vectors.dense is not None
+    floats = np.ascontiguousarray(vectors.dense[0], dtype="<f4")
+    return _dense_head(index, floats.shape[0]) + floats.tobytes()
+
+
 @functools.lru_cache(maxsize=1 << 14)
 def _dense_head(index: int, dimensions: int) -> bytes:
-    """A dense-only Embedding up to its floats: the framing ``_vector_field`` writes around a vector
-    (``Embedding{index, dense: DenseVector{values}}``), which depends only on the index and the size,
-    so it is built once per pair. 8 vectors of 24 floats: 9 us a reply against 23."""
+    """A dense Embedding up to its floats: the framing depends only on the index and the size, so
+    it is built once per pair. 8 vectors of 24 floats: 11 us a reply against 23."""
     floats = 4 * dimensions
     values = wire.header(1, floats) if floats else b""  # DenseVector.values (none for none, as packed_floats)
     dense = wire.header(2, len(values) + floats)  # Embedding.dense
@@ -84,10 +87,8 @@ def _dense_head(index: int, dimensions: int) -> bytes:
 
 
 def _vector_field(output: Output, vectors: SequenceVectors) -> bytes:
-    """The Embedding's ``vector`` oneof: one field, a message written even when it is empty."""
-    if output == Output.DENSE:
-        assert vectors.dense is not None
-        return wire.length_delimited(2, wire.packed_floats(1, vectors.dense[0]))
+    """The Embedding's ``vector`` oneof for the outputs other than dense (``_dense_embedding``): one
+    field, a message written even when it is empty."""
     if output == Output.BINARY:
         binary = vectors.binary
         assert binary is not None
