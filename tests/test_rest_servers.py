@@ -123,12 +123,12 @@ def test_grpc_message_limit_binds_grpc_and_the_standalone_shim_not_the_in_proces
     """About 1.5 MB: under the shim's 2 MiB body limit, over gRPC's 1 MiB. The in-process shim makes
     no gRPC call, so only its own body limit applies; embedding-rest in front of the same server
     makes one, and the target's limit comes back as 413."""
-    texts = ["word " * 1000] * 300
+    texts = ["word " * 10_000] * 30  # few inputs, cut to the window: the bytes, not the model, matter
     body = {"input": texts, "truncate": True}
     with httpx.Client(base_url=limits_server.rest_url, timeout=120) as http:
         served = http.post("/v1/embeddings", json=body)
     assert served.status_code == 200, served.text
-    assert len(served.json()["data"]) == 300
+    assert len(served.json()["data"]) == 30
     with pytest.raises(grpc.RpcError) as info:
         limits_server.stub().Embed(pb.EmbedRequest(inputs=texts, truncate=True), timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
