@@ -23,7 +23,7 @@ from embedding_client.proto import embedding_pb2 as pb
 from embedding_client.proto import embedding_pb2_grpc
 from embedding_server.engine import batcher as batcher_module
 from embedding_server.engine.embedder import INLINE_TOKENIZE_CHARS
-from embedding_server.engine.gather import LoopGather
+from embedding_server.engine.gather import AMORTIZE, LoopGather
 from embedding_server.engine.jobs import EmbedJob, EmbedResult
 from embedding_server.engine.memory import MemoryBudget, ModelShape
 from embedding_server.engine.run_cost import RunCost
@@ -540,6 +540,53 @@ async def test_a_run_gathers_the_requests_the_loop_is_still_reading_in(builtin, 
     assert len(sessions.runs) == runs
     assert sorted(len(run.rows) for run in sessions.runs) == ([6] if runs == 1 else [1, 5])
     assert all(result.vectors[0].dense is not None for result in results)
+
+
+@pytest.mark.parametrize(("inline_ms", "one_run"), [(60_000.0, True), (0.0, False)])
+async def test_a_batch_for_a_run_on_the_loop_gathers_longer_while_the_loop_is_busy(
+    builtin, inline_ms, one_run
+):
+    """Runs on the loop: the batch waits ``AMORTIZE`` times the cheapest such run, and six queries
+    reaching the queue over a busy spell far longer than ``batch_gather_ms`` make one run. Runs on
+    a thread: the wait stays ``batch_gather_ms`` and the first query runs without the others."""
+    embedder, sessions = make_embedder(builtin, batch_gather_ms=1.0, inline_run_ms=inline_ms)
+    await started(embedder, sessions)
+    gather = embedder.batchers[BUILTIN_MODEL]._gather
+    for _ in range(2):  # the first run has no cost on record and goes to a thread; the second is cheap
+        await embedder.embed(job(["a query"], INTERACTIVE))
+    assert (gather.cheapest_loop_run < math.inf) is one_run  # what a run on the loop cost it, measured
+    if one_run:
+        assert gather.limit_for(on_loop=True) == max(0.001, AMORTIZE * gather.cheapest_loop_run)
+        gather.cheapest_loop_run = 1.0  # as if such a run cost 1 s: the wait is 16 s, the test's spell 0.3 s
+    assert gather.limit_for(on_loop=False) == 0.001
+    before = len(sessions.runs)
+
+    async def query(steps: int) -> EmbedResult:
+        for _ in range(steps):  # the loop is busy: 20 ms of other work between this task's awaits
+            time.sleep(0.02)
+            await asyncio.sleep(0)
+        return await embedder.embed(job([f"query {steps}"], INTERACTIVE))
+
+    results = await asyncio.gather(*(query(steps) for steps in range(6)))
+    await embedder.close()
+    sizes = [len(run.rows) for run in sessions.runs[before:]]
+    assert (sizes == [6]) if one_run else (len(sizes) > 1 and sizes[0] < 6), sizes
+    assert all(result.vectors[0].dense is not None for result in results)
+
+
+def test_the_gather_limit_of_a_run_on_the_loop_is_amortize_times_its_cheapest_run():
+    gather = LoopGather(0.001)
+    assert gather.limit_for(on_loop=True) == 0.001  # nothing measured yet
+    gather.record_loop_run(0.0005)
+    gather.record_loop_run(0.002)  # a busy spell only adds: the least is kept
+    assert gather.cheapest_loop_run == 0.0005
+    assert gather.limit_for(on_loop=True) == AMORTIZE * 0.0005
+    assert gather.limit_for(on_loop=False) == 0.001
+    gather.record_loop_run(1e-6)
+    assert gather.limit_for(on_loop=True) == 0.001  # never below batch_gather_ms
+    off = LoopGather(0.0)
+    off.record_loop_run(0.0005)
+    assert off.limit_for(on_loop=True) == 0.0  # 0 switches the gather off, whatever was measured
 
 
 async def test_the_gather_waits_while_the_loop_is_busy_and_not_once_it_is_idle():

@@ -108,6 +108,7 @@ class ModelBatcher:
         self._runs = dict.fromkeys(CLASSES, 0)  # runs holding a slot, per class
         self._cost = RunCost()
         self._gather = LoopGather(settings.batch_gather_ms / 1000)
+        self._last_on_loop = False  # whether the last run was made on the event loop
         self._interactive_streak = 0
         self._wake = asyncio.Event()
         name = self.model.name
@@ -211,7 +212,7 @@ class ModelBatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            waited = await self._gather.wait(self._batch_full)
+            waited = await self._gather.wait(self._batch_full, on_loop=self._last_on_loop)
             if self.settings.max_batch_wait_ms > 0 and not self._batch_full():
                 await asyncio.sleep(self.settings.max_batch_wait_ms / 1000)
                 waited = True
@@ -284,8 +285,9 @@ class ModelBatcher:
         started = time.monotonic()
         for item in batch:
             item.started = started
+        on_loop = self._last_on_loop = self._cheap(max(item.length for item in batch) * len(batch))
         try:
-            if self._cheap(max(item.length for item in batch) * len(batch)):
+            if on_loop:
                 padded, outputs, ran, vectors = self._forward(loop.call_soon, priority, wide, batch, True)
             else:
                 padded, outputs, ran, vectors = await loop.run_in_executor(
@@ -317,6 +319,8 @@ class ModelBatcher:
             item.ran = ran
             item.finished = finished
             item.reply.deliver(item.index, result)
+        if on_loop:
+            self._gather.record_loop_run(time.monotonic() - started)
 
     def _cheap(self, padded_tokens: int) -> bool:
         """Whether a run of this size is predicted to cost at most ``inline_run_ms``."""
