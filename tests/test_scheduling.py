@@ -574,6 +574,30 @@ async def test_a_batch_for_a_run_on_the_loop_gathers_longer_while_the_loop_is_bu
     assert all(result.vectors[0].dense is not None for result in results)
 
 
+async def test_past_its_limit_the_gather_goes_on_only_while_the_batch_grows():
+    """A run on the loop may wait ``AMORTIZE`` times longer, but each further ``limit`` must bring
+    more work: a lone query on a loop busy with other work waits ``limit`` only."""
+    gather = LoopGather(0.01)
+    assert await gather.wait(lambda: False)  # idle: an empty iteration is measured
+    gather.record_loop_run(1.0)  # a batch for a run on the loop may wait 16 s
+
+    async def busy(steps: int, arrived: list[int]) -> None:  # 5 ms of other work between awaits
+        for _ in range(steps):
+            time.sleep(0.005)
+            arrived[0] += 1
+            await asyncio.sleep(0)
+
+    loop = asyncio.get_running_loop()
+    worker = loop.create_task(busy(1000, [0]))  # 5 s of work, none of it for this batch
+    assert await gather.wait(lambda: False, on_loop=True, waiting=lambda: 1)
+    assert not worker.done()  # back after about one limit: nothing more came
+    worker.cancel()
+    arrived = [0]
+    feeder = loop.create_task(busy(20, arrived))  # a request every step, ten limits' worth of them
+    assert await gather.wait(lambda: False, on_loop=True, waiting=lambda: arrived[0])
+    assert feeder.done()  # it waited while the batch grew, then the idle loop ended it
+
+
 def test_the_gather_limit_of_a_run_on_the_loop_is_amortize_times_its_cheapest_run():
     gather = LoopGather(0.001)
     assert gather.limit_for(on_loop=True) == 0.001  # nothing measured yet

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import threading
@@ -108,7 +109,7 @@ class ModelBatcher:
         self._runs = dict.fromkeys(CLASSES, 0)  # runs holding a slot, per class
         self._cost = RunCost()
         self._gather = LoopGather(settings.batch_gather_ms / 1000)
-        self._last_on_loop = False  # whether the last run was made on the event loop
+        self._last_on_loop = dict.fromkeys(CLASSES, False)  # whether the class's last run was on the loop
         self._interactive_streak = 0
         self._wake = asyncio.Event()
         name = self.model.name
@@ -212,7 +213,10 @@ class ModelBatcher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            waited = await self._gather.wait(self._batch_full, on_loop=self._last_on_loop)
+            gathering = choice[0]
+            waited = await self._gather.wait(
+                self._batch_full, self._last_on_loop[gathering], functools.partial(queue.depth, gathering)
+            )
             if self.settings.max_batch_wait_ms > 0 and not self._batch_full():
                 await asyncio.sleep(self.settings.max_batch_wait_ms / 1000)
                 waited = True
@@ -285,7 +289,7 @@ class ModelBatcher:
         started = time.monotonic()
         for item in batch:
             item.started = started
-        on_loop = self._last_on_loop = self._cheap(max(item.length for item in batch) * len(batch))
+        on_loop = self._last_on_loop[priority] = self._cheap(max(item.length for item in batch) * len(batch))
         try:
             if on_loop:
                 padded, outputs, ran, vectors = self._forward(loop.call_soon, priority, wide, batch, True)
