@@ -63,8 +63,8 @@ class BatchSettings:
     batch_gather_ms: float = knob(
         1.0,
         "most ms a batch waits, while the event loop is busy, for the requests it is still reading "
-        "in (an idle loop: no wait); after a run made on the loop, 16 times that run's measured cost "
-        "if longer; 0: take what waits at once",
+        "in (an idle loop: no wait); after a run made on the loop, up to 16 times the cheapest such "
+        "run (measured) while the batch keeps growing; 0: take what waits at once",
     )
     min_parallel_batch: int = knob(
         1,
