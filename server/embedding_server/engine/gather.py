@@ -67,22 +67,23 @@ class LoopGather:
         return max(self.limit, AMORTIZE * self.cheapest_loop_run)
 
     async def wait(
-        self, full: Callable[[], bool], on_loop: bool = False, waiting: Callable[[], int] | None = None
+        self, full: Callable[[], bool], on_loop: bool = False, waiting: Callable[[], int] = lambda: 0
     ) -> bool:
         """Yield until the loop is idle, ``full()`` says the batch cannot grow, or the limit passes
         (``limit_for(on_loop)``; ``on_loop``: the run is expected to be made on the loop).
 
         Past ``limit`` the wait goes on only while the batch grows: each further ``limit`` must
-        bring more work (``waiting()``, the batch's class), so a lone query on a loop kept busy by
-        other work (a corpus job's stream) waits ``limit``, not the longer wait meant for a flood
-        of requests. Returns whether it yielded at all (what waits may have changed meanwhile).
+        bring more work (``waiting()``, the batch's class; by default nothing grows), so a lone
+        query on a loop kept busy by other work (a corpus job's stream) waits ``limit``, not the
+        longer wait meant for a flood of requests. Returns whether it yielded at all (what waits
+        may have changed meanwhile).
         """
         limit = self.limit_for(on_loop)
         if limit <= 0 or full():
             return False
         now = time.perf_counter()
         end, checkpoint = now + limit, now + self.limit
-        seen = waiting() if waiting is not None else 0
+        seen = waiting()
         quiet = 0
         while True:
             await asyncio.sleep(0)
@@ -93,7 +94,7 @@ class LoopGather:
             if quiet >= QUIET_ITERATIONS or now >= end or full():
                 return True
             if now >= checkpoint:
-                grown = waiting() if waiting is not None else seen
+                grown = waiting()
                 if grown <= seen:
                     return True
                 seen, checkpoint = grown, now + self.limit
